@@ -1,0 +1,36 @@
+"""contextlab: long-context methods for Hugging Face causal LMs, behind one interface.
+
+import contextlab as cl
+model, tok = cl.load("reference")
+out = cl.generate(model, tok, context, question, method=cl.method("snapkv", ratio=0.5))
+out.text, out.kv_bytes, out.prefill_seconds
+"""
+
+from __future__ import annotations
+
+from contextlab.engine.generate import Prefilled, generate, prefill
+from contextlab.engine.result import GenerationResult
+from contextlab.hf.attention import contextlab_attention_enabled as attention_enabled
+from contextlab.hf.support import UnsupportedModelError
+from contextlab.loading import load
+from contextlab.methods.base import Budget, PrefillMethod
+from contextlab.methods.spec import METHODS, MethodInfo, list_methods
+from contextlab.methods.spec import build_method as method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Budget",
+    "GenerationResult",
+    "MethodInfo",
+    "PrefillMethod",
+    "Prefilled",
+    "UnsupportedModelError",
+    "attention_enabled",
+    "generate",
+    "list_methods",
+    "load",
+    "method",
+    "prefill",
+]

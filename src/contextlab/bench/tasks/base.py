@@ -1,0 +1,124 @@
+"""The sample type every task produces, and the context builder that makes lengths exact.
+
+A task generator has the signature ``generator(tokenizer, length, seed, **params) -> list[Sample]``.
+``length`` is the number of prompt tokens in the model's own tokenizer: ``len(context_ids) +
+len(question_ids) == length`` exactly. Needles go in at sentence starts nearest to the requested depth.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from contextlab.bench.tasks.text import TokenizedHaystack
+
+METRICS = ("string_match_all", "string_match_part", "exact", "f1")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt with its reference answers and scoring rule.
+
+    ``needle_spans`` are ``(start, end)`` token offsets of each inserted needle inside ``context_ids``;
+    ``depth`` is the relative position of the first needle (0 = start of context, 1 = end).
+    ``target`` is the canonical answer text a model should produce (used for training and for display).
+    """
+
+    task: str
+    context_ids: list[int]
+    question_ids: list[int]
+    answers: list[str]
+    metric: str
+    target: str
+    length: int
+    seed: int
+    depth: float | None = None
+    needle_spans: list[tuple[int, int]] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; known: {METRICS}")
+        if len(self.context_ids) + len(self.question_ids) != self.length:
+            raise ValueError(
+                f"sample of task {self.task!r} has {len(self.context_ids) + len(self.question_ids)} tokens, "
+                f"expected exactly {self.length}"
+            )
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prefix_ids(tokenizer) -> list[int]:
+    """The tokens a tokenizer puts before a sequence (usually just BOS), found by encoding one word."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(without)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == without else []
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """The question block that follows the context; the model answers right after it."""
+    return encode(tokenizer, f"\n\nQuestion: {question}\nAnswer:")
+
+
+def depth_grid(num_samples: int, depths: Sequence[float] | None, rng: random.Random | None) -> list[float]:
+    """Needle depths: the given list cycled, a random draw per sample if ``rng`` is given, else an even
+    sweep from 0 to 1."""
+    if depths:
+        bad = [d for d in depths if not 0.0 <= d <= 1.0]
+        if bad:
+            raise ValueError(f"depths must lie in [0, 1], got {bad}")
+        return [float(depths[i % len(depths)]) for i in range(num_samples)]
+    if rng is not None:
+        return [rng.random() for _ in range(num_samples)]
+    if num_samples == 1:
+        return [0.5]
+    return [i / (num_samples - 1) for i in range(num_samples)]
+
+
+def build_context(
+    tokenizer,
+    haystack: TokenizedHaystack,
+    n_tokens: int,
+    needles: Sequence[list[int]],
+    depths: Sequence[float],
+    rng: random.Random,
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """A context of exactly ``n_tokens`` tokens: prefix (BOS), filler, and each needle at its depth.
+
+    Returns the ids and each needle's ``(start, end)`` span, in the order the needles were given.
+    """
+    prefix = prefix_ids(tokenizer)
+    n_filler = n_tokens - len(prefix) - sum(len(n) for n in needles)
+    if n_filler < 0:
+        raise ValueError(
+            f"length too small: the needles and question alone need {n_tokens - n_filler} tokens, "
+            f"{n_tokens} were left for the context"
+        )
+    filler, starts = haystack.filler(n_filler, rng)
+    order = sorted(range(len(needles)), key=lambda i: depths[i])
+    cut_points = [_nearest_cut(starts, depths[i] * n_filler, n_filler) for i in order]
+    pieces: list[np.ndarray] = []
+    spans: dict[int, tuple[int, int]] = {}
+    cursor, length = 0, len(prefix)
+    for i, cut in zip(order, cut_points, strict=True):
+        pieces.append(filler[cursor:cut])
+        length += cut - cursor
+        pieces.append(np.asarray(needles[i], dtype=np.int64))
+        spans[i] = (length, length + len(needles[i]))
+        length += len(needles[i])
+        cursor = cut
+    pieces.append(filler[cursor:])
+    ids = prefix + np.concatenate(pieces).tolist() if pieces else prefix
+    return ids, [spans[i] for i in range(len(needles))]
+
+
+def _nearest_cut(starts: np.ndarray, target: float, n_filler: int) -> int:
+    """The sentence start (or the very end of the filler) closest to ``target``."""
+    candidates = np.append(starts, n_filler)
+    return int(candidates[int(np.abs(candidates - target).argmin())])

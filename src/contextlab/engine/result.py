@@ -1,0 +1,81 @@
+"""What a generation reports: its text and its cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from contextlab.engine.inputs import positions_from_mask
+from contextlab.hf.cache import CompressibleLayer, ContextlabCache
+from contextlab.hf.compat import layer_types, text_config
+
+
+@dataclass
+class GenerationResult:
+    """Outputs and measured costs of one :func:`contextlab.generate` call.
+
+    ``kv_bytes``: bytes the cache holds once the prompt is in (after compression); ``kv_bytes_full``: what
+    a plain transformers cache would hold for the same prompt. ``peak_memory_bytes``: on CUDA
+    ``torch.cuda.max_memory_allocated`` over the call (weights and activations included); on CPU the
+    peak bytes held by the cache. ``kept_positions``: per layer, ``[B, kv_heads, slots]`` positions (within
+    each row) of the prompt tokens the cache holds, ascending, ``-1`` on unused slots.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    batched: bool
+    method: str
+    kv_bytes: int
+    kv_bytes_full: int
+    peak_memory_bytes: int
+    prefill_seconds: float
+    decode_seconds: float
+    kept_positions: list[torch.Tensor]
+    prompt_tokens: list[int]
+
+    @property
+    def text(self) -> str:
+        return self._single(self.texts)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._single(self.token_ids)
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
+    def _single(self, values):
+        if len(values) != 1:
+            raise ValueError(f"this result holds a batch of {len(values)}; use .texts / .token_ids")
+        return values[0]
+
+
+def full_cache_bytes(model, batch: int, length: int) -> int:
+    """Bytes of K and V a plain ``DynamicCache`` holds after ``length`` columns (sliding layers keep at
+    most ``sliding_window - 1``)."""
+    cfg = text_config(model.config)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    total = 0
+    for kind in layer_types(cfg):
+        held = min(length, cfg.sliding_window - 1) if kind == "sliding_attention" else length
+        total += 2 * batch * heads * held * head_dim * itemsize
+    return total
+
+
+def kept_positions(cache: ContextlabCache, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer ``[B, H, slots]`` positions held after the prompt (see :class:`GenerationResult`)."""
+    positions = positions_from_mask(mask).masked_fill(mask == 0, -1)  # [B, S]
+    out = []
+    for layer in cache.layers:
+        heads = layer.kv_heads if isinstance(layer, CompressibleLayer) else layer.keys.shape[1]
+        if isinstance(layer, CompressibleLayer) and layer.kept_positions is not None:
+            tail = positions[:, layer.compressed_at :].unsqueeze(1).expand(-1, heads, -1)
+            out.append(torch.cat([layer.kept_positions, tail], dim=-1).cpu())
+        else:
+            held = layer.keys.shape[2] if layer.keys is not None else layer.get_seq_length()
+            out.append(positions[:, positions.shape[1] - held :].unsqueeze(1).expand(-1, heads, -1).cpu())
+    return out

@@ -1,0 +1,75 @@
+"""Task generators: registered, deterministic for a seed, exact length, needles where they claim."""
+
+from __future__ import annotations
+
+import pytest
+
+from contextlab.bench.metrics import score
+from contextlab.bench.tasks import RULER_TASKS, TASKS
+from contextlab.bench.tasks.text import TokenizedHaystack
+
+
+@pytest.fixture(scope="module")
+def kjv(tokenizer):
+    return TokenizedHaystack.build(tokenizer, "kjv")
+
+
+def _params(name, kjv):
+    return (
+        {} if name in ("cwe", "fwe", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt") else {"haystack": kjv}
+    )
+
+
+@pytest.mark.parametrize("name", RULER_TASKS)
+@pytest.mark.parametrize("length", [700, 2048])
+def test_exact_length_and_determinism(tokenizer, kjv, name, length):
+    gen = TASKS.get(name)
+    a = gen(tokenizer, length, 7, num_samples=3, **_params(name, kjv))
+    b = gen(tokenizer, length, 7, num_samples=3, **_params(name, kjv))
+    c = gen(tokenizer, length, 8, num_samples=3, **_params(name, kjv))
+    assert len(a) == 3
+    for x, y in zip(a, b, strict=True):
+        assert len(x.context_ids) + len(x.question_ids) == length
+        assert (x.context_ids, x.question_ids, x.answers) == (y.context_ids, y.question_ids, y.answers)
+    assert [x.answers for x in a] != [x.answers for x in c]
+
+
+@pytest.mark.parametrize("name", [n for n in RULER_TASKS if n not in ("cwe", "fwe")])
+def test_answers_are_in_the_context(tokenizer, kjv, name):
+    for s in TASKS.get(name)(tokenizer, 1500, 3, num_samples=2, **_params(name, kjv)):
+        text = tokenizer.decode(s.context_ids)
+        assert all(a in text for a in s.answers), (name, s.answers)
+        needles = " ".join(tokenizer.decode(s.context_ids[a:b]) for a, b in s.needle_spans)
+        assert any(a in needles for a in s.answers), (name, needles)
+
+
+def test_depth_sweep_places_the_needle(tokenizer, kjv):
+    samples = TASKS.get("niah_single_2")(tokenizer, 4000, 1, num_samples=5, haystack=kjv)
+    assert [s.depth for s in samples] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    starts = [s.needle_spans[0][0] / len(s.context_ids) for s in samples]
+    assert starts == sorted(starts) and starts[0] < 0.05 and starts[-1] > 0.9
+    for s, depth in zip(samples[1:-1], (0.25, 0.5, 0.75), strict=True):
+        assert abs(s.needle_spans[0][0] / len(s.context_ids) - depth) < 0.05
+
+
+def test_unknown_task_suggests(tokenizer):
+    with pytest.raises(ValueError, match="did you mean 'niah_single_1'"):
+        TASKS.get("niah_singl_1")
+
+
+def test_too_short_length_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="length too small"):
+        TASKS.get("niah_multivalue")(tokenizer, 100, 0, num_samples=1, haystack="noise")
+
+
+@pytest.mark.parametrize(
+    ("metric", "prediction", "answers", "expected"),
+    [
+        ("string_match_all", "it is 123 and 456", ["123", "456", "789"], 2 / 3),
+        ("string_match_part", "Paris, France", ["London", "paris"], 1.0),
+        ("exact", "The Answer.", ["answer"], 1.0),
+        ("f1", "the red fox", ["a red dog"], 0.5),
+    ],
+)
+def test_metrics(metric, prediction, answers, expected):
+    assert score(metric, prediction, answers) == pytest.approx(expected)

@@ -1,0 +1,83 @@
+"""The command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_model
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "contextlab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_methods_lists_every_method_with_its_paper():
+    out = run_cli("methods", "--width", "200")
+    assert out.returncode == 0, out.stderr
+    for name in ("full", "streaming", "snapkv", "pyramidkv", "tova", "h2o", "knorm", "random", "adakv"):
+        assert f" {name} " in out.stdout
+    assert "arxiv.org/abs/2404.14469" in out.stdout  # SnapKV
+
+
+def test_generate_json(model_dir, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("A long story about a red fox and a quiet river. " * 10)
+    out = run_cli(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--method",
+        "snapkv:0.5",
+        "--context-file",
+        str(ctx),
+        "--question",
+        "Who?",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["method"] == "snapkv:ratio=0.5" and report["kv_bytes"] < report["kv_bytes_full"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "snapkv:1.5"], "must be in [0, 1)"),
+        (["--method", "snpkv:0.5"], "did you mean 'snapkv'"),
+        (["--context-file", "/no/such/file"], "context file not found"),
+        (["--empty"], "context is empty"),
+    ],
+)
+def test_generate_bad_input_exits_2(model_dir, tmp_path, args, message):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("" if "--empty" in args else "Some context. " * 5)
+    base = ["generate", "--model", str(model_dir), "--context-file", str(ctx), "--question", "Q?"]
+    extra = [a for a in args if a != "--empty"]
+    if "--context-file" in extra:
+        base = base[:3] + base[5:]
+    out = run_cli(*base, *extra)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_unknown_subcommand_exits_2():
+    assert run_cli("frobnicate").returncode == 2
