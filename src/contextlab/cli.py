@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"contextlab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -130,8 +130,10 @@ def _load_extra_commands() -> None:
     """Subcommands that live with their own concern (bench, reference) register themselves here."""
     if EXTRA_PARSERS:
         return
+    from contextlab.bench import cli as bench_cli
     from contextlab.reference import cli as reference_cli
 
+    bench_cli.register(EXTRA_PARSERS, EXTRA_HELP, command)
     reference_cli.register(EXTRA_PARSERS, EXTRA_HELP, command)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from contextlab.bench.metrics import score
-from contextlab.bench.tasks import RULER_TASKS, TASKS
+from contextlab.bench.tasks import SYNTHETIC_TASKS, TASKS
 from contextlab.bench.tasks.text import TokenizedHaystack
 
 
@@ -15,13 +17,13 @@ def kjv(tokenizer):
 
 
 def _params(name, kjv):
-    return (
-        {} if name in ("cwe", "fwe", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt") else {"haystack": kjv}
-    )
+    """Share one tokenized KJV haystack with the generators whose default haystack is the KJV."""
+    param = inspect.signature(TASKS.get(name)).parameters.get("haystack")
+    return {"haystack": kjv} if param is not None and param.default == "kjv" else {}
 
 
-@pytest.mark.parametrize("name", RULER_TASKS)
-@pytest.mark.parametrize("length", [700, 2048])
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)
+@pytest.mark.parametrize("length", [1500, 2048])
 def test_exact_length_and_determinism(tokenizer, kjv, name, length):
     gen = TASKS.get(name)
     a = gen(tokenizer, length, 7, num_samples=3, **_params(name, kjv))
@@ -34,13 +36,15 @@ def test_exact_length_and_determinism(tokenizer, kjv, name, length):
     assert [x.answers for x in a] != [x.answers for x in c]
 
 
-@pytest.mark.parametrize("name", [n for n in RULER_TASKS if n not in ("cwe", "fwe")])
+@pytest.mark.parametrize("name", [n for n in SYNTHETIC_TASKS if n not in ("cwe", "fwe")])
 def test_answers_are_in_the_context(tokenizer, kjv, name):
     for s in TASKS.get(name)(tokenizer, 1500, 3, num_samples=2, **_params(name, kjv)):
         text = tokenizer.decode(s.context_ids)
-        assert all(a in text for a in s.answers), (name, s.answers)
-        needles = " ".join(tokenizer.decode(s.context_ids[a:b]) for a, b in s.needle_spans)
-        assert any(a in needles for a in s.answers), (name, needles)
+        for turn in s.all_turns:
+            assert all(a in text for a in turn.answers), (name, turn.answers)
+        if s.needle_spans:
+            needles = " ".join(tokenizer.decode(s.context_ids[a:b]) for a, b in s.needle_spans)
+            assert any(a in needles for a in s.answers), (name, needles)
 
 
 def test_depth_sweep_places_the_needle(tokenizer, kjv):
@@ -73,3 +77,24 @@ def test_too_short_length_is_an_error(tokenizer):
 )
 def test_metrics(metric, prediction, answers, expected):
     assert score(metric, prediction, answers) == pytest.approx(expected)
+
+
+def test_threads_can_be_followed_in_the_context(tokenizer):
+    import json as _json
+
+    for direction in ("forward", "backward"):
+        [s] = TASKS.get("threading_single")(tokenizer, 1500, 2, num_samples=1, num_hops=3, direction=direction)
+        body = tokenizer.decode(s.context_ids).replace("<bos>", "").strip().rstrip(",") + "}"
+        records = _json.loads(body.replace(",\n}", "\n}").rstrip().rstrip(",") if body.endswith("}") else body)
+        start = tokenizer.decode(s.question_ids).split("Starting from ")[1].split(",")[0]
+        key, hops = start, 0
+        while key in records:
+            key, hops = records[key], hops + 1
+        assert key == s.answers[0] and hops == 3
+
+
+def test_scbench_turns_ask_different_things(tokenizer):
+    [s] = TASKS.get("scbench_kv")(tokenizer, 1500, 1, num_samples=1, num_turns=3, num_needles=5)
+    assert len(s.all_turns) == 3 and len({t.answers[0] for t in s.all_turns}) == 3
+    with pytest.raises(ValueError, match="cannot exceed"):
+        TASKS.get("scbench_kv")(tokenizer, 1500, 1, num_turns=6, num_needles=5)

@@ -75,7 +75,9 @@ def generate(
         kv_bytes = done.cache.kv_bytes()
         kept = kept_positions(done.cache, done.attention_mask)
         start = time.perf_counter()
-        tokens = _greedy(model, done, max_new_tokens, _eos_ids(tokenizer, model))
+        tokens, _, _ = _greedy(
+            model, done.cache, done.last_logits, done.attention_mask, max_new_tokens, _eos_ids(tokenizer, model)
+        )
         _sync(done.input_ids.device)
         decode_seconds = time.perf_counter() - start
     device = done.input_ids.device
@@ -233,20 +235,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy(model, done: Prefilled, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
-    logits, mask = done.last_logits, done.attention_mask
+def _greedy(model, cache, logits: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: set[int]):
+    """Greedy decoding from ``logits [B, V]``. Returns the tokens of each row (without EOS), the 2D mask
+    after what was fed, and ``pending [B]``: each row's last emitted token (its EOS included) that was
+    not fed to the cache yet, or -1. A row's tokens after its EOS are fed masked out, so they never
+    become visible to later turns."""
     batch = logits.shape[0]
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    pending = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
     eos_t = torch.tensor(sorted(eos), device=logits.device)
     for step in range(max_new_tokens):
         nxt = logits.argmax(dim=-1)  # [B]
         is_eos = torch.isin(nxt, eos_t)
         for row in (~finished & ~is_eos).nonzero().flatten().tolist():
             tokens[row].append(int(nxt[row]))
+        pending = torch.where(finished, -1, nxt)
         finished |= is_eos
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        logits = _forward(model, done.cache, nxt.view(batch, 1), mask)
-    return tokens
+        fed = (pending >= 0).to(mask.dtype).view(batch, 1)
+        mask = torch.cat([mask, fed], dim=1)
+        logits = _forward(model, cache, nxt.view(batch, 1), mask)
+        pending = torch.full_like(pending, -1)
+    return tokens, mask, pending

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from contextlab.methods.base import Budget, PrefillMethod
 from contextlab.registry import Registry
+from contextlab.specstring import split_spec
 
 METHODS: Registry[type[PrefillMethod]] = Registry("method", base=PrefillMethod)
 for _name, _cls in [
@@ -65,33 +66,13 @@ def build_method(spec: str | PrefillMethod, **params) -> PrefillMethod:
 
 
 def _parse_args(text: str, spec: str) -> dict:
-    if not text.strip():
-        return {}
-    out: dict = {}
-    for part in text.split(","):
-        key, eq, value = part.partition("=")
-        if not eq:
-            number = _parse_value(key.strip())
-            if not isinstance(number, (int, float)) or isinstance(number, bool):
-                raise ValueError(
-                    f"cannot read {key!r} in method spec {spec!r}: expected a ratio, a budget or key=value"
-                )
-            is_ratio = isinstance(number, float) or number == 0
-            out["ratio" if is_ratio else "budget"] = float(number) if is_ratio else number
-            continue
-        out[key.strip()] = _parse_value(value.strip())
+    _, positional, out = split_spec(f"x:{text}")
+    for value in positional:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"cannot read {value!r} in method spec {spec!r}: expected a ratio, a budget or key=value")
+        is_ratio = isinstance(value, float) or value == 0
+        out["ratio" if is_ratio else "budget"] = float(value) if is_ratio else value
     return out
-
-
-def _parse_value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from contextlab.bench.tasks.text import (
     kjv_text,
     number_value,
     split_sentences,
+    uuid_value,
     word_key,
 )
 from contextlab.reference.tokenizer import BOS_ID, EOS_ID
@@ -41,16 +42,18 @@ def kjv_split() -> tuple[str, str]:
 class Mixture:
     """Sampling weights of the training kinds (normalised when drawn)."""
 
-    text: float = 0.15
-    niah_single: float = 0.15
-    niah_uuid: float = 0.05
-    multikey_dense: float = 0.15
-    needle_haystack: float = 0.08
-    multivalue: float = 0.05
-    multiquery: float = 0.05
-    vt: float = 0.17
-    qa: float = 0.08
-    aggregation: float = 0.04
+    text: float = 0.10
+    recall: float = 0.20
+    repeat: float = 0.05
+    niah_single: float = 0.12
+    niah_uuid: float = 0.04
+    multikey_dense: float = 0.14
+    needle_haystack: float = 0.07
+    multivalue: float = 0.04
+    multiquery: float = 0.04
+    vt: float = 0.14
+    qa: float = 0.04
+    aggregation: float = 0.02
 
 
 class TrainingStream:
@@ -82,6 +85,38 @@ class TrainingStream:
         start = self.rng.randrange(len(self.text_ids) - length)
         ids = [BOS_ID, *self.text_ids[start : start + length - 1].tolist()]
         return ids, [1] * len(ids)
+
+    def _recall(self, length: int):
+        """Dense associative recall: ``key = value`` lines, then ``key ?`` queries answered with the value.
+        Every answer is a loss target, so copying circuits get far more signal per token than in NIAH."""
+        rng = self.rng
+        ids, mask = [BOS_ID], [0]
+        n_pairs = rng.randint(4, max(4, min(64, length // 60)))
+        keys = distinct(word_key, rng, n_pairs)
+        values = [number_value(rng) if rng.random() < 0.7 else uuid_value(rng)[:13] for _ in keys]
+        for k, v in zip(keys, values, strict=True):
+            ids += encode(self.tokenizer, f"{k} = {v}\n")
+        mask += [0] * (len(ids) - 1)
+        for i in rng.sample(range(n_pairs), n_pairs):
+            query, answer = encode(self.tokenizer, f"{keys[i]} ?"), encode(self.tokenizer, f" {values[i]}\n")
+            if len(ids) + len(query) + len(answer) > length:
+                break
+            ids += query + answer
+            mask += [0] * len(query) + [1] * len(answer)
+        return ids, mask
+
+    def _repeat(self, length: int):
+        """Random strings that come back later in the text; loss on every repeated copy (induction)."""
+        rng, alphabet = self.rng, "abcdefghijklmnopqrstuvwxyz0123456789 "
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(10, 60))) for _ in range(8)]
+        ids, mask, seen = [BOS_ID], [0], set()
+        while len(ids) < length:
+            piece = rng.randrange(len(pieces))
+            tokens = encode(self.tokenizer, pieces[piece] + ". ")
+            ids += tokens
+            mask += [1 if piece in seen else 0] * len(tokens)
+            seen.add(piece)
+        return ids[:length], mask[:length]
 
     def _haystack(self) -> TokenizedHaystack:
         return self.kjv if self.rng.random() < 0.7 else self.noise

@@ -59,7 +59,7 @@ class TrainConfig:
     the start to the end set over training (a short-to-long curriculum)."""
 
     shape: ModelShape = field(default_factory=ModelShape)
-    steps: int = 6000
+    steps: int = 5000
     tokens_per_step: int = 8192
     lr: float = 2e-3
     min_lr_ratio: float = 0.05

@@ -13,9 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contextlab.bench.metrics import METRIC_FUNCTIONS
 from contextlab.bench.tasks.text import TokenizedHaystack
 
-METRICS = ("string_match_all", "string_match_part", "exact", "f1")
+
+@dataclass(frozen=True)
+class Turn:
+    """A question asked after the first one on the same context (shared-context tasks)."""
+
+    question_ids: list[int]
+    answers: list[str]
+    metric: str
+    target: str
 
 
 @dataclass(frozen=True)
@@ -38,10 +47,16 @@ class Sample:
     depth: float | None = None
     needle_spans: list[tuple[int, int]] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def all_turns(self) -> list[Turn]:
+        """The first question and every later one, in order."""
+        return [Turn(self.question_ids, self.answers, self.metric, self.target), *self.turns]
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; known: {METRICS}")
+        if self.metric not in METRIC_FUNCTIONS:
+            raise ValueError(f"unknown metric {self.metric!r}; known: {sorted(METRIC_FUNCTIONS)}")
         if len(self.context_ids) + len(self.question_ids) != self.length:
             raise ValueError(
                 f"sample of task {self.task!r} has {len(self.context_ids) + len(self.question_ids)} tokens, "
@@ -122,3 +137,17 @@ def _nearest_cut(starts: np.ndarray, target: float, n_filler: int) -> int:
     """The sentence start (or the very end of the filler) closest to ``target``."""
     candidates = np.append(starts, n_filler)
     return int(candidates[int(np.abs(candidates - target).argmin())])
+
+
+def pack_items(tokenizer, n_tokens: int, items: Sequence[list[int]]) -> tuple[list[int], int]:
+    """Prefix (BOS) + as many whole items as fit in ``n_tokens``, padded to exactly ``n_tokens`` with newline
+    tokens; returns the ids and how many items fit."""
+    ids = prefix_ids(tokenizer)
+    count = 0
+    for item in items:
+        if len(ids) + len(item) > n_tokens:
+            break
+        ids.extend(item)
+        count += 1
+    newline = encode(tokenizer, "\n")[-1:]
+    return ids + newline * (n_tokens - len(ids)), count

@@ -9,10 +9,20 @@ over generated facts (``qa_1``, ``qa_2``). The wording of needles and questions 
 from __future__ import annotations
 
 import random
+import weakref
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass
 
-from contextlab.bench.tasks.base import Sample, build_context, depth_grid, encode, prefix_ids, question_ids
+from contextlab.bench.tasks.base import (
+    Sample,
+    build_context,
+    depth_grid,
+    encode,
+    pack_items,
+    prefix_ids,
+    question_ids,
+)
 from contextlab.bench.tasks.text import (
     ADJECTIVES,
     NOUNS,
@@ -25,8 +35,18 @@ from contextlab.bench.tasks.text import (
 )
 
 
+_HAYSTACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {source: TokenizedHaystack}
+
+
 def resolve_haystack(tokenizer, haystack: str | TokenizedHaystack) -> TokenizedHaystack:
-    return haystack if isinstance(haystack, TokenizedHaystack) else TokenizedHaystack.build(tokenizer, haystack)
+    """A tokenized haystack; named ones are tokenized once per tokenizer (a memo, not state: the result
+    depends only on the tokenizer and the source, and dies with the tokenizer)."""
+    if isinstance(haystack, TokenizedHaystack):
+        return haystack
+    per_tokenizer = _HAYSTACKS.setdefault(tokenizer, {})
+    if haystack not in per_tokenizer or Path(haystack).exists():  # files may change: re-read them
+        per_tokenizer[haystack] = TokenizedHaystack.build(tokenizer, haystack)
+    return per_tokenizer[haystack]
 
 
 @dataclass(frozen=True)
@@ -210,17 +230,6 @@ def variable_tracking(
     return samples
 
 
-def _fill_list(tokenizer, n_tokens: int, items: list[list[int]]) -> list[int]:
-    """Prefix + as many items as fit in ``n_tokens``; the rest is padded with newline tokens."""
-    ids = prefix_ids(tokenizer)
-    for item in items:
-        if len(ids) + len(item) > n_tokens:
-            break
-        ids.extend(item)
-    newline = encode(tokenizer, "\n")[-1:]
-    return ids + newline * (n_tokens - len(ids))
-
-
 def common_words(
     tokenizer,
     length: int,
@@ -248,12 +257,12 @@ def common_words(
         bag = common * freq + uncommon[:n_uncommon] * freq_uncommon
         rng.shuffle(bag)
         items = [encode(tokenizer, f" {i + 1}. {w}") for i, w in enumerate(bag)]
-        n_fit = sum(1 for _ in _prefix_fit(tokenizer, n_context, items))
+        context, n_fit = pack_items(tokenizer, n_context, items)
         top = [w for w, _ in Counter(bag[:n_fit]).most_common(num_common)]
         samples.append(
             Sample(
                 task="cwe",
-                context_ids=_fill_list(tokenizer, n_context, items),
+                context_ids=context,
                 question_ids=q_ids,
                 answers=top,
                 metric="string_match_all",
@@ -264,15 +273,6 @@ def common_words(
             )
         )
     return samples
-
-
-def _prefix_fit(tokenizer, n_tokens: int, items: list[list[int]]):
-    used = len(prefix_ids(tokenizer))
-    for item in items:
-        if used + len(item) > n_tokens:
-            return
-        used += len(item)
-        yield item
 
 
 def frequent_words(
@@ -289,12 +289,12 @@ def frequent_words(
         n_words = max(8, (length - len(q_ids)) // max(1, len(encode(tokenizer, " abcde"))))
         words = rng.choices(codes, weights=weights, k=n_words)
         items = [encode(tokenizer, " " + w) for w in words]
-        fitted = list(_prefix_fit(tokenizer, length - len(q_ids), items))
-        top = [w for w, _ in Counter(words[: len(fitted)]).most_common(3)]
+        context, n_fit = pack_items(tokenizer, length - len(q_ids), items)
+        top = [w for w, _ in Counter(words[:n_fit]).most_common(3)]
         samples.append(
             Sample(
                 task="fwe",
-                context_ids=_fill_list(tokenizer, length - len(q_ids), items),
+                context_ids=context,
                 question_ids=q_ids,
                 answers=top,
                 metric="string_match_all",

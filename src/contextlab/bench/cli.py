@@ -1,0 +1,114 @@
+"""``contextlab bench`` (the main job) and ``contextlab report``."""
+
+from __future__ import annotations
+
+import argparse
+
+from contextlab.specstring import parse_length
+
+
+def register(parsers: list, helps: dict, command) -> None:
+    parsers.append(("bench", _bench_args))
+    helps["bench"] = "run a benchmark (default: the default suite on the bundled reference model) and report it"
+    parsers.append(("report", _report_args))
+    helps["report"] = "write the HTML report of a run"
+    command("bench")(_bench)
+    command("report")(_report)
+
+
+def _csv(text: str) -> list[str]:
+    """Comma-separated items; a comma inside ``name:k=v,k=v`` parameters stays with its item."""
+    items: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if items and ":" in items[-1] and "=" in part and ":" not in part:
+            items[-1] += "," + part  # a parameter of the previous spec
+        else:
+            items.append(part)
+    return items
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the bundled reference model)")
+    p.add_argument("--methods", default=None, help="comma-separated method specs, e.g. full,snapkv:0.5")
+    p.add_argument("--tasks", default=None, help="comma-separated task specs, e.g. niah_single_2,vt:num_hops=2")
+    p.add_argument("--lengths", default=None, help="comma-separated lengths, e.g. 1k,2k,4k")
+    p.add_argument("--samples", type=int, default=None, help="samples per task and length (depths swept)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
+    p.add_argument(
+        "--context-only-compression",
+        action="store_true",
+        help="compress the context alone, then feed the question (default: compress both)",
+    )
+    p.add_argument(
+        "--shared-mode",
+        choices=["turns", "requests"],
+        default=None,
+        help="shared-context tasks: later questions as turns of one conversation or separate requests",
+    )
+    p.add_argument("--allow-beyond-window", action="store_true", help="run lengths past the model's window")
+    p.add_argument("--out", default="runs", help="folder that receives the run folder (default: runs)")
+    p.add_argument("--resume", default=None, help="continue an interrupted run (its folder)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--workers", type=int, default=1, help="Ray workers on a machine without GPUs")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _spec_from(args: argparse.Namespace):
+    from contextlab.bench.spec import RunSpec
+
+    spec = RunSpec()
+    if args.model:
+        spec.model = args.model
+    if args.methods:
+        spec.methods = _csv(args.methods)
+    if args.tasks:
+        spec.tasks = _csv(args.tasks)
+    if args.lengths:
+        spec.lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    for name in ("samples", "batch_size", "max_new_tokens", "seed", "device", "shared_mode"):
+        if getattr(args, name) is not None:
+            setattr(spec, name, getattr(args, name))
+    spec.question_aware = not args.context_only_compression
+    spec.allow_beyond_window = args.allow_beyond_window
+    return spec
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from contextlab.bench.report import write_report
+    from contextlab.bench.run import run_benchmark
+
+    spec = None if args.resume else _spec_from(args)
+    summary = run_benchmark(
+        spec,
+        out_root=args.out,
+        resume=args.resume,
+        executor=args.executor,
+        workers=args.workers,
+        show_progress=not args.quiet,
+    )
+    print(
+        f"run: {summary.run_dir} ({summary.rows_written} results in {summary.wall_seconds:.0f}s; "
+        f"harness time {100 * summary.harness_share:.1f}% of it)"
+    )
+    if not args.no_report:
+        print(f"report: {write_report(summary.run_dir)}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (e.g. runs/latest)")
+    p.add_argument("--out", default=None, help="report folder (default: <run>/report)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from contextlab.bench.report import write_report
+
+    print(f"report: {write_report(args.run, args.out)}")
+    return 0

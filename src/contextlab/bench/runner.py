@@ -1,0 +1,240 @@
+"""Run a benchmark: every (method, task, length) cell over the same samples, rows stored as they finish.
+
+Samples of a (task, length) are generated once from the run's seed and shared by every method, so methods
+are compared on identical prompts. Samples are batched (left-padded) ``batch_size`` at a time; the cost
+columns of a row are its batch's cost divided by the batch size (``peak_memory_bytes`` is the batch's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from contextlab.bench.metrics import score
+from contextlab.bench.spec import RunSpec, TaskSpec
+from contextlab.bench.tasks import TASKS, Sample
+from contextlab.engine.generate import generate
+from contextlab.engine.session import Session
+from contextlab.methods.spec import build_method
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    task: TaskSpec
+    length: int
+
+
+@dataclass
+class RunContext:
+    """What every cell of a run shares: the model, its tokenizer and the run's settings."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: RunSpec
+    device_name: str
+    versions: str
+    samples: dict = field(default_factory=dict)  # (task key, length) -> list[Sample]
+    generation_seconds: float = 0.0
+
+    def task_samples(self, task: TaskSpec, length: int) -> list[Sample]:
+        key = (task.key, length)
+        if key not in self.samples:
+            self.samples[key] = TASKS.get(task.name)(
+                self.tokenizer,
+                length,
+                sample_seed(self.spec.seed, task.key, length),
+                num_samples=self.spec.samples,
+                **task.params,
+            )
+        return self.samples[key]
+
+
+def sample_seed(seed: int, task_key: str, length: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{task_key}|{length}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def plan_cells(spec: RunSpec) -> list[Cell]:
+    return [Cell(m, t, n) for t in spec.task_specs for n in spec.lengths for m in spec.methods]
+
+
+def environment(model, device: torch.device) -> dict:
+    import transformers
+
+    import contextlab
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "contextlab": contextlab.__version__,
+        "device": f"{device.type}: {name}",
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "model_dtype": str(next(model.parameters()).dtype),
+    }
+
+
+def check_window(model, spec: RunSpec) -> None:
+    window = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in spec.lengths if window and n + spec.max_new_tokens > window]
+    if too_long and not spec.allow_beyond_window:
+        raise ValueError(
+            f"lengths {too_long} (+{spec.max_new_tokens} new tokens) exceed the model's window of {window} "
+            "positions, and no registered method extends positions, so no method can serve them; pass "
+            "--allow-beyond-window to measure how the model fails there"
+        )
+
+
+def check_budgets(spec: RunSpec) -> None:
+    """Token budgets must fit every length of the run (ratios always do)."""
+    for text in spec.methods:
+        method = build_method(text)
+        tokens = method.budget.tokens if method.budget else None
+        if tokens and tokens > min(spec.lengths):
+            raise ValueError(
+                f"{text}: budget of {tokens} tokens is larger than the context at length "
+                f"{min(spec.lengths)}; use a ratio or a smaller budget"
+            )
+
+
+def pending_indices(cell: Cell, samples: list[Sample], done: set[tuple]) -> list[int]:
+    """Samples of a cell with at least one turn not stored yet."""
+    turns = len(samples[0].all_turns) if samples else 1
+    return [
+        i
+        for i in range(len(samples))
+        if any((cell.method, cell.task.key, cell.length, i, t) not in done for t in range(turns))
+    ]
+
+
+def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[dict]]:
+    """Rows of the given samples of a cell, one list per finished batch."""
+    samples = ctx.task_samples(cell.task, cell.length)
+    size = ctx.spec.batch_size
+    for start in range(0, len(indices), size):
+        batch = indices[start : start + size]
+        runner = _shared_batch if cell.task.shared_context else _plain_batch
+        began = time.perf_counter()
+        rows = runner(ctx, cell, [samples[i] for i in batch], batch)
+        ctx.generation_seconds += time.perf_counter() - began
+        yield rows
+
+
+def _plain_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[dict]:
+    spec, n = ctx.spec, len(samples)
+    out = generate(
+        ctx.model,
+        ctx.tokenizer,
+        [s.context_ids for s in samples],
+        [s.question_ids for s in samples],
+        method=cell.method,
+        max_new_tokens=spec.max_new_tokens,
+        question_aware=spec.question_aware,
+        allow_beyond_window=spec.allow_beyond_window,
+    )
+    costs = {
+        "kv_bytes": out.kv_bytes // n,
+        "kv_bytes_full": out.kv_bytes_full // n,
+        "peak_memory_bytes": out.peak_memory_bytes,
+        "prefill_seconds": out.prefill_seconds / n,
+        "decode_seconds": out.decode_seconds / n,
+        "batch_size": n,
+    }
+    return [
+        _row(ctx, cell, s, i, 0, s.all_turns[0], text, len(tokens), costs)
+        for s, i, text, tokens in zip(samples, indices, out.texts, out.token_ids, strict=True)
+    ]
+
+
+def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[dict]:
+    spec, n = ctx.spec, len(samples)
+    session = Session(
+        ctx.model,
+        ctx.tokenizer,
+        [s.context_ids for s in samples],
+        [s.question_ids for s in samples],
+        method=cell.method,
+        question_aware=spec.question_aware,
+        mode=spec.shared_mode,
+        max_total_tokens=spec.max_new_tokens * len(samples[0].all_turns),
+        allow_beyond_window=spec.allow_beyond_window,
+    )
+    rows = []
+    for turn in range(len(samples[0].all_turns)):
+        asked = [s.all_turns[turn] for s in samples]
+        result = session.ask([t.question_ids for t in asked], spec.max_new_tokens)
+        costs = {
+            "kv_bytes": result.kv_bytes // n,
+            "kv_bytes_full": result.kv_bytes_full // n,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "prefill_seconds": session.prefill_seconds / n if turn == 0 else 0.0,
+            "decode_seconds": result.seconds / n,
+            "batch_size": n,
+        }
+        rows += [
+            _row(ctx, cell, s, i, turn, t, text, len(tokens), costs)
+            for s, i, t, text, tokens in zip(samples, indices, asked, result.texts, result.token_ids, strict=True)
+        ]
+    return rows
+
+
+def _row(ctx, cell, sample, index, turn, asked, text, new_tokens, costs) -> dict:
+    import json
+
+    return {
+        "method": cell.method,
+        "task": cell.task.key,
+        "length": cell.length,
+        "sample_index": index,
+        "turn": turn,
+        "task_name": cell.task.name,
+        "task_params": json.dumps(cell.task.params, sort_keys=True),
+        "seed": sample.seed,
+        "depth": sample.depth,
+        "metric": asked.metric,
+        "score": score(asked.metric, text, asked.answers),
+        "prediction": text,
+        "answers": json.dumps(asked.answers),
+        "prompt_tokens": sample.length,
+        "prompt_chars": len(ctx.tokenizer.decode(sample.context_ids + asked.question_ids)),
+        "new_tokens": new_tokens,
+        **costs,
+        "model": ctx.spec.model,
+        "device": ctx.device_name,
+        "versions": ctx.versions,
+    }
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    rows_written: int
+    wall_seconds: float
+    generation_seconds: float
+
+    @property
+    def harness_share(self) -> float:
+        """Share of the wall time spent outside generation (sample building, scoring, storage, progress)."""
+        return 1.0 - self.generation_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def execute_local(
+    ctx: RunContext,
+    work: list[tuple[Cell, list[int]]],
+    write: Callable[[list[dict]], None],
+    advance: Callable[[int], None],
+) -> None:
+    """Run each cell's pending samples in this process, storing every batch as it finishes."""
+    for cell, indices in work:
+        for rows in run_cell(ctx, cell, indices):
+            write(rows)
+            advance(len({r["sample_index"] for r in rows}))

@@ -1,0 +1,92 @@
+"""What a benchmark run measures: model x methods x tasks x lengths x samples, and how."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from contextlab.bench.tasks import SHARED_CONTEXT_TASKS, TASKS
+from contextlab.methods.spec import build_method
+from contextlab.specstring import split_spec
+
+DEFAULT_METHODS = (
+    "full",
+    *(f"{m}:{r}" for m in ("streaming", "snapkv", "pyramidkv", "tova", "h2o", "knorm", "adakv") for r in (0.5, 0.75)),
+)
+DEFAULT_TASKS = ("niah_single_2", "niah_multikey_1", "vt")
+DEFAULT_LENGTHS = (1024, 2048, 4096)
+SHARED_MODES = ("turns", "requests")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task and its parameters, e.g. ``vt:num_hops=4`` or ``longbench:path=f.jsonl``."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> TaskSpec:
+        name, positional, params = split_spec(text)
+        if positional:
+            raise ValueError(f"task spec {text!r}: give parameters as key=value")
+        TASKS.get(name)  # unknown name -> ValueError with a suggestion
+        return cls(name=name, params=params)
+
+    @property
+    def key(self) -> str:
+        """Stable text form, used as the task column of the results."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @property
+    def shared_context(self) -> bool:
+        return self.name in SHARED_CONTEXT_TASKS
+
+
+@dataclass
+class RunSpec:
+    model: str = "reference"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
+    samples: int = 6
+    seed: int = 0
+    device: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 40
+    question_aware: bool = True
+    shared_mode: str = "turns"
+    allow_beyond_window: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming every problem with the spec."""
+        if not self.methods or not self.tasks or not self.lengths:
+            raise ValueError("a run needs at least one method, one task and one length")
+        for spec in self.methods:
+            build_method(spec)
+        for task in self.tasks:
+            TaskSpec.parse(task)
+        if any(n < 16 for n in self.lengths):
+            raise ValueError(f"lengths must be at least 16 tokens, got {self.lengths}")
+        for name, value in (
+            ("samples", self.samples),
+            ("batch_size", self.batch_size),
+            ("max_new_tokens", self.max_new_tokens),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.shared_mode not in SHARED_MODES:
+            raise ValueError(f"shared_mode must be one of {SHARED_MODES}, got {self.shared_mode!r}")
+
+    @property
+    def task_specs(self) -> list[TaskSpec]:
+        return [TaskSpec.parse(t) for t in self.tasks]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls(**json.loads(text))

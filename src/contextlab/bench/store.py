@@ -1,0 +1,145 @@
+"""One SQLite file per run: the spec, the environment, and one row per finished sample (and turn).
+
+Rows are written in a transaction as soon as their batch finishes, so a run killed at any point loses at
+most the batch in flight and resumes without redoing anything. The file is marked with an application id,
+so a foreign or corrupt file is refused instead of being appended to.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from contextlab.bench.spec import RunSpec
+
+APPLICATION_ID = 0x434C4142  # "CLAB"
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.sqlite"
+
+COLUMNS = {
+    "method": "TEXT NOT NULL",
+    "task": "TEXT NOT NULL",
+    "length": "INTEGER NOT NULL",
+    "sample_index": "INTEGER NOT NULL",
+    "turn": "INTEGER NOT NULL DEFAULT 0",
+    "task_name": "TEXT NOT NULL",
+    "task_params": "TEXT NOT NULL",
+    "seed": "INTEGER NOT NULL",
+    "depth": "REAL",
+    "metric": "TEXT NOT NULL",
+    "score": "REAL NOT NULL",
+    "prediction": "TEXT NOT NULL",
+    "answers": "TEXT NOT NULL",
+    "prompt_tokens": "INTEGER NOT NULL",
+    "prompt_chars": "INTEGER NOT NULL",
+    "new_tokens": "INTEGER NOT NULL",
+    "kv_bytes": "INTEGER NOT NULL",
+    "kv_bytes_full": "INTEGER NOT NULL",
+    "peak_memory_bytes": "INTEGER NOT NULL",
+    "prefill_seconds": "REAL NOT NULL",
+    "decode_seconds": "REAL NOT NULL",
+    "batch_size": "INTEGER NOT NULL",
+    "model": "TEXT NOT NULL",
+    "device": "TEXT NOT NULL",
+    "versions": "TEXT NOT NULL",
+    "created_at": "TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP",
+}
+KEY = ("method", "task", "length", "sample_index", "turn")
+
+
+class StoreError(ValueError):
+    """The results file is missing, foreign or corrupt (exit code 2 on the command line)."""
+
+
+class RunStore:
+    """Results of one run in ``<run_dir>/results.sqlite``."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path, self.conn = path, conn
+
+    @classmethod
+    def create(cls, run_dir: str | Path, spec: RunSpec, environment: dict) -> RunStore:
+        path = Path(run_dir) / RESULTS_FILE
+        if path.exists():
+            raise StoreError(f"{path} exists already; use --resume to continue that run")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(path)
+        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+        with conn:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute(f"CREATE TABLE samples ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)", [("spec", spec.to_json()), ("environment", json.dumps(environment))]
+            )
+        return cls(path, conn)
+
+    @classmethod
+    def open(cls, run: str | Path) -> RunStore:
+        """Open ``run`` (a run folder or its results file), refusing anything that is not a contextlab run."""
+        path = Path(run).resolve()  # runs/latest is a link: name the run by its real folder
+        path = path / RESULTS_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise StoreError(f"no contextlab run at {run} (expected a run folder holding {RESULTS_FILE})")
+        try:
+            conn = sqlite3.connect(path, timeout=30)  # no WAL switch before we know the file is ours
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{path} is not a readable SQLite file ({err}); it may be corrupt") from None
+        if app_id != APPLICATION_ID:
+            conn.close()
+            raise StoreError(f"{path} is a SQLite file but not a contextlab run (foreign file)")
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"{path} has results schema {version}; this contextlab reads {SCHEMA_VERSION}")
+        conn.close()
+        return cls(path, _connect(path))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def spec(self) -> RunSpec:
+        return RunSpec.from_json(self._meta("spec"))
+
+    def environment(self) -> dict:
+        return json.loads(self._meta("environment"))
+
+    def done_keys(self) -> set[tuple]:
+        return set(self.conn.execute(f"SELECT {', '.join(KEY)} FROM samples"))
+
+    def add_rows(self, rows: list[dict]) -> None:
+        """Insert finished rows in one transaction (all or nothing)."""
+        if not rows:
+            return
+        names = list(rows[0])
+        unknown = set(names) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown result columns {sorted(unknown)}")
+        sql = f"INSERT OR REPLACE INTO samples ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        with self.conn:
+            self.conn.executemany(sql, [tuple(r[n] for n in names) for r in rows])
+
+    def rows(self) -> list[dict]:
+        cursor = self.conn.execute("SELECT * FROM samples ORDER BY method, task, length, sample_index, turn")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, r, strict=True)) for r in cursor]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _meta(self, key: str) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path} lacks its {key!r} record; it may be corrupt")
+        return row[0]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn

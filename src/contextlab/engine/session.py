@@ -1,0 +1,127 @@
+"""Shared-context sessions (the SCBench protocol): prefill and compress one context once, then ask several
+questions against the same cache.
+
+``mode="turns"``: the questions are turns of one conversation; every question and answer stays in the
+cache. ``mode="requests"``: each question starts from the same snapshot of the compressed context.
+With ``question_aware=True`` the first question is compressed together with the context, so later
+questions show what question-aware eviction threw away.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from contextlab.engine.generate import (
+    Prefilled,
+    _check_window,
+    _eos_ids,
+    _forward,
+    _greedy,
+    _pad_id,
+    _prefill,
+    _prepare,
+    _sync,
+)
+from contextlab.engine.inputs import is_batch, left_pad, to_ids
+from contextlab.engine.result import full_cache_bytes
+from contextlab.hf.attention import contextlab_attention_enabled
+
+MODES = ("turns", "requests")
+
+
+@dataclass
+class TurnResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float  # question ingestion + decoding
+    kv_bytes: int  # held by the cache after this turn
+    kv_bytes_full: int  # what a full-attention cache would hold for the same tokens
+    peak_memory_bytes: int  # CUDA: max allocated since the session began; CPU: peak bytes held by the cache
+
+
+class Session:
+    """One compressed context (one row or a batch) answering questions one turn at a time."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        context,
+        first_question=None,
+        *,
+        method="full",
+        question_aware=True,
+        mode: str = "turns",
+        max_total_tokens: int = 0,
+        allow_beyond_window: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model, self.tokenizer, self.mode = model, tokenizer, mode
+        self.eos = _eos_ids(tokenizer, model)
+        self.pad_id = _pad_id(tokenizer, model)
+        compress_with = first_question if question_aware else None
+        self.method, plan, _ = _prepare(model, tokenizer, context, compress_with, method, True)
+        _check_window(model, plan, max_total_tokens, allow_beyond_window)
+        with torch.inference_mode(), contextlab_attention_enabled(model):
+            self.state: Prefilled = _prefill(model, tokenizer, plan, self.method)
+        self.first_question_in_cache = compress_with is not None
+        self.turn = 0
+        self.snapshot = copy.deepcopy(self.state) if mode == "requests" else None
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.state.seconds
+
+    def ask(self, question, max_new_tokens: int = 32) -> TurnResult:
+        """Answer ``question`` (text or ids; one per row) and return the answers of every row."""
+        state = self.state if self.mode == "turns" or self.snapshot is None else copy.deepcopy(self.snapshot)
+        rows = state.input_ids.shape[0]
+        device = state.input_ids.device
+        with torch.inference_mode(), contextlab_attention_enabled(self.model):
+            _sync(device)
+            start = time.perf_counter()
+            if self.first_question_in_cache and self.turn == 0:
+                logits, mask = state.last_logits, state.attention_mask
+            else:
+                block = left_pad(self._question_ids(question, rows), self.pad_id, device)
+                mask = torch.cat([state.attention_mask, block.mask], dim=1)
+                logits = _forward(self.model, state.cache, block.ids, mask)
+            tokens, mask, pending = _greedy(self.model, state.cache, logits, mask, max_new_tokens, self.eos)
+            if self.mode == "turns":
+                self._close_turn(state, mask, pending)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        self.turn += 1
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else state.cache.peak_bytes
+        full = full_cache_bytes(self.model, rows, state.attention_mask.shape[1])
+        return TurnResult(
+            texts=texts,
+            token_ids=tokens,
+            seconds=seconds,
+            kv_bytes=state.cache.kv_bytes(),
+            kv_bytes_full=full,
+            peak_memory_bytes=int(peak),
+        )
+
+    def _question_ids(self, question, rows: int) -> list[list[int]]:
+        questions = question if is_batch(question) else [question]
+        if len(questions) != rows:
+            raise ValueError(f"this session holds {rows} contexts but got {len(questions)} questions")
+        ids = [to_ids(self.tokenizer, q, special=False, what="question") for q in questions]
+        if any(not q for q in ids):
+            raise ValueError("a question is empty")
+        return ids
+
+    def _close_turn(self, state: Prefilled, mask: torch.Tensor, pending: torch.Tensor) -> None:
+        """Feed each row's last emitted token, so the whole answer is in the cache for the next turn."""
+        fed = (pending >= 0).to(mask.dtype).view(-1, 1)
+        mask = torch.cat([mask, fed], dim=1)
+        ids = pending.clamp(min=0).view(-1, 1)
+        _forward(self.model, state.cache, ids, mask)
+        state.attention_mask = mask

@@ -1,0 +1,75 @@
+"""``contextlab bench`` / ``report`` bad input: exit code 2 and a message naming the problem."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from contextlab.bench.cli import _csv
+from tests.bench.test_runner import model_dir  # noqa: F401  (fixture)
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "contextlab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "niah_singel_1"], "did you mean 'niah_single_1'"),
+        (["--methods", "snapkv:budget=100000"], "larger than the context"),
+        (["--methods", "snapky:0.5"], "did you mean 'snapkv'"),
+        (["--lengths", "4000"], "exceed the model's window"),
+        (["--lengths", "abc"], "cannot read length"),
+        (["--tasks", "longbench:path=/no/such.jsonl"], "dataset file not found"),
+    ],
+)
+def test_bench_bad_input_exits_2(model_dir, tmp_path, args, message):  # noqa: F811
+    base = [
+        "bench",
+        "--model",
+        str(model_dir),
+        "--methods",
+        "full",
+        "--tasks",
+        "niah_single_1",
+        "--lengths",
+        "300",
+        "--samples",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[base.index(flag) + 1] = value
+    out = bench(*base)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert not list(tmp_path.glob("*/results.sqlite")), "a refused run leaves no results file"
+
+
+def test_report_of_a_foreign_file_exits_2(tmp_path):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    (bad / "results.sqlite").write_bytes(b"not a database at all" * 100)
+    out = bench("report", str(bad))
+    assert out.returncode == 2 and "corrupt" in out.stderr
+
+
+def test_csv_keeps_spec_parameters_together():
+    assert _csv("full,snapkv:0.5,window=16,vt:num_hops=2,num_chains=1,tova:0.5") == [
+        "full",
+        "snapkv:0.5,window=16",
+        "vt:num_hops=2,num_chains=1",
+        "tova:0.5",
+    ]
