@@ -20,8 +20,8 @@ def write_jsonl(path, records):
 
 def test_longbench_v1(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "hotpotqa.jsonl", [
-        {"input": "Where did Marta Vell move?", "context": DOC, "answers": ["Oakhaven"], "dataset": "hotpotqa",
-         "_id": "a1", "length": 300, "all_classes": None, "language": "en"},
+        {"input": "Where did Marta Vell move?", "context": DOC, "answers": ["Oakhaven"],
+         "dataset": "hotpotqa", "_id": "a1", "length": 300, "all_classes": None, "language": "en"},
         {"input": "", "context": DOC, "answers": ["A keeper moved to Oakhaven."], "dataset": "gov_report", "_id": "a2"},
         {"input": "", "context": "def f(x):\n    return x\n", "answers": ["print(f(1))"], "dataset": "lcc", "_id": "a3"},
     ])
@@ -48,8 +48,8 @@ def test_longbench_v2_choices(tmp_path, tokenizer):
 
 def test_infinitebench_task_from_file_name(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "passkey.jsonl", [
-        {"id": 0, "context": "noise " * 50 + "The pass key is 71432. " + "noise " * 50, "input": "What is the pass key?",
-         "answer": ["71432"], "options": []}])
+        {"id": 0, "context": "noise " * 50 + "The pass key is 71432. " + "noise " * 50,
+         "input": "What is the pass key?", "answer": ["71432"], "options": []}])
     [s] = TASKS.get("infinitebench")(tokenizer, 2000, 0, path=path)
     assert s.task == "infinitebench/passkey" and s.metric == "string_match_all"
     choice = write_jsonl(tmp_path / "longbook_choice_eng.jsonl", [
@@ -72,7 +72,7 @@ def test_dataset_errors_name_the_problem(tmp_path, tokenizer):
         TASKS.get("longbench")(tokenizer, 1000, 0, path=str(tmp_path / "none.jsonl"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"input": "a"}\n{not json\n')
-    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
         TASKS.get("longbench")(tokenizer, 1000, 0, path=str(broken))
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q"}])
     with pytest.raises(ValueError, match="lacks"):

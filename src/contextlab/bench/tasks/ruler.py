@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import weakref
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from contextlab.bench.tasks.base import (
     Sample,
@@ -33,7 +33,6 @@ from contextlab.bench.tasks.text import (
     variable_name,
     word_key,
 )
-
 
 _HAYSTACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {source: TokenizedHaystack}
 
