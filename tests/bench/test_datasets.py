@@ -23,7 +23,8 @@ def test_longbench_v1(tmp_path, tokenizer):
         {"input": "Where did Marta Vell move?", "context": DOC, "answers": ["Oakhaven"],
          "dataset": "hotpotqa", "_id": "a1", "length": 300, "all_classes": None, "language": "en"},
         {"input": "", "context": DOC, "answers": ["A keeper moved to Oakhaven."], "dataset": "gov_report", "_id": "a2"},
-        {"input": "", "context": "def f(x):\n    return x\n", "answers": ["print(f(1))"], "dataset": "lcc", "_id": "a3"},
+        {"input": "", "context": "def f(x):\n    return x\n", "answers": ["print(f(1))"], "dataset": "lcc",
+         "_id": "a3"},
     ])
     samples = TASKS.get("longbench")(tokenizer, 600, 0, path=path, num_samples=10)
     assert [s.metric for s in samples] == ["f1", "rouge_l", "code_sim"]
