@@ -29,6 +29,9 @@ from contextlab.hf.compat import (
     sdpa,
     text_config,
 )
+from contextlab.hf.compat import (
+    query_length as compat_query_length,
+)
 from contextlab.methods.base import PrefillMethod, ScoreInputs, select_tokens
 
 LAYER_ATTRIBUTE = "contextlab_layer"  # set on the key tensor handed to the attention function
@@ -108,8 +111,10 @@ class CompressibleLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen - self.compressed_at + query_length, self.compressed_at
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """Length and offset of the keys the mask must cover: the tokens appended since compression plus
+        the new ones (``query_length`` is an int, or the ``cache_position`` tensor in older transformers)."""
+        return self.seen - self.compressed_at + compat_query_length(query_length), self.compressed_at
 
     def get_max_length(self) -> int:
         return -1

@@ -25,6 +25,7 @@ __all__ = [
     "DynamicSlidingWindowLayer",
     "attn_implementation",
     "layer_types",
+    "query_length",
     "register_attention",
     "sdpa",
     "sdpa_attention_forward",
@@ -41,6 +42,12 @@ def register_attention(name: str, attention_fn, mask_fn=sdpa_mask) -> None:
     """
     AttentionInterface.register(name, attention_fn)
     AttentionMaskInterface.register(name, mask_fn)
+
+
+def query_length(arg) -> int:
+    """Cache layers' ``get_mask_sizes`` receive the query length (transformers >= 5.x later releases) or
+    the ``cache_position`` tensor (5.0 and early 5.x); both give the number of new tokens."""
+    return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
 
 
 def attn_implementation(model) -> str | None:

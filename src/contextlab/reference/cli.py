@@ -23,6 +23,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="full")
     p.add_argument("--max-length", type=int, default=16384, help="skip lengths above this")
     p.add_argument("--out", default=None, help="write the table (markdown) and cells (JSON) here")
+    p.add_argument(
+        "--card-from",
+        default=None,
+        help="training workdir: also write MODEL_CARD.md (+ loss curve, log) into the model folder",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -43,14 +43,14 @@ class Mixture:
     """Sampling weights of the training kinds (normalised when drawn)."""
 
     text: float = 0.10
-    recall: float = 0.20
-    repeat: float = 0.05
+    recall: float = 0.22
+    repeat: float = 0.08
     niah_single: float = 0.12
-    niah_uuid: float = 0.04
-    multikey_dense: float = 0.14
-    needle_haystack: float = 0.07
-    multivalue: float = 0.04
-    multiquery: float = 0.04
+    niah_uuid: float = 0.03
+    multikey_dense: float = 0.13
+    needle_haystack: float = 0.06
+    multivalue: float = 0.03
+    multiquery: float = 0.03
     vt: float = 0.14
     qa: float = 0.04
     aggregation: float = 0.02

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelShape:
     hidden_size: int = 256
-    num_layers: int = 8
+    num_layers: int = 6
     num_heads: int = 8
     num_kv_heads: int = 2
-    intermediate_size: int = 768
+    intermediate_size: int = 1024
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
 
@@ -55,8 +55,9 @@ class ModelShape:
 
 @dataclass
 class TrainConfig:
-    """``lengths``/``length_weights_*``: training lengths drawn per step, with weights moving linearly from
-    the start to the end set over training (a short-to-long curriculum)."""
+    """``lengths``/``length_weights_*``: training lengths drawn per step. The start weights hold for the
+    first ``short_fraction`` of the steps (copying and retrieval circuits form faster on short, cheap
+    sequences), then move linearly to the end weights (a short-to-long curriculum)."""
 
     shape: ModelShape = field(default_factory=ModelShape)
     steps: int = 5000
@@ -68,8 +69,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     lengths: tuple[int, ...] = (256, 512, 1024, 2048, 3072, 4096)
-    length_weights_start: tuple[float, ...] = (4, 4, 2, 0.5, 0, 0)
-    length_weights_end: tuple[float, ...] = (1, 1, 2, 2, 2, 3)
+    length_weights_start: tuple[float, ...] = (3, 3, 1, 0, 0, 0)
+    length_weights_end: tuple[float, ...] = (0.5, 1, 1, 2, 2, 3)
+    short_fraction: float = 0.4
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -109,7 +111,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def length_for(step: int, cfg: TrainConfig, rng: random.Random) -> int:
-    t = min(1.0, step / max(1, cfg.steps - 1))
+    progress = step / max(1, cfg.steps - 1)
+    t = min(1.0, max(0.0, (progress - cfg.short_fraction) / max(1e-9, 1 - cfg.short_fraction)))
     weights = [(1 - t) * a + t * b for a, b in zip(cfg.length_weights_start, cfg.length_weights_end, strict=True)]
     return rng.choices(cfg.lengths, weights=weights)[0]
 
