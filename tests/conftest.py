@@ -69,6 +69,15 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny Qwen2 and the byte tokenizer saved as a local model folder (for CLI and harness runs)."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_model("qwen2").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from tests.conftest import tiny_model
-
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -19,14 +17,6 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_methods_lists_every_method_with_its_paper():

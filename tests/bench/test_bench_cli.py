@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from contextlab.bench.cli import _csv
-from tests.bench.test_runner import model_dir  # noqa: F401  (fixture)
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -33,7 +32,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
         (["--tasks", "longbench:path=/no/such.jsonl"], "dataset file not found"),
     ],
 )
-def test_bench_bad_input_exits_2(model_dir, tmp_path, args, message):  # noqa: F811
+def test_bench_bad_input_exits_2(model_dir, tmp_path, args, message):
     base = [
         "bench",
         "--model",

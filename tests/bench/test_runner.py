@@ -16,7 +16,6 @@ from contextlab.bench.report import interval, pareto_front, write_report
 from contextlab.bench.run import run_benchmark
 from contextlab.bench.spec import RunSpec
 from contextlab.bench.store import RESULTS_FILE, RunStore, StoreError
-from tests.conftest import tiny_model
 
 COMPARED = (
     "method",
@@ -31,14 +30,6 @@ COMPARED = (
     "prompt_tokens",
     "new_tokens",
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model("qwen2").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def small_spec(model_dir, **overrides) -> RunSpec:
