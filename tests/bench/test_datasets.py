@@ -88,3 +88,26 @@ def test_dataset_samples_run_through_generate(tmp_path, tokenizer, llama):
     out = cl.generate(llama, tokenizer, [s.context_ids for s in samples], [s.question_ids for s in samples],
                       method="snapkv:0.5", max_new_tokens=4)
     assert len(out.texts) == 3 and len({s.length for s in samples}) == 3  # different lengths in one batch
+
+
+def test_ruler_qa_from_local_squad_and_hotpotqa(tmp_path, tokenizer):
+    squad = {"data": [{"title": "t", "paragraphs": [
+        {"context": f"Paragraph {i}: the harbour of Town{i} is deep.", "qas": [
+            {"id": str(i), "question": f"Which harbour is deep in paragraph {i}?", "answers": [{"text": f"Town{i}"}],
+             "is_impossible": False}]} for i in range(12)]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    samples = TASKS.get("qa_1")(tokenizer, 600, 0, num_samples=4, dataset_file=str(tmp_path / "squad.json"))
+    assert len(samples) == 4
+    for s in samples:
+        assert len(s.context_ids) + len(s.question_ids) == 600
+        assert s.answers[0] in tokenizer.decode(s.context_ids) and "Document 1:" in tokenizer.decode(s.context_ids)
+    hotpot = [{"_id": str(i), "question": f"Where was person {i} born?", "answer": f"City{i}",
+               "supporting_facts": [[f"P{i}", 0], [f"C{i}", 0]],
+               "context": [[f"P{i}", [f"Person {i} was born in the city of City{i}."]],
+                           [f"C{i}", [f"City{i} lies on a river."]], [f"X{i}", ["Unrelated text."]]]}
+              for i in range(6)]
+    (tmp_path / "hotpot.json").write_text(json.dumps(hotpot))
+    two = TASKS.get("qa_2")(tokenizer, 500, 0, num_samples=3, dataset_file=str(tmp_path / "hotpot.json"))
+    assert all(s.answers[0] in tokenizer.decode(s.context_ids) for s in two)
+    with pytest.raises(ValueError, match="not a SQuAD file"):
+        TASKS.get("qa_1")(tokenizer, 600, 0, dataset_file=str(tmp_path / "hotpot.json"))

@@ -40,3 +40,20 @@ def test_training_stream_is_deterministic_and_bounded():
 def test_heldout_text_is_disjoint_from_training_text():
     train, heldout = kjv_split()
     assert heldout and heldout not in train and len(heldout) < 0.1 * len(train)
+
+
+def test_smoke_training_runs_resumes_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from contextlab.reference.train import TrainConfig, export, lr_at, train
+
+    cfg = TrainConfig.preset("smoke")
+    model = train(cfg, tmp_path / "work")
+    log = (tmp_path / "work" / "log.jsonl").read_text().splitlines()
+    assert len(log) == cfg.steps and (tmp_path / "work" / "checkpoint" / "state.pt").exists()
+    cfg.steps += 2  # resuming continues from the checkpoint instead of starting over
+    train(cfg, tmp_path / "work")
+    assert len((tmp_path / "work" / "log.jsonl").read_text().splitlines()) == cfg.steps
+    export(model, tmp_path / "model")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.model_type == "llama"
+    assert lr_at(0, cfg) < lr_at(cfg.warmup_steps, cfg) and lr_at(cfg.steps - 1, cfg) < cfg.lr

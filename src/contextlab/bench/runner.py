@@ -8,6 +8,7 @@ columns of a row are its batch's cost divided by the batch size (``peak_memory_b
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
 import time
@@ -188,8 +189,6 @@ def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: l
 
 
 def _row(ctx, cell, sample, index, turn, asked, text, new_tokens, costs) -> dict:
-    import json
-
     return {
         "method": cell.method,
         "task": cell.task.key,

@@ -56,6 +56,24 @@ class Mixture:
     aggregation: float = 0.02
 
 
+# The first phase is dominated by dense copying tasks: retrieval circuits (previous-token + induction heads)
+# form only after many copy episodes, and short recall/repeat sequences give the most episodes per step.
+COPY_PHASE = Mixture(
+    text=0.10,
+    recall=0.35,
+    repeat=0.25,
+    niah_single=0.08,
+    niah_uuid=0.0,
+    multikey_dense=0.10,
+    needle_haystack=0.0,
+    multivalue=0.0,
+    multiquery=0.0,
+    vt=0.12,
+    qa=0.0,
+    aggregation=0.0,
+)
+
+
 class TrainingStream:
     """Draws training sequences of a requested length, deterministically from a seed."""
 
@@ -68,11 +86,13 @@ class TrainingStream:
         self.kjv = TokenizedHaystack.from_sentences(tokenizer, split_sentences(train_text), "kjv-train")
         self.noise = TokenizedHaystack.build(tokenizer, "noise")
 
-    def sample(self, length: int) -> tuple[list[int], list[int]]:
-        """One sequence of at most ``length`` tokens and its 0/1 loss mask."""
-        kinds = list(vars(self.mixture))
+    def sample(self, length: int, mixture: Mixture | None = None) -> tuple[list[int], list[int]]:
+        """One sequence of at most ``length`` tokens and its 0/1 loss mask (``mixture`` overrides the
+        stream's own weights for this draw)."""
+        mixture = mixture or self.mixture
+        kinds = list(vars(mixture))
         for _ in range(4):
-            kind = self.rng.choices(kinds, weights=[getattr(self.mixture, k) for k in kinds])[0]
+            kind = self.rng.choices(kinds, weights=[getattr(mixture, k) for k in kinds])[0]
             try:
                 ids, mask = getattr(self, f"_{kind}")(length)
             except ValueError:  # this kind does not fit in `length` tokens; draw another
@@ -108,7 +128,8 @@ class TrainingStream:
     def _repeat(self, length: int):
         """Random strings that come back later in the text; loss on every repeated copy (induction)."""
         rng, alphabet = self.rng, "abcdefghijklmnopqrstuvwxyz0123456789 "
-        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(10, 60))) for _ in range(8)]
+        longest = max(8, min(60, length // 8))  # short sequences get short pieces, so they still repeat
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(5, longest))) for _ in range(8)]
         ids, mask, seen = [BOS_ID], [0], set()
         while len(ids) < length:
             piece = rng.randrange(len(pieces))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from contextlab.reference.data import TrainingStream
+from contextlab.reference.data import COPY_PHASE, Mixture, TrainingStream
 from contextlab.reference.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class ModelShape:
 class TrainConfig:
     """``lengths``/``length_weights_*``: training lengths drawn per step. The start weights hold for the
     first ``short_fraction`` of the steps (copying and retrieval circuits form faster on short, cheap
-    sequences), then move linearly to the end weights (a short-to-long curriculum)."""
+    sequences), then move linearly to the end weights (a short-to-long curriculum). The first
+    ``copy_fraction`` of the steps draw from the copy-heavy mixture ``COPY_PHASE``."""
 
     shape: ModelShape = field(default_factory=ModelShape)
     steps: int = 5000
@@ -68,10 +69,11 @@ class TrainConfig:
     decay_fraction: float = 0.2
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 3072, 4096)
-    length_weights_start: tuple[float, ...] = (3, 3, 1, 0, 0, 0)
-    length_weights_end: tuple[float, ...] = (0.5, 1, 1, 2, 2, 3)
-    short_fraction: float = 0.4
+    lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 3072, 4096)
+    length_weights_start: tuple[float, ...] = (3, 2, 1, 0, 0, 0, 0)
+    length_weights_end: tuple[float, ...] = (0, 0.5, 1, 1, 2, 2, 3)
+    short_fraction: float = 0.35
+    copy_fraction: float = 0.25  # steps drawn from the copy-heavy mixture (COPY_PHASE) first
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -117,12 +119,12 @@ def length_for(step: int, cfg: TrainConfig, rng: random.Random) -> int:
     return rng.choices(cfg.lengths, weights=weights)[0]
 
 
-def make_batch(stream: TrainingStream, length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(stream: TrainingStream, length: int, batch_size: int, mixture: Mixture | None = None):
     """Right-padded ``[B, length]`` inputs and next-token labels (-100 where no loss)."""
     inputs = torch.full((batch_size, length), PAD_ID, dtype=torch.long)
     labels = torch.full((batch_size, length), -100, dtype=torch.long)
     for row in range(batch_size):
-        ids, mask = stream.sample(length)
+        ids, mask = stream.sample(length, mixture)
         ids_t = torch.tensor(ids)
         inputs[row, : len(ids)] = ids_t
         target = torch.where(torch.tensor(mask[1:]) > 0, ids_t[1:], -100)
@@ -150,7 +152,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> LlamaForCausalLM:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             length = length_for(step, cfg, rng)
-            inputs, labels = make_batch(stream, length, max(1, cfg.tokens_per_step // length))
+            mixture = COPY_PHASE if step < cfg.steps * cfg.copy_fraction else None
+            inputs, labels = make_batch(stream, length, max(1, cfg.tokens_per_step // length), mixture)
             loss = _step(model, optimizer, inputs.to(cfg.device), labels.to(cfg.device), lr_at(step, cfg), cfg)
             record = {
                 "step": step,

@@ -47,6 +47,17 @@ INFINITEBENCH_METRICS = {
 LETTERS = "ABCDEFGHIJ"
 
 
+def read_json(path: str | Path):
+    """A whole-file JSON document (SQuAD, HotpotQA, a JSON list), with a clear error when broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
 def read_records(path: str | Path) -> list[dict]:
     """Records of a JSONL file (or of a JSON list), with the line of any broken record named."""
     path = Path(path)
@@ -54,7 +65,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"dataset file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        return read_json(path)
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():

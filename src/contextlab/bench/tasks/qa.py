@@ -1,14 +1,25 @@
-"""Question answering over generated facts (RULER's QA kinds without the need for SQuAD/HotpotQA files).
+"""RULER's QA kinds: over generated facts by default, over local SQuAD / HotpotQA files when given.
 
-``qa_1`` is single-hop: one gold fact among distractor facts of the same shape. ``qa_2`` is two-hop: the
-answer needs two facts that sit at different depths (in the spirit of HotpotQA's bridge questions).
+``qa_1`` is single-hop: one gold fact among distractor facts of the same shape, or (``dataset_file=`` a
+SQuAD JSON) the gold paragraph among other paragraphs. ``qa_2`` is two-hop: the answer needs two facts at
+different depths (HotpotQA's bridge questions), or (``dataset_file=`` a HotpotQA JSON) the gold paragraphs
+among other questions' paragraphs. Documents are numbered ("Document 3: ...") as in RULER.
 """
 
 from __future__ import annotations
 
 import random
 
-from contextlab.bench.tasks.base import Sample, build_context, depth_grid, encode, question_ids
+from contextlab.bench.tasks.base import (
+    Sample,
+    build_context,
+    depth_grid,
+    encode,
+    pack_items,
+    prefix_ids,
+    question_ids,
+)
+from contextlab.bench.tasks.datasets import read_json
 from contextlab.bench.tasks.ruler import resolve_haystack
 from contextlab.bench.tasks.text import TokenizedHaystack, distinct, invented_name
 
@@ -27,8 +38,11 @@ def qa_single_hop(
     haystack: str | TokenizedHaystack = "kjv",
     depths: list[float] | None = None,
     random_depths: bool = False,
+    dataset_file: str | None = None,
 ) -> list[Sample]:
     """``{person} lives in the town of {town}.`` facts; the question asks for one person's town."""
+    if dataset_file:
+        return _document_qa(tokenizer, length, seed, "qa_1", _squad_items(dataset_file), num_samples, depths)
     hay = resolve_haystack(tokenizer, haystack)
     rng = random.Random(seed)
     samples = []
@@ -66,9 +80,12 @@ def qa_two_hop(
     haystack: str | TokenizedHaystack = "kjv",
     depths: list[float] | None = None,
     random_depths: bool = False,
+    dataset_file: str | None = None,
 ) -> list[Sample]:
     """``{person} is a member of the {guild} guild.`` + ``The {guild} guild gathers in {town}.``; the
     question asks where the person's guild gathers."""
+    if dataset_file:
+        return _document_qa(tokenizer, length, seed, "qa_2", _hotpot_items(dataset_file), num_samples, depths)
     hay = resolve_haystack(tokenizer, haystack)
     rng = random.Random(seed)
     samples = []
@@ -99,4 +116,82 @@ def qa_two_hop(
                 needle_spans=spans[:2],
             )
         )
+    return samples
+
+
+def _squad_items(path: str) -> list[tuple[str, list[str], list[str]]]:
+    """(question, answers, gold paragraphs) of a SQuAD v1/v2 JSON file (unanswerable questions skipped)."""
+    data = read_json(path)
+    if not isinstance(data, dict) or "data" not in data:
+        raise ValueError(f"{path}: not a SQuAD file (expected a top-level 'data' list)")
+    items = []
+    for article in data["data"]:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                answers = [a["text"] for a in qa.get("answers", [])]
+                if answers and not qa.get("is_impossible", False):
+                    items.append((qa["question"], answers, [paragraph["context"]]))
+    return items
+
+
+def _hotpot_items(path: str) -> list[tuple[str, list[str], list[str]]]:
+    """(question, answers, gold paragraphs) of a HotpotQA JSON file (gold = the supporting titles)."""
+    data = read_json(path)
+    if not isinstance(data, list) or (data and "supporting_facts" not in data[0]):
+        raise ValueError(f"{path}: not a HotpotQA file (expected a list of records with 'supporting_facts')")
+    items = []
+    for record in data:
+        gold_titles = {title for title, _ in record["supporting_facts"]}
+        paragraphs = {title: " ".join(sentences) for title, sentences in record["context"]}
+        gold = [paragraphs[t] for t in gold_titles if t in paragraphs]
+        if gold:
+            items.append((record["question"], [record["answer"]], gold))
+    return items
+
+
+def _document_qa(tokenizer, length, seed, task, items, num_samples, depths) -> list[Sample]:
+    """Gold paragraphs at the sample's depth among distractor paragraphs (other questions' gold ones),
+    numbered as documents, filled to exactly ``length`` tokens."""
+    if not items:
+        raise ValueError("the dataset file holds no answerable questions")
+    rng = random.Random(seed)
+    pool = [p for _, _, gold in items for p in gold]
+    samples = []
+    for depth, index in zip(
+        depth_grid(num_samples, depths, None), rng.sample(range(len(items)), min(num_samples, len(items))), strict=False
+    ):
+        question, answers, gold = items[index]
+        q_ids = question_ids(tokenizer, question)
+        room = length - len(q_ids) - len(prefix_ids(tokenizer))
+        docs = [d for d in rng.sample(pool, len(pool)) if d not in gold]
+        overhead = len(encode(tokenizer, f"Document {len(pool) + 1}:\n\n\n"))  # numbering, an upper bound
+        chosen, used = [], sum(len(encode(tokenizer, g)) + overhead for g in gold)
+        if used > room:
+            continue  # the gold paragraphs alone do not fit this length
+        for d in docs:
+            cost = len(encode(tokenizer, d)) + overhead
+            if used + cost > room:
+                break
+            chosen.append(d)
+            used += cost
+        at = round(depth * len(chosen))
+        ordered = chosen[:at] + list(gold) + chosen[at:]
+        items_ids = [encode(tokenizer, f"Document {i + 1}:\n{d}\n\n") for i, d in enumerate(ordered)]
+        context, _ = pack_items(tokenizer, length - len(q_ids), items_ids)
+        samples.append(
+            Sample(
+                task=task,
+                context_ids=context,
+                question_ids=q_ids,
+                answers=answers,
+                metric="string_match_part",
+                target=" " + answers[0],
+                length=length,
+                seed=seed,
+                depth=depth,
+                params={"source": "dataset"},
+            )
+        )
+    if not samples:
+        raise ValueError(f"no question's gold paragraphs fit in {length} tokens")
     return samples
