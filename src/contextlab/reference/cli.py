@@ -66,6 +66,13 @@ def _eval(args: argparse.Namespace) -> int:
         (out / "accuracy.json").write_text(
             json.dumps({"perplexity": ppl, "cells": [c.__dict__ | {"ci95": c.ci95} for c in cells]}, indent=2)
         )
+        if args.card_from:
+            from contextlab.loading import resolve
+            from contextlab.reference.card import publish
+
+            print(f"model card: {publish(resolve(args.model), args.card_from, out / 'accuracy.json')}")
+    elif args.card_from:
+        raise ValueError("--card-from needs --out (the card is written from the saved evaluation)")
     return 0
 
 
@@ -74,15 +81,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True, help="checkpoints and log.jsonl go here; rerun to resume")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--export", default=None, help="folder to write the trained model and tokenizer to")
+    p.add_argument("--export-only", action="store_true", help="export the workdir's last checkpoint, no training")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from contextlab.reference.train import TrainConfig, export, train
+    from contextlab.reference.train import TrainConfig, export, export_checkpoint, train
 
+    if args.export_only:
+        if not args.export:
+            raise ValueError("--export-only needs --export DIR")
+        print(f"exported step {export_checkpoint(args.workdir, args.export)} to {args.export}")
+        return 0
     cfg = TrainConfig.preset(args.preset)
     if args.steps:
         cfg.steps = args.steps
     model = train(cfg, args.workdir)
     if args.export:
-        export(model, args.export)
+        export(model, args.export, cfg.steps)
     return 0

@@ -31,10 +31,12 @@ class Cell:
     samples: int
 
     @property
-    def ci95(self) -> float:
-        """Half-width of the normal-approximation 95% interval of the accuracy."""
-        p = self.accuracy
-        return 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / self.samples)
+    def ci95(self) -> tuple[float, float]:
+        """Wilson 95% interval of the accuracy (scores of these tasks are 0/1 per sample or close to it)."""
+        z, n, p = 1.96, self.samples, self.accuracy
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate_cell(
@@ -95,6 +97,11 @@ def card_table(cells: list[Cell]) -> str:
     rows = [head, "|---|" + "---|" * len(lengths)]
     for label in labels:
         by_len = {c.length: c for c in cells if c.label == label}
-        row = [f"{100 * by_len[n].accuracy:.0f}% ±{100 * by_len[n].ci95:.0f}" if n in by_len else "" for n in lengths]
+        row = [_cell_text(by_len[n]) if n in by_len else "" for n in lengths]
         rows.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(rows)
+
+
+def _cell_text(cell: Cell) -> str:
+    low, high = cell.ci95
+    return f"{100 * cell.accuracy:.0f}% [{100 * low:.0f}-{100 * high:.0f}]"

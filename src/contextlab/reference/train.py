@@ -216,9 +216,26 @@ def _load_checkpoint(folder: Path, model, optimizer):
     return state["step"], rng, stream_rng
 
 
-def export(model: LlamaForCausalLM, folder: str | Path) -> None:
-    """Write the model (safetensors, config) and the tokenizer into ``folder`` in transformers format."""
+def export(model: LlamaForCausalLM, folder: str | Path, step: int | None = None) -> None:
+    """Write the model (safetensors, config), the tokenizer and the training step it came from into
+    ``folder`` in transformers format."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.eval().to("cpu").save_pretrained(folder, safe_serialization=True)
     build_byte_tokenizer().save_pretrained(folder)
+    if step is not None:
+        (folder / "trained_steps.json").write_text(json.dumps({"steps": step}))
+
+
+def export_checkpoint(workdir: str | Path, folder: str | Path) -> int:
+    """Export the last checkpoint of ``workdir`` without training; returns its step."""
+    workdir = Path(workdir)
+    cfg_path, state_path = workdir / "train_config.json", workdir / "checkpoint" / "state.pt"
+    if not state_path.exists():
+        raise FileNotFoundError(f"no checkpoint in {workdir}")
+    shape = ModelShape(**json.loads(cfg_path.read_text())["shape"])
+    model = LlamaForCausalLM(shape.config())
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    export(model, folder, state["step"])
+    return state["step"]
