@@ -45,7 +45,7 @@ def test_heldout_text_is_disjoint_from_training_text():
 def test_smoke_training_runs_resumes_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from contextlab.reference.train import TrainConfig, export, lr_at, train
+    from contextlab.reference.train import TrainConfig, export, train
 
     cfg = TrainConfig.preset("smoke")
     model = train(cfg, tmp_path / "work")
@@ -56,4 +56,12 @@ def test_smoke_training_runs_resumes_and_exports(tmp_path):
     assert len((tmp_path / "work" / "log.jsonl").read_text().splitlines()) == cfg.steps
     export(model, tmp_path / "model")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.model_type == "llama"
-    assert lr_at(0, cfg) < lr_at(cfg.warmup_steps, cfg) and lr_at(cfg.steps - 1, cfg) < cfg.lr
+
+
+def test_learning_rate_warms_up_holds_and_decays():
+    from contextlab.reference.train import TrainConfig, lr_at
+
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, decay_fraction=0.2, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == 1e-4 and lr_at(9, cfg) == 1e-3
+    assert lr_at(50, cfg) == 1e-3  # constant until the last 20% of the steps
+    assert lr_at(80, cfg) == 1e-3 and abs(lr_at(99, cfg) - 1e-3 * (1 - 0.9 * 19 / 20)) < 1e-12
