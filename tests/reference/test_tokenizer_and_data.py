@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contextlab.reference.data import TrainingStream, kjv_split
+from contextlab.reference.data import INDUCTION_PHASE, TrainingStream, kjv_split
 from contextlab.reference.tokenizer import BOS_ID, build_byte_tokenizer
 
 TOKENIZER = build_byte_tokenizer()
@@ -35,6 +35,17 @@ def test_training_stream_is_deterministic_and_bounded():
             (ia, ma), (ib, mb) = a.sample(length), b.sample(length)
             assert ia == ib and ma == mb
             assert len(ia) == len(ma) <= length and sum(ma) > 0
+
+
+def test_induction_samples_repeat_a_string_and_train_only_on_the_copy():
+    stream = TrainingStream(TOKENIZER, seed=5)
+    for _ in range(20):
+        ids, mask = stream.sample(128, INDUCTION_PHASE)
+        assert len(ids) == len(mask) == 128 and ids[0] == BOS_ID
+        first = mask.index(1)
+        n = sum(mask)
+        assert mask[first : first + n] == [1] * n and first == 1 + n  # one contiguous copy right after the original
+        assert ids[first : first + n] == ids[1 : 1 + n]
 
 
 def test_heldout_text_is_disjoint_from_training_text():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from contextlab.reference.data import COPY_PHASE, Mixture, TrainingStream
+from contextlab.reference.data import COPY_PHASE, INDUCTION_PHASE, Mixture, TrainingStream
 from contextlab.reference.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,22 +58,25 @@ class TrainConfig:
     """``lengths``/``length_weights_*``: training lengths drawn per step. The start weights hold for the
     first ``short_fraction`` of the steps (copying and retrieval circuits form faster on short, cheap
     sequences), then move linearly to the end weights (a short-to-long curriculum). The first
-    ``copy_fraction`` of the steps draw from the copy-heavy mixture ``COPY_PHASE``."""
+    ``copy_fraction`` of the steps draw from the copy-heavy mixture ``COPY_PHASE``, and before all of them
+    the first ``induction_steps`` train on pure induction data (``INDUCTION_PHASE``) at ``induction_length``."""
 
     shape: ModelShape = field(default_factory=ModelShape)
-    steps: int = 5000
+    steps: int = 1400
     tokens_per_step: int = 8192
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 50
     decay_fraction: float = 0.2
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 3072, 4096)
     length_weights_start: tuple[float, ...] = (3, 2, 1, 0, 0, 0, 0)
     length_weights_end: tuple[float, ...] = (0, 0.5, 1, 1, 2, 2, 3)
-    short_fraction: float = 0.35
-    copy_fraction: float = 0.25  # steps drawn from the copy-heavy mixture (COPY_PHASE) first
+    short_fraction: float = 0.4
+    copy_fraction: float = 0.4  # steps drawn from the copy-heavy mixture (COPY_PHASE) first
+    induction_steps: int = 400  # steps of pure induction data (INDUCTION_PHASE) before everything else
+    induction_length: int = 128
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -87,7 +90,15 @@ class TrainConfig:
         if name == "cpu":
             return cls()
         if name == "gpu":
-            return cls(steps=12000, tokens_per_step=65536, lr=2e-3, threads=16, device="cuda", save_every=500)
+            return cls(
+                steps=12000,
+                tokens_per_step=65536,
+                lr=2e-3,
+                threads=16,
+                device="cuda",
+                save_every=500,
+                copy_fraction=0.15,
+            )
         if name == "smoke":
             return cls(
                 shape=ModelShape(hidden_size=64, num_layers=2, intermediate_size=128),
@@ -97,6 +108,7 @@ class TrainConfig:
                 length_weights_start=(1, 1),
                 length_weights_end=(1, 1),
                 warmup_steps=1,
+                induction_steps=1,
                 save_every=2,
             )
         raise ValueError(f"unknown training preset {name!r}; use 'cpu', 'gpu' or 'smoke'")
@@ -110,6 +122,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     frac = (step - decay_start) / max(1, cfg.steps - decay_start)
     return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(1.0, frac))
+
+
+def phase_at(step: int, cfg: TrainConfig, rng: random.Random) -> tuple[int, Mixture | None]:
+    """(sequence length, mixture) of a step; ``None`` means the stream's full mixture."""
+    if step < cfg.induction_steps:
+        return cfg.induction_length, INDUCTION_PHASE
+    length = length_for(step, cfg, rng)
+    return length, COPY_PHASE if step < cfg.steps * cfg.copy_fraction else None
 
 
 def length_for(step: int, cfg: TrainConfig, rng: random.Random) -> int:
@@ -151,8 +171,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> LlamaForCausalLM:
     with (workdir / "log.jsonl").open("a") as log_file:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            length = length_for(step, cfg, rng)
-            mixture = COPY_PHASE if step < cfg.steps * cfg.copy_fraction else None
+            length, mixture = phase_at(step, cfg, rng)
             inputs, labels = make_batch(stream, length, max(1, cfg.tokens_per_step // length), mixture)
             loss = _step(model, optimizer, inputs.to(cfg.device), labels.to(cfg.device), lr_at(step, cfg), cfg)
             record = {
