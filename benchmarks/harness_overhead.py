@@ -29,18 +29,35 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for length in (1024, 2048, 4096):
-        spec = RunSpec(model=args.model, methods=["full", "snapkv:0.5", "streaming:0.75"],
-                       tasks=["niah_single_2", "niah_multikey_1", "vt"], lengths=[length], samples=args.samples)
+        spec = RunSpec(
+            model=args.model,
+            methods=["full", "snapkv:0.5", "streaming:0.75"],
+            tasks=["niah_single_2", "niah_multikey_1", "vt"],
+            lengths=[length],
+            samples=args.samples,
+        )
         with tempfile.TemporaryDirectory() as out:
             summary = run_benchmark(spec, out_root=out, show_progress=False)
-        rows.append({"length": length, "wall_seconds": summary.wall_seconds,
-                     "generation_seconds": summary.generation_seconds, "harness_share": summary.harness_share,
-                     "results": summary.rows_written})
-        print(f"{length:>5} tokens: wall {summary.wall_seconds:6.1f}s, generation {summary.generation_seconds:6.1f}s, "
-              f"harness {100 * summary.harness_share:.2f}%", flush=True)
+        rows.append(
+            {
+                "length": length,
+                "wall_seconds": summary.wall_seconds,
+                "generation_seconds": summary.generation_seconds,
+                "harness_share": summary.harness_share,
+                "results": summary.rows_written,
+            }
+        )
+        print(
+            f"{length:>5} tokens: wall {summary.wall_seconds:6.1f}s, generation {summary.generation_seconds:6.1f}s, "
+            f"harness {100 * summary.harness_share:.2f}%",
+            flush=True,
+        )
     table = ["| length | results | wall s | generation s | harness share |", "|---:|---:|---:|---:|---:|"]
-    table += [f"| {r['length']} | {r['results']} | {r['wall_seconds']:.1f} | {r['generation_seconds']:.1f} | "
-              f"{100 * r['harness_share']:.2f}% |" for r in rows]
+    table += [
+        f"| {r['length']} | {r['results']} | {r['wall_seconds']:.1f} | {r['generation_seconds']:.1f} | "
+        f"{100 * r['harness_share']:.2f}% |"
+        for r in rows
+    ]
     text = "# Harness overhead\n\n" + "\n".join(table) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

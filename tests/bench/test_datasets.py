@@ -19,13 +19,35 @@ def write_jsonl(path, records):
 
 
 def test_longbench_v1(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "hotpotqa.jsonl", [
-        {"input": "Where did Marta Vell move?", "context": DOC, "answers": ["Oakhaven"],
-         "dataset": "hotpotqa", "_id": "a1", "length": 300, "all_classes": None, "language": "en"},
-        {"input": "", "context": DOC, "answers": ["A keeper moved to Oakhaven."], "dataset": "gov_report", "_id": "a2"},
-        {"input": "", "context": "def f(x):\n    return x\n", "answers": ["print(f(1))"], "dataset": "lcc",
-         "_id": "a3"},
-    ])
+    path = write_jsonl(
+        tmp_path / "hotpotqa.jsonl",
+        [
+            {
+                "input": "Where did Marta Vell move?",
+                "context": DOC,
+                "answers": ["Oakhaven"],
+                "dataset": "hotpotqa",
+                "_id": "a1",
+                "length": 300,
+                "all_classes": None,
+                "language": "en",
+            },
+            {
+                "input": "",
+                "context": DOC,
+                "answers": ["A keeper moved to Oakhaven."],
+                "dataset": "gov_report",
+                "_id": "a2",
+            },
+            {
+                "input": "",
+                "context": "def f(x):\n    return x\n",
+                "answers": ["print(f(1))"],
+                "dataset": "lcc",
+                "_id": "a3",
+            },
+        ],
+    )
     samples = TASKS.get("longbench")(tokenizer, 600, 0, path=path, num_samples=10)
     assert [s.metric for s in samples] == ["f1", "rouge_l", "code_sim"]
     assert samples[0].task == "longbench/hotpotqa" and samples[0].answers == ["Oakhaven"]
@@ -37,10 +59,23 @@ def test_longbench_v1(tmp_path, tokenizer):
 
 
 def test_longbench_v2_choices(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "v2.jsonl", [{
-        "_id": "x", "domain": "single", "difficulty": "easy", "question": "Where did Marta move?",
-        "choice_A": "Oslo", "choice_B": "Oakhaven", "choice_C": "Paris", "choice_D": "Rome", "answer": "B",
-        "context": DOC}])
+    path = write_jsonl(
+        tmp_path / "v2.jsonl",
+        [
+            {
+                "_id": "x",
+                "domain": "single",
+                "difficulty": "easy",
+                "question": "Where did Marta move?",
+                "choice_A": "Oslo",
+                "choice_B": "Oakhaven",
+                "choice_C": "Paris",
+                "choice_D": "Rome",
+                "answer": "B",
+                "context": DOC,
+            }
+        ],
+    )
     [s] = TASKS.get("longbench_v2")(tokenizer, 4000, 0, path=path)
     question = tokenizer.decode(s.question_ids)
     assert "B. Oakhaven" in question and s.metric == "choice" and s.answers == ["B"]
@@ -48,13 +83,24 @@ def test_longbench_v2_choices(tmp_path, tokenizer):
 
 
 def test_infinitebench_task_from_file_name(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "passkey.jsonl", [
-        {"id": 0, "context": "noise " * 50 + "The pass key is 71432. " + "noise " * 50,
-         "input": "What is the pass key?", "answer": ["71432"], "options": []}])
+    path = write_jsonl(
+        tmp_path / "passkey.jsonl",
+        [
+            {
+                "id": 0,
+                "context": "noise " * 50 + "The pass key is 71432. " + "noise " * 50,
+                "input": "What is the pass key?",
+                "answer": ["71432"],
+                "options": [],
+            }
+        ],
+    )
     [s] = TASKS.get("infinitebench")(tokenizer, 2000, 0, path=path)
     assert s.task == "infinitebench/passkey" and s.metric == "string_match_all"
-    choice = write_jsonl(tmp_path / "longbook_choice_eng.jsonl", [
-        {"id": 0, "context": DOC, "input": "Where?", "answer": ["Oakhaven"], "options": ["Oslo", "Oakhaven"]}])
+    choice = write_jsonl(
+        tmp_path / "longbook_choice_eng.jsonl",
+        [{"id": 0, "context": DOC, "input": "Where?", "answer": ["Oakhaven"], "options": ["Oslo", "Oakhaven"]}],
+    )
     [c] = TASKS.get("infinitebench")(tokenizer, 2000, 0, path=choice)
     assert c.answers == ["B"]
     with pytest.raises(ValueError, match="unknown InfiniteBench task"):
@@ -81,31 +127,67 @@ def test_dataset_errors_name_the_problem(tmp_path, tokenizer):
 
 
 def test_dataset_samples_run_through_generate(tmp_path, tokenizer, llama):
-    path = write_jsonl(tmp_path / "qasper.jsonl", [
-        {"input": f"Question {i}?", "context": DOC[: 200 + 150 * i], "answers": ["Oakhaven"], "dataset": "qasper"}
-        for i in range(3)])
+    path = write_jsonl(
+        tmp_path / "qasper.jsonl",
+        [
+            {"input": f"Question {i}?", "context": DOC[: 200 + 150 * i], "answers": ["Oakhaven"], "dataset": "qasper"}
+            for i in range(3)
+        ],
+    )
     samples = TASKS.get("longbench")(tokenizer, 1000, 0, path=path)
-    out = cl.generate(llama, tokenizer, [s.context_ids for s in samples], [s.question_ids for s in samples],
-                      method="snapkv:0.5", max_new_tokens=4)
+    out = cl.generate(
+        llama,
+        tokenizer,
+        [s.context_ids for s in samples],
+        [s.question_ids for s in samples],
+        method="snapkv:0.5",
+        max_new_tokens=4,
+    )
     assert len(out.texts) == 3 and len({s.length for s in samples}) == 3  # different lengths in one batch
 
 
 def test_ruler_qa_from_local_squad_and_hotpotqa(tmp_path, tokenizer):
-    squad = {"data": [{"title": "t", "paragraphs": [
-        {"context": f"Paragraph {i}: the harbour of Town{i} is deep.", "qas": [
-            {"id": str(i), "question": f"Which harbour is deep in paragraph {i}?", "answers": [{"text": f"Town{i}"}],
-             "is_impossible": False}]} for i in range(12)]}]}
+    squad = {
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": f"Paragraph {i}: the harbour of Town{i} is deep.",
+                        "qas": [
+                            {
+                                "id": str(i),
+                                "question": f"Which harbour is deep in paragraph {i}?",
+                                "answers": [{"text": f"Town{i}"}],
+                                "is_impossible": False,
+                            }
+                        ],
+                    }
+                    for i in range(12)
+                ],
+            }
+        ]
+    }
     (tmp_path / "squad.json").write_text(json.dumps(squad))
     samples = TASKS.get("qa_1")(tokenizer, 600, 0, num_samples=4, dataset_file=str(tmp_path / "squad.json"))
     assert len(samples) == 4
     for s in samples:
         assert len(s.context_ids) + len(s.question_ids) == 600
         assert s.answers[0] in tokenizer.decode(s.context_ids) and "Document 1:" in tokenizer.decode(s.context_ids)
-    hotpot = [{"_id": str(i), "question": f"Where was person {i} born?", "answer": f"City{i}",
-               "supporting_facts": [[f"P{i}", 0], [f"C{i}", 0]],
-               "context": [[f"P{i}", [f"Person {i} was born in the city of City{i}."]],
-                           [f"C{i}", [f"City{i} lies on a river."]], [f"X{i}", ["Unrelated text."]]]}
-              for i in range(6)]
+    hotpot = [
+        {
+            "_id": str(i),
+            "question": f"Where was person {i} born?",
+            "answer": f"City{i}",
+            "supporting_facts": [[f"P{i}", 0], [f"C{i}", 0]],
+            "context": [
+                [f"P{i}", [f"Person {i} was born in the city of City{i}."]],
+                [f"C{i}", [f"City{i} lies on a river."]],
+                [f"X{i}", ["Unrelated text."]],
+            ],
+        }
+        for i in range(6)
+    ]
     (tmp_path / "hotpot.json").write_text(json.dumps(hotpot))
     two = TASKS.get("qa_2")(tokenizer, 500, 0, num_samples=3, dataset_file=str(tmp_path / "hotpot.json"))
     assert all(s.answers[0] in tokenizer.decode(s.context_ids) for s in two)

@@ -24,8 +24,11 @@ def test_logical_length_and_mask_sizes_after_compression(llama, tokenizer):
     assert layer.groups[0].keys.shape[2] == n - n // 2  # physical: half the tokens
     assert layer.get_mask_sizes(1) == (1, n)  # the mask covers only what comes after compression
     with torch.no_grad(), cl.attention_enabled(llama):
-        llama(torch.tensor([[65, 66, 67]]), past_key_values=done.cache,
-              attention_mask=torch.ones(1, n + 3, dtype=torch.long))
+        llama(
+            torch.tensor([[65, 66, 67]]),
+            past_key_values=done.cache,
+            attention_mask=torch.ones(1, n + 3, dtype=torch.long),
+        )
     assert done.cache.get_seq_length() == n + 3 and layer.get_mask_sizes(1) == (4, n)
 
 
@@ -33,8 +36,11 @@ def test_per_head_budgets_store_each_head_at_its_own_size(llama, tokenizer):
     done = _compressed(llama, tokenizer, "adakv:ratio=0.5,alpha=0.0")
     for layer in done.cache.compressible:
         counts = (layer.kept_positions >= 0).sum(-1)[0]  # [H]
-        sizes = {int(i): g.keys.shape[2] for g in layer.groups for i in (g.heads if g.heads is not None
-                                                                           else range(layer.kv_heads))}
+        sizes = {
+            int(i): g.keys.shape[2]
+            for g in layer.groups
+            for i in (g.heads if g.heads is not None else range(layer.kv_heads))
+        }
         assert [sizes[h] for h in range(layer.kv_heads)] == counts.tolist()
         stored = sum(g.keys.numel() for g in layer.groups)
         assert stored == int(counts.sum()) * layer.groups[0].keys.shape[-1]  # no padding to the largest head
@@ -67,8 +73,9 @@ def test_compression_needs_the_armed_length(llama, tokenizer):
     ids = torch.tensor([tokenizer("some prompt text here, long enough")["input_ids"]])
     n = ids.shape[1]
     method = SnapKV(budget=Budget(tokens=8), window=4)
-    cache.arm(CompressionRequest(method, n + 5, torch.ones(1, n, dtype=torch.bool), torch.arange(n)[None],
-                                 torch.tensor([8])))
+    cache.arm(
+        CompressionRequest(method, n + 5, torch.ones(1, n, dtype=torch.bool), torch.arange(n)[None], torch.tensor([8]))
+    )
     with torch.no_grad(), cl.attention_enabled(llama):
         llama(ids, past_key_values=cache)
     assert cache.layers[0].kept_positions is None  # not at the armed length yet: nothing evicted

@@ -17,8 +17,13 @@ CONTEXT = "The archive holds many ledgers; the seventh ledger is bound in green 
 def test_bf16_no_compression_matches_vanilla(arch, name, tokenizer):
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda")
     ids = tokenizer(CONTEXT + "Which ledger?")["input_ids"]
-    vanilla = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=6, do_sample=False,
-                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    vanilla = model.generate(
+        torch.tensor([ids], device="cuda"),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
     spec = name if name == "full" else f"{name}:0.0"
     out = cl.generate(model, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=6)
     eos = vanilla.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in vanilla else len(vanilla)
@@ -39,5 +44,7 @@ def test_cuda_batch_equals_rows(tokenizer):
     contexts = [CONTEXT[: 300 + 200 * i] for i in range(3)]
     batch = cl.generate(model, tokenizer, contexts, "Which?", method="snapkv:0.5", max_new_tokens=5)
     for i, ctx in enumerate(contexts):
-        assert batch.token_ids[i] == cl.generate(model, tokenizer, ctx, "Which?", method="snapkv:0.5",
-                                                 max_new_tokens=5).tokens
+        assert (
+            batch.token_ids[i]
+            == cl.generate(model, tokenizer, ctx, "Which?", method="snapkv:0.5", max_new_tokens=5).tokens
+        )
