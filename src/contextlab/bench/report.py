@@ -40,7 +40,8 @@ def interval(scores: list[float]) -> Stat:
     if all(s in (0.0, 1.0) for s in scores):
         centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return Stat(n, mean, max(0.0, centre - half), min(1.0, centre + half))
+        # Wilson's interval contains the mean; min/max keep that true under floating-point rounding too
+        return Stat(n, mean, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half)))
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
     half = z * sd / math.sqrt(n)
     return Stat(n, mean, max(0.0, mean - half), min(1.0, mean + half))
