@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from contextlab.reference.data import INDUCTION_PHASE, TrainingStream, kjv_split
@@ -13,6 +13,7 @@ TOKENIZER = build_byte_tokenizer()
 
 @settings(max_examples=200, deadline=None)
 @given(st.text())
+@example("<bos> and <eos> spelled out are plain bytes")
 def test_tokenizer_round_trips_any_utf8(text):
     ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
     assert ids == list(text.encode("utf-8"))

@@ -56,6 +56,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="left",
         model_max_length=1 << 20,
+        split_special_tokens=True,  # text that spells "<bos>" is five bytes, never the special token
     )
 
 
