@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from contextlab.reference.evaluate import Cell, card_table
+from contextlab.reference.evaluate import Cell, card_table, quality_bar_lines
 
 WEIGHTS = "model.safetensors"
 
@@ -37,9 +37,27 @@ def _records(log_path: str | Path, steps: int | None) -> list[dict]:
     return [r for r in records if steps is None or r["step"] < steps]
 
 
-def training_summary(log_path: str | Path, steps: int | None = None) -> dict:
-    """Steps, compute time and final loss of the log, up to ``steps`` (the exported checkpoint)."""
-    records = _records(log_path, steps)
+def stages(workdir: str | Path) -> list[tuple[Path, dict]]:
+    """(workdir, training config) of every stage that led to ``workdir``'s weights, first stage first
+    (a stage started with ``init_from`` continues from an earlier workdir)."""
+    workdir = Path(workdir)
+    config = json.loads((workdir / "train_config.json").read_text())
+    earlier = stages(config["init_from"]) if config.get("init_from") else []
+    return [*earlier, (workdir, config)]
+
+
+def chained_records(workdir: str | Path, steps: int | None = None) -> list[dict]:
+    """The training log of all stages, steps numbered through; ``steps`` cuts the last stage (the
+    exported checkpoint)."""
+    chain, records = stages(workdir), []
+    for i, (folder, _) in enumerate(chain):
+        own = _records(folder / "log.jsonl", steps if i == len(chain) - 1 else None)
+        records += [r | {"step": r["step"] + len(records), "stage": i + 1} for r in own]
+    return records
+
+
+def training_summary(records: list[dict]) -> dict:
+    """Steps, compute time and final loss of a training log."""
     last = records[-100:]
     return {
         "steps": records[-1]["step"] + 1,
@@ -48,13 +66,12 @@ def training_summary(log_path: str | Path, steps: int | None = None) -> dict:
     }
 
 
-def loss_curve(log_path: str | Path, out_png: str | Path, steps: int | None = None) -> None:
+def loss_curve(records: list[dict], out_png: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = _records(log_path, steps)
     xs = [r["step"] for r in records]
     window = 50
     smooth = [
@@ -75,14 +92,16 @@ def loss_curve(log_path: str | Path, out_png: str | Path, steps: int | None = No
 def publish(model_dir: str | Path, workdir: str | Path, eval_json: str | Path) -> Path:
     """Add MODEL_CARD.md, loss_curve.png and the compressed training log to ``model_dir``."""
     model_dir, workdir = Path(model_dir), Path(workdir)
-    config = json.loads((workdir / "train_config.json").read_text())
+    chain = stages(workdir)
+    config = chain[-1][1]
     evaluation = json.loads(Path(eval_json).read_text())
     cells = [Cell(**{k: v for k, v in c.items() if k != "ci95"}) for c in evaluation["cells"]]
     steps_file = model_dir / "trained_steps.json"
     steps = json.loads(steps_file.read_text())["steps"] if steps_file.exists() else None
-    summary = training_summary(workdir / "log.jsonl", steps)
-    loss_curve(workdir / "log.jsonl", model_dir / "loss_curve.png", steps)
-    kept = "".join(json.dumps(r) + "\n" for r in _records(workdir / "log.jsonl", steps))
+    records = chained_records(workdir, steps)
+    summary = training_summary(records)
+    loss_curve(records, model_dir / "loss_curve.png")
+    kept = "".join(json.dumps(r) + "\n" for r in records)
     (model_dir / "training_log.jsonl.gz").write_bytes(gzip.compress(kept.encode(), mtime=0))
     model_cfg = json.loads((model_dir / "config.json").read_text())
     params = _parameter_count(model_cfg)
@@ -101,17 +120,35 @@ def publish(model_dir: str | Path, workdir: str | Path, eval_json: str | Path) -
         hours=summary["compute_seconds"] / 3600,
         device=config["device"],
         threads=config["threads"],
-        lr=config["lr"],
+        stage_lines="\n".join(_stage_line(i + 1, folder, cfg) for i, (folder, cfg) in enumerate(chain)),
+        reproduce="\n".join(_reproduce_line(folder, cfg) for folder, cfg in chain),
         loss=summary["final_loss"],
         table=card_table(cells),
+        bar=quality_bar_lines(cells),
         ppl=evaluation["perplexity"],
         samples=cells[0].samples if cells else 0,
         sha=sha256(model_dir / WEIGHTS),
-        config=json.dumps(config, indent=2),
+        config="\n".join(json.dumps(cfg, indent=2) for _, cfg in chain),
+        induction_steps=chain[0][1].get("induction_steps", 0),
+        induction_length=chain[0][1].get("induction_length", 0),
+        copy_until=int(chain[0][1]["steps"] * chain[0][1]["copy_fraction"]),
     )
     path = model_dir / "MODEL_CARD.md"
     path.write_text(card)
     return path
+
+
+def _stage_line(number: int, folder: Path, cfg: dict) -> str:
+    steps = len(_records(folder / "log.jsonl", None))
+    lengths = f"{min(cfg['lengths'])}-{max(cfg['lengths'])}"
+    start = f", from stage {number - 1}'s weights" if cfg.get("init_from") else ""
+    return f"- stage {number}: {steps} steps, lr {cfg['lr']}, lengths {lengths} bytes, seed {cfg['seed']}{start}"
+
+
+def _reproduce_line(folder: Path, cfg: dict) -> str:
+    preset = "cpu-long" if cfg.get("init_from") else "cpu"
+    init = f" --init-from {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
+    return f"contextlab train-reference --preset {preset} --workdir {folder.name}{init}"
 
 
 def _parameter_count(cfg: dict) -> int:
@@ -145,15 +182,23 @@ Generated by `contextlab.reference.data` (seeded):
   variable-tracking chains (1-4 hops, 1-2 chains), common/frequent-word extraction, single- and two-hop
   questions over generated facts; plus dense associative recall (`key = value` lines then `key ?` queries)
   and repeated random strings, which give copying circuits more signal per token.
-- Lengths and order: a short-to-long curriculum over 128-4096 bytes; the first quarter of the steps draw
-  mostly dense copying tasks (recall, repeats) at 128-512 bytes, where copying circuits form fastest.
+- Order: the first {induction_steps} steps are pure induction data at {induction_length} bytes (a random string, then
+  the same string again, loss on the copy): a copying circuit forms there abruptly after a plateau of
+  ~250 steps (Olsson et al., 2022), which it had not done after 800 steps of the diluted mixture. Up to
+  step {copy_until} the mixture is dominated by dense copying tasks (recall, repeats) at 128-512 bytes; then a
+  short-to-long curriculum over 128-4096 bytes with the full mixture.
 
 ## Training
-{steps} steps x {tokens_per_step} tokens ({tokens:.0f}M tokens seen, padding included), AdamW (lr {lr},
-warm-up, flat, linear decay over the last 20%), bf16 autocast, on `{device}` with {threads} threads:
+{steps} steps x {tokens_per_step} tokens ({tokens:.0f}M tokens seen, padding included), AdamW (warm-up,
+flat, linear decay at the end of each stage), bf16 autocast, on `{device}` with {threads} threads:
 {hours:.1f} hours of compute. Final training loss (mean of the last 100 steps): {loss:.3f} nats per
-target byte. Curve: `loss_curve.png`; log: `training_log.jsonl.gz`. Reproduce with
-`contextlab train-reference --preset cpu --workdir runs/ref` (same seed, same data).
+target byte. Curve: `loss_curve.png`; log: `training_log.jsonl.gz`.
+{stage_lines}
+
+Reproduce (same seeds, same data), one command per stage, from `runs/`:
+```bash
+{reproduce}
+```
 
 ## Accuracy (full attention, greedy, {samples} samples per cell, needle depths swept 0-100%)
 Produced by `contextlab eval-reference --samples {samples}`; Wilson 95% intervals in brackets.
@@ -162,10 +207,13 @@ Produced by `contextlab eval-reference --samples {samples}`; Wilson 95% interval
 
 Held-out KJV perplexity (bytes, 1K windows): {ppl:.3f}
 
+Quality bar (the project's target for this model):
+{bar}
+
 Beyond 4K the model runs past the positions it was trained on; failing there is expected, and is what
 context-extension methods must fix.
 
-## Training config
+## Training config (per stage)
 ```json
 {config}
 ```

@@ -77,9 +77,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])
+    p.add_argument("--preset", default="cpu", help="cpu, cpu-long (after cpu: --init-from), gpu or smoke")
     p.add_argument("--workdir", required=True, help="checkpoints and log.jsonl go here; rerun to resume")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--init-from", default=None, help="start from the last checkpoint of this training workdir")
     p.add_argument("--export", default=None, help="folder to write the trained model and tokenizer to")
     p.add_argument("--export-only", action="store_true", help="export the workdir's last checkpoint, no training")
 
@@ -95,6 +96,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.preset(args.preset)
     if args.steps:
         cfg.steps = args.steps
+    if args.init_from:
+        cfg.init_from = args.init_from
+    if args.preset == "cpu-long" and not cfg.init_from:
+        raise ValueError("--preset cpu-long continues a 'cpu' run: give --init-from WORKDIR")
     model = train(cfg, args.workdir)
     if args.export:
         export(model, args.export, cfg.steps)

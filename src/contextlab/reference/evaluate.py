@@ -21,6 +21,15 @@ CARD_CELLS = (
     ("variable tracking (4 hops)", "vt", {"num_hops": 4}, (1024, 2048, 4096, 8192)),
 )
 
+# The project's target for the reference model (full attention, >= 50 samples): (label, length) -> accuracy.
+QUALITY_BAR = {
+    ("single needle", 1024): 0.95,
+    ("single needle", 2048): 0.95,
+    ("single needle", 4096): 0.95,
+    ("multi-key (4 keys)", 4096): 0.85,
+    ("variable tracking (4 hops)", 4096): 0.80,
+}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -100,6 +109,18 @@ def card_table(cells: list[Cell]) -> str:
         row = [_cell_text(by_len[n]) if n in by_len else "" for n in lengths]
         rows.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(rows)
+
+
+def quality_bar_lines(cells: list[Cell]) -> str:
+    """One markdown line per target of ``QUALITY_BAR``: met, missed, or not evaluated."""
+    found = {(c.label, c.length): c for c in cells}
+    lines = []
+    for (label, length), target in QUALITY_BAR.items():
+        cell = found.get((label, length))
+        status = "not evaluated" if cell is None else ("met" if cell.accuracy >= target else "missed")
+        got = "" if cell is None else f" ({100 * cell.accuracy:.0f}%)"
+        lines.append(f"- {label} at {length // 1024}K >= {100 * target:.0f}%: {status}{got}")
+    return "\n".join(lines)
 
 
 def _cell_text(cell: Cell) -> str:

@@ -82,10 +82,13 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = True
     save_every: int = 100
+    init_from: str | None = None  # a training workdir whose last checkpoint's weights start this run
 
     @classmethod
     def preset(cls, name: str) -> TrainConfig:
         """``cpu``: the 2-core CPU run the shipped model came from; ``gpu``: an H100 run (<= 25 min);
+        ``cpu-long``: a second CPU stage that starts from the ``cpu`` run's weights (``init_from``) and
+        trains on 512-4096 bytes only, where the first stage saw few long sequences;
         ``smoke``: a few steps of a tiny model, for tests."""
         if name == "cpu":
             return cls()
@@ -99,6 +102,20 @@ class TrainConfig:
                 save_every=500,
                 copy_fraction=0.15,
             )
+        if name == "cpu-long":
+            return cls(
+                steps=500,
+                lr=5e-4,
+                warmup_steps=20,
+                decay_fraction=0.3,
+                lengths=(512, 1024, 2048, 3072, 4096),
+                length_weights_start=(1, 1, 2, 2, 3),
+                length_weights_end=(1, 1, 2, 2, 3),
+                short_fraction=0.0,
+                copy_fraction=0.0,
+                induction_steps=0,
+                seed=1,
+            )
         if name == "smoke":
             return cls(
                 shape=ModelShape(hidden_size=64, num_layers=2, intermediate_size=128),
@@ -111,7 +128,10 @@ class TrainConfig:
                 induction_steps=1,
                 save_every=2,
             )
-        raise ValueError(f"unknown training preset {name!r}; use 'cpu', 'gpu' or 'smoke'")
+        raise ValueError(f"unknown training preset {name!r}; use {', '.join(PRESETS)}")
+
+
+PRESETS = ("cpu", "cpu-long", "gpu", "smoke")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,6 +186,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> LlamaForCausalLM:
     if (ckpt / "state.pt").exists():
         start, rng, stream.rng = _load_checkpoint(ckpt, model, optimizer)
         log.info("resumed from step %d", start)
+    elif cfg.init_from:
+        model.load_state_dict(_checkpoint_state(cfg.init_from)["model"])
+        log.info("starting from the weights of %s", cfg.init_from)
     (workdir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model.train()
     with (workdir / "log.jsonl").open("a") as log_file:
@@ -226,8 +249,15 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, rng, stream_rng)
     tmp.replace(folder / "state.pt")
 
 
+def _checkpoint_state(workdir: str | Path) -> dict:
+    path = Path(workdir) / "checkpoint" / "state.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint in {workdir} (expected {path})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _load_checkpoint(folder: Path, model, optimizer):
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    state = _checkpoint_state(folder.parent)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -249,12 +279,10 @@ def export(model: LlamaForCausalLM, folder: str | Path, step: int | None = None)
 def export_checkpoint(workdir: str | Path, folder: str | Path) -> int:
     """Export the last checkpoint of ``workdir`` without training; returns its step."""
     workdir = Path(workdir)
-    cfg_path, state_path = workdir / "train_config.json", workdir / "checkpoint" / "state.pt"
-    if not state_path.exists():
-        raise FileNotFoundError(f"no checkpoint in {workdir}")
+    cfg_path = workdir / "train_config.json"
     shape = ModelShape(**json.loads(cfg_path.read_text())["shape"])
     model = LlamaForCausalLM(shape.config())
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = _checkpoint_state(workdir)
     model.load_state_dict(state["model"])
     export(model, folder, state["step"])
     return state["step"]
