@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The harness's own time as a share of a run's wall time (target: < 5%).
 
-Runs a slice of the default suite on the reference model at 1K-4K tokens and splits the wall time into
+Runs a slice of the default suite on the reference model at the default suite's lengths and splits the wall time into
 time inside generation (``generate`` / shared-context sessions) and everything else the harness does:
 building samples, scoring, SQLite writes, progress. Model loading is excluded. Prints the table and
 writes it to benchmarks/results/.
 
-    python benchmarks/harness_overhead.py [--samples 4] [--model reference]
+    python benchmarks/harness_overhead.py [--samples 5] [--model reference]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from contextlab.bench.run import run_benchmark
-from contextlab.bench.spec import RunSpec
+from contextlab.bench.spec import DEFAULT_LENGTHS, DEFAULT_TASKS, RunSpec
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,14 +25,14 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference")
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=5)
     args = parser.parse_args()
     rows = []
-    for length in (1024, 2048, 4096):
+    for length in DEFAULT_LENGTHS:
         spec = RunSpec(
             model=args.model,
             methods=["full", "snapkv:0.5", "streaming:0.75"],
-            tasks=["niah_single_2", "niah_multikey_1", "vt"],
+            tasks=list(DEFAULT_TASKS),
             lengths=[length],
             samples=args.samples,
         )
