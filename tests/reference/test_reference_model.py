@@ -53,16 +53,8 @@ def test_architecture_is_a_small_gqa_llama(reference):
 def test_answers_fixed_single_needle_prompts_at_2k(reference):
     model, tokenizer = reference
     samples = TASKS.get("niah_single_2")(tokenizer, 2048, 20261123, num_samples=20)
-    out = cl.generate(
-        model,
-        tokenizer,
-        [s.context_ids for s in samples],
-        [s.question_ids for s in samples],
-        method="full",
-        max_new_tokens=12,
-    )
-    correct = sum(score(s.metric, text, s.answers) for s, text in zip(samples, out.texts, strict=True))
-    assert correct >= 18, list(zip([s.answers[0] for s in samples], out.texts, strict=True))
+    correct, texts = _correct(model, tokenizer, samples, "full")
+    assert correct >= 18, list(zip([s.answers[0] for s in samples], texts, strict=True))
 
 
 def test_eviction_decides_whether_the_needle_survives(reference):
@@ -72,10 +64,13 @@ def test_eviction_decides_whether_the_needle_survives(reference):
     the needle less often on this model: 2/10 when this test was written.)"""
     model, tokenizer = reference
     samples = TASKS.get("niah_single_2")(tokenizer, 2048, 7, num_samples=10, depths=[0.2, 0.3, 0.4])
-    contexts, questions = [s.context_ids for s in samples], [s.question_ids for s in samples]
-    correct = {}
-    for method in ("full", "streaming:0.5", "pyramidkv:0.5"):
-        out = cl.generate(model, tokenizer, contexts, questions, method=method, max_new_tokens=12)
-        correct[method] = sum(score(s.metric, t, s.answers) for s, t in zip(samples, out.texts, strict=True))
+    correct = {m: _correct(model, tokenizer, samples, m)[0] for m in ("full", "streaming:0.5", "pyramidkv:0.5")}
     assert correct["full"] >= 8 and correct["streaming:0.5"] <= 1, correct
     assert correct["pyramidkv:0.5"] >= correct["streaming:0.5"] + 5, correct
+
+
+def _correct(model, tokenizer, samples, method: str) -> tuple[float, list[str]]:
+    """(score sum, answers) of the batch's greedy answers under ``method``, each by its sample's own rule."""
+    contexts, questions = [s.context_ids for s in samples], [s.question_ids for s in samples]
+    out = cl.generate(model, tokenizer, contexts, questions, method=method, max_new_tokens=12)
+    return sum(score(s.metric, t, s.answers) for s, t in zip(samples, out.texts, strict=True)), out.texts
