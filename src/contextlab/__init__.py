@@ -13,7 +13,7 @@ from contextlab.engine.result import GenerationResult
 from contextlab.hf.attention import contextlab_attention_enabled as attention_enabled
 from contextlab.hf.support import UnsupportedModelError
 from contextlab.loading import load
-from contextlab.methods.base import Budget, PrefillMethod
+from contextlab.methods.base import Budget, Method, PrefillMethod
 from contextlab.methods.spec import METHODS, MethodInfo, list_methods
 from contextlab.methods.spec import build_method as method
 
@@ -23,6 +23,7 @@ __all__ = [
     "METHODS",
     "Budget",
     "GenerationResult",
+    "Method",
     "MethodInfo",
     "PrefillMethod",
     "Prefilled",

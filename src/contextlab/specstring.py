@@ -15,16 +15,48 @@ def parse_value(text: str):
     return text
 
 
+def split_top(text: str, sep: str) -> list[str]:
+    """Split ``text`` at ``sep`` outside parentheses: ``"a(b,c),d"`` -> ``["a(b,c)", "d"]``.
+
+    Raises ValueError on unbalanced parentheses."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise ValueError(f"unbalanced ')' in {text!r}")
+        if ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced '(' in {text!r}")
+    return [*parts, "".join(current)]
+
+
+def name_and_args(spec: str) -> tuple[str, str]:
+    """``"name:args"`` or ``"name(args)"`` -> ``("name", "args")``."""
+    text = spec.strip()
+    paren, colon = text.find("("), text.find(":")
+    if paren != -1 and (colon == -1 or paren < colon):
+        if not text.endswith(")"):
+            raise ValueError(f"cannot read {spec!r}: text after the closing parenthesis")
+        return text[:paren].strip(), text[paren + 1 : -1]
+    name, _, rest = text.partition(":")
+    return name.strip(), rest
+
+
 def split_spec(spec: str) -> tuple[str, list, dict]:
-    """``"name:a,k=v"`` -> ``("name", [a], {"k": v})`` with values parsed by :func:`parse_value`."""
-    name, _, rest = spec.strip().partition(":")
+    """``"name:a,k=v"`` or ``"name(a,k=v)"`` -> ``("name", [a], {"k": v})`` with values parsed by
+    :func:`parse_value`; commas inside parentheses stay with their value."""
+    name, rest = name_and_args(spec)
     positional, keywords = [], {}
-    for part in (p for p in rest.split(",") if p.strip()) if rest.strip() else ():
+    for part in (p for p in split_top(rest, ",") if p.strip()) if rest.strip() else ():
         key, eq, value = part.partition("=")
-        if eq:
+        if eq and "(" not in key:
             keywords[key.strip()] = parse_value(value.strip())
         else:
-            positional.append(parse_value(key.strip()))
+            positional.append(parse_value(part.strip()))
     return name.strip(), positional, keywords
 
 

@@ -8,6 +8,7 @@ from transformers import DeepseekV2Config, GPT2Config
 
 import contextlab as cl
 from contextlab.engine.inputs import positions_from_mask
+from contextlab.hf.compat import cache_kwarg
 from tests.conftest import tiny_model
 
 CONTEXTS = [
@@ -60,7 +61,7 @@ def test_chunked_question_equals_token_by_token(llama, tokenizer, spec):
                 mask = torch.cat([mask, torch.ones_like(chunk)], dim=1)
                 positions = positions_from_mask(mask)[:, -chunk.shape[1] :]
                 outs.append(
-                    llama(chunk, attention_mask=mask, position_ids=positions, past_key_values=done.cache).logits
+                    llama(chunk, attention_mask=mask, position_ids=positions, **{cache_kwarg(llama): done.cache}).logits
                 )
         logits.append(torch.cat(outs, dim=1))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
@@ -77,7 +78,7 @@ def test_stock_model_generate_continues_a_compressed_cache(llama, tokenizer, spe
         out = llama.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=done.cache,
+            **{cache_kwarg(llama): done.cache},
             max_new_tokens=6,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
@@ -98,7 +99,7 @@ def test_result_reports_costs(llama, tokenizer):
     out = cl.generate(llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method="snapkv:0.5", max_new_tokens=4)
     full = cl.generate(llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method="full", max_new_tokens=4)
     assert out.kv_bytes_full == full.kv_bytes_full == full.kv_bytes
-    assert out.kv_bytes * 2 <= out.kv_bytes_full + 4096
+    assert out.kv_bytes * 2 <= out.kv_bytes_full * 1.05  # half the slots, plus each kept slot's int32 position
     assert out.prefill_seconds > 0 and out.decode_seconds > 0
     assert out.peak_memory_bytes >= out.kv_bytes and full.peak_memory_bytes >= full.kv_bytes
     assert isinstance(out.text, str) and out.tokens == out.token_ids[0]

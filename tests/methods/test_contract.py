@@ -1,6 +1,8 @@
-"""One contract over EVERY registered method and every supported architecture.
+"""One contract over EVERY registered method, the composite examples and chunked prefill, on every
+supported architecture.
 
-- budget 100% (ratio 0): greedy tokens equal vanilla ``model.generate`` and logits match full attention;
+- lossless settings (ratio 0, decode budgets above every length, chunked prefill at 100%): greedy tokens
+  equal vanilla ``model.generate`` and logits match full attention;
 - ratio 0.5 and budget=N: the kept count per layer/head is what was asked (or the method's own rule);
 - ``kept_positions`` are sorted, unique and in range; ``kv_bytes`` equals the bytes of what is held.
 """
@@ -12,17 +14,44 @@ import torch
 
 import contextlab as cl
 from contextlab.hf.attention import contextlab_attention_enabled
-from contextlab.hf.cache import CompressibleLayer, CompressionRequest, ContextlabCache
+from contextlab.hf.cache import ContextlabCache, ContextlabLayer
+from contextlab.hf.compat import cache_kwarg
+from contextlab.methods.base import PrefillMethod
+from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from tests.conftest import ARCHS, tiny_model
 
-METHOD_NAMES = cl.METHODS.names()
 CONTEXT = "In the beginning was the word, and the word was long. " * 4  # 220 bytes
 QUESTION = "\nWhat was long?"
+NEVER = "budget=4096,every=2"  # a decode budget above every length used here: evicts nothing
+
+# Composite examples (lossless spec, lossy spec), run beside every registered method.
+COMPOSITES = {
+    "snapkv+decode(h2o)": (f"snapkv:0.0+decode(h2o,{NEVER})", "snapkv:0.5+decode(h2o,budget=24,every=8)"),
+    "streaming+decode(tova)": (f"streaming:0.0+decode(tova,{NEVER})", "streaming:0.5+decode(tova,budget=24,every=4)"),
+    "pyramidkv+decode(knorm)": (
+        f"pyramidkv:0.0+decode(knorm,{NEVER})",
+        "pyramidkv:0.5+decode(knorm,budget=30,every=3)",
+    ),
+}
+CHUNKED = {"snapkv chunked": ("snapkv:0.0,prefill_chunk=16", "snapkv:0.5,prefill_chunk=64")}
 
 
-def _spec(name: str, budget: str) -> str:
-    return name if name == "full" else f"{name}:{budget}"
+def _lossless(name: str) -> str:
+    if name in COMPOSITES or name in CHUNKED:
+        return {**COMPOSITES, **CHUNKED}[name][0]
+    return {"full": "full", "decode": f"decode(h2o,{NEVER})"}.get(name, f"{name}:0.0")
+
+
+def _lossy(name: str, budget: str) -> str:
+    if name in COMPOSITES or name in CHUNKED:
+        return {**COMPOSITES, **CHUNKED}[name][1]
+    return {"full": "full", "decode": f"decode(snapkv,{budget.replace('0.5', 'budget=60')},every=4)"}.get(
+        name, f"{name}:{budget}"
+    )
+
+
+CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -30,9 +59,9 @@ def model(request):
     return tiny_model(request.param)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_no_compression_matches_vanilla_generate(model, tokenizer, name):
-    spec = _spec(name, "0.0")
+@pytest.mark.parametrize("name", CASES)
+def test_lossless_settings_match_vanilla_generate(model, tokenizer, name):
+    spec = _lossless(name)
     ids = tokenizer(CONTEXT + QUESTION)["input_ids"]
     vanilla = model.generate(
         torch.tensor([ids]),
@@ -41,82 +70,86 @@ def test_no_compression_matches_vanilla_generate(model, tokenizer, name):
         eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )[0, len(ids) :].tolist()
+    eos = vanilla.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in vanilla else len(vanilla)
     for aware in (True, False):
         out = cl.generate(model, tokenizer, CONTEXT, QUESTION, method=spec, max_new_tokens=6, question_aware=aware)
-        eos = vanilla.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in vanilla else len(vanilla)
         assert out.tokens == vanilla[:eos], f"{spec} (question_aware={aware})"
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_no_compression_logits_match_full_attention(model, tokenizer, name):
-    method = cl.method(_spec(name, "0.0"))
+@pytest.mark.parametrize("name", CASES)
+def test_lossless_settings_logits_match_full_attention(model, tokenizer, name):
+    method = cl.method(_lossless(name))
     ctx = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
     question = torch.tensor([tokenizer(QUESTION, add_special_tokens=False)["input_ids"]])
+    n = ctx.shape[1]
+    chunk = method.prefill_chunk_size() or n
     with torch.no_grad():
         reference = model(torch.cat([ctx, question], dim=1)).logits
         with contextlab_attention_enabled(model):
-            cache = ContextlabCache(model.config)
-            if method.compresses:
-                n = ctx.shape[1]
-                cache.arm(
-                    CompressionRequest(
-                        method,
-                        n,
-                        torch.ones(1, n, dtype=torch.bool),
-                        torch.arange(n)[None],
-                        torch.tensor([n]),
-                    )
-                )
-            first = model(ctx, past_key_values=cache).logits
-            second = model(question, past_key_values=cache).logits
-    torch.testing.assert_close(torch.cat([first, second], dim=1), reference, atol=1e-4, rtol=1e-4)
+            cache = ContextlabCache(model.config, method)
+            cache.begin_prompt(n, [n])
+            kwargs = {cache_kwarg(model): cache}
+            logits = [model(part, **kwargs).logits for part in ctx.split(chunk, dim=1)]
+            logits.append(model(question, **kwargs).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), reference, atol=1e-4, rtol=1e-4)
 
 
-def _expected_counts(method, layer: CompressibleLayer, heads: int, n: int, keep: int) -> torch.Tensor | None:
-    """[H] expected kept counts for a layer, or None where the rule is checked differently (AdaKV)."""
-    if isinstance(method, PyramidKV):
-        count = method.layer_keep(torch.tensor([keep]), torch.tensor([n]), layer.layer_idx, layer.num_layers)
+def _prefill_part(method) -> PrefillMethod | None:
+    parts = method.parts if isinstance(method, Composite) else (method,)
+    return next((p for p in parts if isinstance(p, PrefillMethod)), None)
+
+
+def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torch.Tensor | None:
+    """[H] expected kept counts of a layer after the prompt, or None where AdaKV's rule is checked instead."""
+    prefill = _prefill_part(method)
+    if prefill is None or not prefill.compresses:
+        return torch.full((heads,), n)
+    keep = prefill.prompt_keep(n)
+    if isinstance(prefill, PyramidKV):
+        count = prefill.layer_keep(torch.tensor([keep]), torch.tensor([n]), layer.layer_idx, layer.num_layers)
         return count.expand(heads)
-    if isinstance(method, AdaKV):
+    if isinstance(prefill, AdaKV):
         return None
-    return torch.full((heads,), n if not method.compresses else keep)
+    return torch.full((heads,), keep)
 
 
 @pytest.mark.parametrize("budget", ["0.5", "budget=40"])
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
-    spec = _spec(name, budget)
+    spec = _lossy(name, budget)
     method = cl.method(spec)
     out = cl.generate(model, tokenizer, CONTEXT, QUESTION, method=spec, max_new_tokens=2)
     n = out.prompt_tokens[0]
-    keep = method.budget.keep(n) if method.compresses else n
     cache_layers = ContextlabCache(model.config).layers
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or head_dim
-    held_slots = 0
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    evicted = _prefill_part(method) is not None and _prefill_part(method).compresses
+    expected_bytes = 0
     for layer, kept in zip(cache_layers, out.kept_positions, strict=True):
         assert kept.shape[:2] == (1, model.config.num_key_value_heads)
         counts = (kept >= 0).sum(-1)[0]  # [H]
-        held_slots += int(counts.sum())
         for row in kept[0]:
             valid = row[row >= 0]
             assert torch.equal(valid, valid.unique(sorted=True)), "positions must be sorted and unique"
             assert int(valid.min()) >= 0 and int(valid.max()) < n
-        if not isinstance(layer, CompressibleLayer):
+        if not isinstance(layer, ContextlabLayer):
             assert torch.all(counts == min(n, model.config.sliding_window - 1)), "sliding layers untouched"
+            expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
-        expected = _expected_counts(method, layer, len(counts), n, keep)
+        # Each slot holds its key and value; once evicted, also its position (int32).
+        expected_bytes += int(counts.sum()) * (2 * head_dim * itemsize + (4 if evicted else 0))
+        expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
+            keep = method.prompt_keep(n)
             assert int(counts.sum()) == keep * len(counts)
             assert int(counts.min()) >= int(keep * method.alpha)
         else:
             assert torch.equal(counts, expected), f"{spec}: layer {layer.layer_idx} kept {counts.tolist()}"
-    itemsize = next(model.parameters()).element_size()
-    assert out.kv_bytes == 2 * held_slots * head_dim * itemsize
+    assert out.kv_bytes == expected_bytes
     assert out.kv_bytes_full == 2 * n * head_dim * itemsize * model.config.num_key_value_heads * len(cache_layers) - (
         _sliding_savings(model, n, head_dim, itemsize)
     )
-    if method.compresses:
+    if evicted:
         assert out.kv_bytes < out.kv_bytes_full
 
 

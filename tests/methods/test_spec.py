@@ -21,14 +21,14 @@ from contextlab.methods.eviction import TOVA, AdaKV, SnapKV, Streaming
     ],
 )
 def test_specs(spec, params, budget):
-    assert cl.method(spec, **params).budget == budget
+    assert cl.method(spec, **params).effective_budget == budget
 
 
 def test_spec_parameters_reach_the_method():
     m = cl.method("snapkv:ratio=0.75,window=16,kernel=5,pooling=max")
     assert (m.window, m.kernel, m.pooling) == (16, 5, "max")
     ada = cl.method("adakv:ratio=0.5,scorer=tova")
-    assert isinstance(ada, AdaKV) and isinstance(ada.scorer, TOVA) and ada.scorer.budget == ada.budget
+    assert isinstance(ada, AdaKV) and isinstance(ada.scoring, TOVA) and ada.scoring.budget == ada.budget
     assert isinstance(cl.method(SnapKV(budget=Budget(ratio=0.5))), SnapKV)
     assert isinstance(cl.method("streaming:0.5"), Streaming)
 
@@ -43,7 +43,18 @@ def test_spec_parameters_reach_the_method():
         ("snapkv:ratio=0.5,budget=10", "one of ratio or budget"),
         ("snapkv:0.5,windw=3", "unknown parameter"),
         ("full:0.5", "takes no budget"),
-        ("snapkv:0.5+kivi", "composition"),
+        ("snapkv:0.5+kivi", "unknown method 'kivi'"),
+        ("snapkv:0.5+", "part 2 of the composition"),
+        ("snapkv:0.5+tova:0.5", "both take the prefill eviction role"),
+        ("full+snapkv:0.5", "adds nothing"),
+        ("decode(h2o,budget=64,every=0)", "every must be"),
+        ("decode(h2o,ratio=0.5)", "needs a token budget"),
+        ("decode(snapkv,budget=16)", "not above the 32 tokens"),
+        ("decode(streaming(sink=8),budget=8)", "not above the 9 tokens"),
+        ("decode(pyramidkv,budget=64)", "needs a scoring method"),
+        ("snapkv:0.5,prefill_chunk=0", "prefill_chunk must be"),
+        ("decode(h2o(budget=3),budget=64)", "not to its scorer"),
+        ("snapkv(0.5", "unbalanced"),
         ("adakv:0.5,scorer=full", "scoring method"),
         ("streaming:sink=4,window=0", "window must be"),
         ("snapkv:budget=0", "positive integer"),

@@ -97,14 +97,12 @@ def check_window(model, spec: RunSpec) -> None:
 
 def check_budgets(spec: RunSpec) -> None:
     """Token budgets must fit every length of the run (ratios always do)."""
+    shortest = min(spec.lengths)
     for text in spec.methods:
-        method = build_method(text)
-        tokens = method.budget.tokens if method.budget else None
-        if tokens and tokens > min(spec.lengths):
-            raise ValueError(
-                f"{text}: budget of {tokens} tokens is larger than the context at length "
-                f"{min(spec.lengths)}; use a ratio or a smaller budget"
-            )
+        try:
+            build_method(text).prompt_keep(shortest)
+        except ValueError as err:
+            raise ValueError(f"{text}: {err} at length {shortest}; use a ratio or a smaller budget") from None
 
 
 def pending_indices(cell: Cell, samples: list[Sample], done: set[tuple]) -> list[int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from contextlab.engine.inputs import positions_from_mask
-from contextlab.hf.cache import CompressibleLayer, ContextlabCache
+from contextlab.hf.cache import ContextlabCache, ContextlabLayer
 from contextlab.hf.compat import layer_types, text_config
 
 
@@ -15,11 +15,13 @@ from contextlab.hf.compat import layer_types, text_config
 class GenerationResult:
     """Outputs and measured costs of one :func:`contextlab.generate` call.
 
-    ``kv_bytes``: bytes the cache holds once the prompt is in (after compression); ``kv_bytes_full``: what
-    a plain transformers cache would hold for the same prompt. ``peak_memory_bytes``: on CUDA
-    ``torch.cuda.max_memory_allocated`` over the call (weights and activations included); on CPU the
-    peak bytes held by the cache. ``kept_positions``: per layer, ``[B, kv_heads, slots]`` positions (within
-    each row) of the prompt tokens the cache holds, ascending, ``-1`` on unused slots.
+    ``kv_bytes``: bytes the cache holds once the prompt is in (after compression; per-slot metadata such as
+    kept positions included); ``kv_bytes_end``: bytes it holds when generation ends (decode eviction keeps
+    this bounded; buffers preallocated for the answer included); ``kv_bytes_full``: what a plain
+    transformers cache would hold for the same prompt. ``peak_memory_bytes``: on CUDA
+    ``torch.cuda.max_memory_allocated`` over the call (weights and activations included); on CPU the peak
+    bytes held by the cache's buffers. ``kept_positions``: per layer, ``[B, kv_heads, slots]`` positions
+    (within each row) of the prompt tokens the cache holds, ascending, ``-1`` on unused slots.
     """
 
     texts: list[str]
@@ -33,6 +35,7 @@ class GenerationResult:
     decode_seconds: float
     kept_positions: list[torch.Tensor]
     prompt_tokens: list[int]
+    kv_bytes_end: int = 0
 
     @property
     def text(self) -> str:
@@ -68,14 +71,22 @@ def full_cache_bytes(model, batch: int, length: int) -> int:
 
 def kept_positions(cache: ContextlabCache, mask: torch.Tensor) -> list[torch.Tensor]:
     """Per layer ``[B, H, slots]`` positions held after the prompt (see :class:`GenerationResult`)."""
-    positions = positions_from_mask(mask).masked_fill(mask == 0, -1)  # [B, S]
     out = []
     for layer in cache.layers:
-        heads = layer.kv_heads if isinstance(layer, CompressibleLayer) else layer.keys.shape[1]
-        if isinstance(layer, CompressibleLayer) and layer.kept_positions is not None:
-            tail = positions[:, layer.compressed_at :].unsqueeze(1).expand(-1, heads, -1)
-            out.append(torch.cat([layer.kept_positions, tail], dim=-1).cpu())
+        if isinstance(layer, ContextlabLayer):
+            view = layer.store.view()
+            b, h, s = view.keys.shape[:3]
+            held = view.positions.expand(b, h, s).masked_fill(~view.valid.expand(b, h, s), -1)
+            out.append(_valid_first(held).cpu())
         else:
+            positions = positions_from_mask(mask).masked_fill(mask == 0, -1)  # [B, S]
             held = layer.keys.shape[2] if layer.keys is not None else layer.get_seq_length()
+            heads = layer.keys.shape[1]
             out.append(positions[:, positions.shape[1] - held :].unsqueeze(1).expand(-1, heads, -1).cpu())
     return out
+
+
+def _valid_first(held: torch.Tensor) -> torch.Tensor:
+    """Move -1 entries after the held positions, keeping their order (``[B, H, S]``)."""
+    order = torch.where(held >= 0, 0, 1).argsort(dim=-1, stable=True)
+    return held.gather(-1, order)

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from contextlab.engine.generate import (
-    Prefilled,
-    _check_window,
-    _eos_ids,
-    _forward,
-    _greedy,
-    _pad_id,
-    _prefill,
-    _prepare,
-    _sync,
-)
 from contextlab.engine.inputs import is_batch, left_pad, to_ids
 from contextlab.engine.result import full_cache_bytes
+from contextlab.engine.steps import (
+    Prefilled,
+    check_window,
+    eos_token_ids,
+    forward,
+    greedy,
+    pad_token_id,
+    prepare,
+    run_prefill,
+    sync,
+)
 from contextlab.hf.attention import contextlab_attention_enabled
 
 MODES = ("turns", "requests")
@@ -62,13 +62,13 @@ class Session:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
-        self.eos = _eos_ids(tokenizer, model)
-        self.pad_id = _pad_id(tokenizer, model)
+        self.eos = eos_token_ids(tokenizer, model)
+        self.pad_id = pad_token_id(tokenizer, model)
         compress_with = first_question if question_aware else None
-        self.method, plan, _ = _prepare(model, tokenizer, context, compress_with, method, True)
-        _check_window(model, plan, max_total_tokens, allow_beyond_window)
+        self.method, plan, _ = prepare(model, tokenizer, context, compress_with, method, True)
+        check_window(model, plan, max_total_tokens, allow_beyond_window)
         with torch.inference_mode(), contextlab_attention_enabled(model):
-            self.state: Prefilled = _prefill(model, tokenizer, plan, self.method)
+            self.state: Prefilled = run_prefill(model, tokenizer, plan, self.method, max_total_tokens)
         self.first_question_in_cache = compress_with is not None
         self.turn = 0
         self.snapshot = copy.deepcopy(self.state) if mode == "requests" else None
@@ -83,18 +83,19 @@ class Session:
         rows = state.input_ids.shape[0]
         device = state.input_ids.device
         with torch.inference_mode(), contextlab_attention_enabled(self.model):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             if self.first_question_in_cache and self.turn == 0:
                 logits, mask = state.last_logits, state.attention_mask
             else:
                 block = left_pad(self._question_ids(question, rows), self.pad_id, device)
                 mask = torch.cat([state.attention_mask, block.mask], dim=1)
-                logits = _forward(self.model, state.cache, block.ids, mask)
-            tokens, mask, pending = _greedy(self.model, state.cache, logits, mask, max_new_tokens, self.eos)
+                logits = forward(self.model, state.cache, block.ids, mask)
+            decoded = greedy(self.model, state.cache, logits, mask, max_new_tokens, self.eos)
+            tokens = decoded.tokens
             if self.mode == "turns":
-                self._close_turn(state, mask, pending)
-            _sync(device)
+                self._close_turn(state, decoded.mask, decoded.pending)
+            sync(device)
             seconds = time.perf_counter() - start
         self.turn += 1
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -123,5 +124,5 @@ class Session:
         fed = (pending >= 0).to(mask.dtype).view(-1, 1)
         mask = torch.cat([mask, fed], dim=1)
         ids = pending.clamp(min=0).view(-1, 1)
-        _forward(self.model, state.cache, ids, mask)
+        forward(self.model, state.cache, ids, mask)
         state.attention_mask = mask

@@ -3,9 +3,10 @@
 Registered through transformers' public extension points (``AttentionInterface`` and
 ``AttentionMaskInterface``); a model opts in with ``model.set_attn_implementation("contextlab")``.
 For a layer of a :class:`~contextlab.hf.cache.ContextlabCache` (recognised by the weak reference its
-``update`` attaches to the returned keys) the layer attends and, when armed, compresses itself. Any other
-layer - sliding-window layers, or a plain ``DynamicCache`` - goes through transformers' own SDPA path
-unchanged, so the implementation is a drop-in for ``"sdpa"``.
+``update`` attaches to the returned keys) the layer attends through its store and policy. Any other layer -
+sliding-window layers, or a plain ``DynamicCache`` - goes through transformers' own SDPA path unchanged, so
+the implementation is a drop-in for ``"sdpa"``. A contextlab layer hands out empty placeholder keys; if the
+reference to it is lost on the way, the function refuses to attend rather than attending to nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def contextlab_attention(
     ref = getattr(key, LAYER_ATTRIBUTE, None)
     layer = ref() if ref is not None else None
     if layer is None:
+        if key.shape[-2] == 0:
+            raise RuntimeError(
+                "contextlab attention got an empty key tensor without its cache layer (the reference the layer "
+                "attaches was lost); refusing to attend over nothing"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

@@ -1,45 +1,65 @@
-"""The contextlab KV cache: a ``transformers.Cache`` whose full-attention layers can be compressed
-(:class:`~contextlab.hf.layer.CompressibleLayer`) and whose sliding-window layers pass through untouched."""
+"""The contextlab KV cache: a ``transformers.Cache`` whose full-attention layers are
+:class:`~contextlab.hf.layer.ContextlabLayer` (a store driven by the method's per-layer policy) and whose
+sliding-window layers pass through untouched."""
 
 from __future__ import annotations
 
 from contextlab.hf.compat import Cache, DynamicSlidingWindowLayer, layer_types, text_config
-from contextlab.hf.layer import LAYER_ATTRIBUTE, CompressibleLayer, CompressionRequest, MemoryTracker
+from contextlab.hf.layer import LAYER_ATTRIBUTE, CacheState, ContextlabLayer
+from contextlab.methods.base import Method
+from contextlab.methods.eviction import Full
+from contextlab.store import MemoryTracker
 
-__all__ = ["LAYER_ATTRIBUTE", "CompressibleLayer", "CompressionRequest", "ContextlabCache", "MemoryTracker"]
+__all__ = ["LAYER_ATTRIBUTE", "CacheState", "ContextlabCache", "ContextlabLayer", "MemoryTracker"]
 
 
 class ContextlabCache(Cache):
-    """A cache for one generation: compressible full-attention layers, sliding layers untouched."""
+    """A cache for one generation under ``method`` (default: full attention)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, method: Method | None = None) -> None:
         cfg = text_config(config)
         types = layer_types(cfg)
-        self.tracker = MemoryTracker()
+        method = method or Full()
+        self.method = method
+        self.state = CacheState()
+        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
         layers = []
         for idx, kind in enumerate(types):
             if kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
             elif kind == "full_attention":
-                layers.append(CompressibleLayer(idx, len(types), self.tracker))
+                rank = full.index(idx)
+                layers.append(ContextlabLayer(lambda r=rank: method.build(r, len(full)), rank, len(full), self.state))
             else:
                 raise ValueError(f"layer {idx} has attention type {kind!r}, which contextlab does not support")
         super().__init__(layers=layers)
 
     @property
-    def compressible(self) -> list[CompressibleLayer]:
-        return [layer for layer in self.layers if isinstance(layer, CompressibleLayer)]
+    def tracker(self) -> MemoryTracker:
+        return self.state.tracker
 
-    def arm(self, request: CompressionRequest) -> None:
-        """Compress every compressible layer at the end of the forward that brings it to ``request.length``."""
+    @property
+    def compressible(self) -> list[ContextlabLayer]:
+        return [layer for layer in self.layers if isinstance(layer, ContextlabLayer)]
+
+    def begin_prompt(self, columns: int, lengths: list[int], new_tokens: int = 0) -> None:
+        """Announce the prompt: ``columns`` padded columns, ``lengths`` real tokens per row, and about
+        ``new_tokens`` tokens to follow (their room is allocated with the prompt's, so decoding starts
+        without a copy). Layers call their policy's prompt-end hook when they have seen ``columns`` tokens."""
+        self.state.prompt_columns, self.state.prompt_lengths = columns, list(lengths)
+        self.state.new_tokens = new_tokens
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate room for ``tokens`` more tokens in every layer (bounded by each policy)."""
         for layer in self.compressible:
-            layer.request = request
+            layer.reserve(tokens)
 
     def kv_bytes(self) -> int:
-        """Bytes the cache holds now, all layers (sliding layers included)."""
+        """Bytes of the tokens the cache holds now, all layers (sliding layers included), per-slot metadata
+        and policy state included; free preallocated capacity is not (see :attr:`peak_bytes`)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, CompressibleLayer):
+            if isinstance(layer, ContextlabLayer):
                 total += layer.nbytes()
             elif layer.is_initialized and layer.keys is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
@@ -47,6 +67,7 @@ class ContextlabCache(Cache):
 
     @property
     def peak_bytes(self) -> int:
-        """Peak bytes held by the compressible layers plus the current bytes of sliding layers."""
+        """Peak bytes allocated by the contextlab layers' stores (capacity included) plus the current bytes of
+        sliding layers."""
         sliding = self.kv_bytes() - sum(layer.nbytes() for layer in self.compressible)
         return self.tracker.peak + sliding

@@ -6,6 +6,9 @@ Supported: transformers 5.x (tested on the oldest claimed, 5.0, and the newest, 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import transformers
 from packaging.version import Version
@@ -23,11 +26,12 @@ __all__ = [
     "Cache",
     "DynamicLayer",
     "DynamicSlidingWindowLayer",
+    "attention",
     "attn_implementation",
+    "cache_kwarg",
     "layer_types",
     "query_length",
     "register_attention",
-    "sdpa",
     "sdpa_attention_forward",
 ]
 
@@ -72,7 +76,18 @@ def layer_types(config: PreTrainedConfig) -> list[str]:
     return [kind] * cfg.num_hidden_layers
 
 
-def sdpa(
+def cache_kwarg(model) -> str:
+    """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated and removed in 5.40) or ``past_key_values`` (earlier 5.x)."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
+@functools.cache
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -80,16 +95,29 @@ def sdpa(
     scale: float,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """Scaled dot-product attention reading each KV head once (GQA) where torch allows it.
+    """Scaled dot-product attention for grouped-query layouts, reading each KV head once where it can.
 
-    ``query``: ``[B, Hq, Tq, D]``; ``key``/``value``: ``[B, H, S, D]``; ``mask``: boolean, broadcastable
-    to ``[B, Hq, Tq, S]``, True = attend.
+    ``query``: ``[B, Hq, Tq, D]``; ``key``/``value``: ``[B, H, S, D]`` with ``Hq = H * G``; ``mask``: boolean,
+    ``[B, 1 | H, Tq, S]`` (per KV head), True = attend. Returns ``[B, Hq, Tq, D]``.
+
+    - one query (decode): the G query heads of each KV head are folded into the query axis, so each KV
+      head is read once under its own mask, on every backend;
+    - no mask: SDPA's ``enable_gqa`` (flash / efficient kernels on CUDA read each KV head once);
+    - a mask and several queries: on CUDA, ``enable_gqa`` with a mask falls back to the math kernel (all
+      Tq x S scores in fp32), so K/V are expanded to the query heads instead and the memory-efficient
+      kernel takes the mask; on CPU ``enable_gqa`` with a mask is fine.
     """
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1 and not SDPA_HAS_GQA:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    extra = {"enable_gqa": True} if groups > 1 and SDPA_HAS_GQA else {}
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal, **extra
-    )
+    b, hq, tq, d = query.shape
+    h = key.shape[1]
+    groups = hq // h
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if groups > 1 and tq == 1:
+        out = sdpa(query.view(b, h, groups, d), key, value, attn_mask=mask, scale=scale)  # [B, H, G, D]
+        return out.view(b, hq, 1, d)
+    if mask is not None and mask.shape[1] > 1 and groups > 1:
+        mask = mask.repeat_interleave(groups, dim=1)  # per KV head -> per query head
+    if groups > 1 and (not SDPA_HAS_GQA or (mask is not None and query.device.type == "cuda")):
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        groups = 1
+    extra = {"enable_gqa": True} if groups > 1 else {}
+    return sdpa(query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal, **extra)

@@ -1,131 +1,111 @@
-"""The compressible cache layer: a transformers ``DynamicLayer`` that an eviction method can shrink.
+"""The contextlab cache layer: a transformers ``DynamicLayer`` that owns a store and calls a policy.
 
-Layout of a :class:`CompressibleLayer` after compression, per head group::
+The layer never decides anything: it appends keys and values to its :class:`~contextlab.store.DenseStore`,
+records which new slots are real tokens, asks its :class:`~contextlab.methods.policy.LayerPolicy` what to
+read, attends, and hands the forward to the policy (which may evict).
 
-    keys [B, Hg, P + T, D] = [ P compressed prompt slots | T tokens appended since ]
-
-``P`` can differ per group: heads with different budgets (AdaKV, or rows of different lengths) are
-stored in separate groups, so per-head budgets really shrink memory. Slots past a row's or head's own
-count are marked in ``prefix_valid`` and never attended to.
-
-Lengths: ``get_seq_length()`` is LOGICAL (tokens seen, which sets positions); ``get_mask_sizes()``
-describes only the tail of tokens appended since compression, starting at logical column
-``compressed_at``. transformers builds that tail's causal + padding mask; the attention function puts
-each group's compressed prefix in front of it (see :meth:`CompressibleLayer.attend`).
+Lengths: ``get_seq_length()`` is LOGICAL (tokens seen, which sets positions). ``get_mask_sizes()`` makes
+transformers build a mask over the new tokens only; the layer learns from it which new tokens are padding
+and builds each forward's mask from the validity the store keeps for older slots (see
+:meth:`ContextlabLayer.attend`). So eviction at any time, per head and per row, needs nothing from
+transformers' own mask of the past.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from contextlab.hf import compat
-from contextlab.hf.compat import DynamicLayer, sdpa
-from contextlab.methods.base import PrefillMethod, ScoreInputs, select_tokens
+from contextlab.hf.compat import DynamicLayer
+from contextlab.methods.policy import LayerPolicy, Phase, ReadPlan, Step
+from contextlab.store import DenseStore, MemoryTracker, SlotGroup
 
 LAYER_ATTRIBUTE = "contextlab_layer"  # set on the key tensor handed to the attention function
 
 
 @dataclass
-class HeadGroup:
-    """KV heads stored together. ``heads``: indices of the KV heads (None = all, in order)."""
+class CacheState:
+    """What every layer of one cache shares: the memory tracker and the announced prompt."""
 
-    heads: torch.Tensor | None
-    keys: torch.Tensor  # [B, Hg, P + T, D]
-    values: torch.Tensor  # [B, Hg, P + T, D]
-    prefix: int = 0  # P
-    prefix_valid: torch.Tensor | None = None  # [B, Hg, P] bool; None = all valid
-
-    def nbytes(self) -> int:
-        extra = self.prefix_valid.nbytes if self.prefix_valid is not None else 0
-        return self.keys.nbytes + self.values.nbytes + extra
+    tracker: MemoryTracker = field(default_factory=MemoryTracker)
+    prompt_columns: int | None = None  # padded width of the prompt (phase boundary)
+    prompt_lengths: list[int] | None = None  # real tokens of each row's prompt
+    new_tokens: int = 0  # tokens expected after the prompt (room is planned for them)
 
 
-@dataclass
-class CompressionRequest:
-    """Compress each layer once it has seen ``length`` logical tokens.
+class ContextlabLayer(DynamicLayer):
+    """A full-attention cache layer driven by a method's policy (see module docstring)."""
 
-    ``valid``/``positions``: ``[B, length]`` (False on padding; each token's position in its own row).
-    ``keep``: ``[B]`` tokens each row keeps under the plain budget.
-    """
-
-    method: PrefillMethod
-    length: int
-    valid: torch.Tensor
-    positions: torch.Tensor
-    keep: torch.Tensor
-
-
-class MemoryTracker:
-    """Peak bytes held by a cache's tensors (the CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
-
-    def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
-
-    def change(self, delta: int) -> None:
-        self.current += delta
-        self.peak = max(self.peak, self.current)
-
-
-class CompressibleLayer(DynamicLayer):
-    """A full-attention cache layer that a prefill-eviction method can shrink (see module docstring)."""
-
-    def __init__(self, layer_idx: int = 0, num_layers: int = 1, tracker: MemoryTracker | None = None) -> None:
+    def __init__(
+        self,
+        make_policy: Callable[[], LayerPolicy],
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        state: CacheState | None = None,
+    ) -> None:
         super().__init__()
         self.layer_idx, self.num_layers = layer_idx, num_layers
-        self.groups: list[HeadGroup] = []
-        self.seen = 0
-        self.compressed_at = 0
-        self.request: CompressionRequest | None = None
-        self.kept_positions: torch.Tensor | None = None  # [B, H, P], -1 on unused slots
-        self.tracker = tracker or MemoryTracker()
+        self.make_policy = make_policy
+        self.policy = make_policy()
+        self.state = state or CacheState()
+        self.store = DenseStore(self.state.tracker)
+        self.seen = 0  # logical columns fed so far
+        self.row_tokens: torch.Tensor | None = None  # [B] real tokens per row so far
+        self.waiting = 0  # tokens appended but not attended yet
 
     # -- transformers' Cache layer interface ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        before = self.nbytes()
-        if not self.groups:
+        if self.waiting:
+            raise RuntimeError(
+                "the previous forward cached tokens in a contextlab layer but did not attend through it: run the "
+                "model inside contextlab.attention_enabled(model) when it uses a contextlab cache"
+            )
+        if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.groups = [HeadGroup(heads=None, keys=key_states, values=value_states)]
-        else:
-            for g in self.groups:
-                k = key_states if g.heads is None else key_states[:, g.heads]
-                v = value_states if g.heads is None else value_states[:, g.heads]
-                g.keys, g.values = torch.cat([g.keys, k], dim=-2), torch.cat([g.values, v], dim=-2)
-        self.seen += key_states.shape[-2]
+            columns = self.state.prompt_columns or key_states.shape[2]
+            self.store.reserve(self.policy.capacity_hint(columns) + self._answer_room())
+        self.store.append(key_states, value_states)
+        self.seen += key_states.shape[2]
+        self.waiting = key_states.shape[2]
         self._publish()
-        self.tracker.change(self.nbytes() - before)
-        return self._handles()
+        return self._placeholders(key_states)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        """Length and offset of the keys the mask must cover: the tokens appended since compression plus
-        the new ones (``query_length`` is an int, or the ``cache_position`` tensor in older transformers)."""
-        return self.seen - self.compressed_at + compat.query_length(query_length), self.compressed_at
+        """Mask over the new tokens only (``query_length`` is an int, or the ``cache_position`` tensor in
+        older transformers): length = new tokens, offset = tokens seen before them."""
+        return compat.query_length(query_length), self.seen
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.tracker.change(-self.nbytes())
-        self.groups, self.seen, self.compressed_at, self.request, self.kept_positions = [], 0, 0, None, None
+        self.store.clear()
+        self.policy = self.make_policy()
+        self.seen, self.row_tokens, self.waiting = 0, None, 0
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0 or -tokens_to_remove > self.seen - self.compressed_at:
+        fresh = self.store.fresh
+        if tokens_to_remove > 0 or -tokens_to_remove > fresh:
             raise ValueError(
-                f"cannot crop {tokens_to_remove} tokens: only the {self.seen - self.compressed_at} "
-                "tokens appended after compression can be removed (pass a negative count)"
+                f"cannot crop {tokens_to_remove} tokens: only the {fresh} tokens appended since the last eviction "
+                "can be removed (pass a negative count)"
             )
-        if tokens_to_remove == 0 or not self.groups:
+        if tokens_to_remove == 0:
             return
-        for g in self.groups:
-            g.keys, g.values = g.keys[..., :tokens_to_remove, :], g.values[..., :tokens_to_remove, :]
-        self.seen += tokens_to_remove
+        n = -tokens_to_remove
+        g = self.store.groups[0]
+        removed = n if g.valid is None else g.valid[:, 0, g.length - n : g.length].sum(-1)
+        self.row_tokens = self.row_tokens - removed
+        self.store.crop(n)
+        self.seen -= n
         self._publish()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -139,160 +119,126 @@ class CompressibleLayer(DynamicLayer):
 
     # -- contextlab -----------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes this layer holds for attention (keys, values, slot-validity masks)."""
-        return sum(g.nbytes() for g in self.groups)
-
-    def attend(self, query: torch.Tensor, tail_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """Attention of ``query [B, Hq, Tq, D]`` over this layer, as ``[B, Tq, Hq, D]``.
-
-        ``tail_mask``: transformers' boolean mask ``[B, 1, Tq, T]`` over the tokens appended since
-        compression (None = plain causal, or everything when ``Tq == 1``).
-        """
-        if len(self.groups) == 1 and self.groups[0].heads is None:
-            out = self._attend_group(self.groups[0], query, tail_mask, scaling)
-        else:
-            b, hq, tq, d = query.shape
-            h = self.kv_heads
-            by_kv_head = query.view(b, h, hq // h, tq, d)
-            out = query.new_empty(b, h, hq // h, tq, d)
-            for g in self.groups:
-                q = by_kv_head[:, g.heads].reshape(b, -1, tq, d)
-                out[:, g.heads] = self._attend_group(g, q, tail_mask, scaling).view(b, len(g.heads), -1, tq, d)
-            out = out.view(b, hq, tq, d)
-        if self.request is not None and self.request.length == self.seen:
-            self.compress(query, scaling)
-        return out.transpose(1, 2).contiguous()
+        """Bytes of what this layer holds: the store's used slots (keys, values, per-slot metadata) plus the
+        policy's state. Free capacity preallocated for coming tokens is not counted here (it is in the
+        cache's peak)."""
+        return self.store.used_bytes() + self.policy.nbytes()
 
     @property
     def kv_heads(self) -> int:
-        return sum(g.keys.shape[1] for g in self.groups)
+        return self.store.num_heads
 
-    def compress(self, query: torch.Tensor, scaling: float) -> None:
-        """Score and evict with the armed request, using this forward's queries ``[B, Hq, Tq, D]``."""
-        request, self.request = self.request, None
-        group = self.groups[0]
-        if len(self.groups) != 1 or group.prefix:
-            raise RuntimeError("this layer is already compressed; a cache is compressed once")
-        inputs = ScoreInputs(
-            queries=query,
-            keys=group.keys,
-            values=group.values,
-            valid=request.valid,
-            positions=request.positions,
-            keep=request.keep,
-            scaling=scaling,
-            layer_idx=self.layer_idx,
-            num_layers=self.num_layers,
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` more tokens (as many as the policy lets the cache grow by)."""
+        if self.store.groups:
+            self.store.reserve(self.store.length + self.policy.decode_reserve(tokens))
+
+    def attend(self, query: torch.Tensor, new_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of ``query [B, Hq, Tq, D]`` (the newest ``Tq`` tokens) over this layer, as
+        ``[B, Tq, Hq, D]``. ``new_mask``: transformers' boolean mask ``[B, 1, Tq, Tq]`` over the new tokens
+        (None = no padding)."""
+        tq = query.shape[2]
+        if tq != self.waiting:
+            raise RuntimeError(f"layer {self.layer_idx} cached {self.waiting} new tokens but got {tq} queries")
+        self.waiting = 0
+        new_valid = None if new_mask is None else new_mask[:, 0, -1, -tq:]  # [B, Tq]: the last query sees all
+        self.store.mark_new(tq, new_valid, self._advance_rows(new_valid, tq, query.shape[0], query.device))
+        step = Step(
+            query,
+            scaling,
+            self._phase(),
+            self.state.prompt_lengths,
+            self.layer_idx,
+            self.num_layers,
+            self._answer_room(),
         )
-        scores = request.method.score(inputs)
-        counts = request.method.keep_counts(inputs, scores)
-        indices, kept = select_tokens(scores, counts, request.valid)
-        before = self.nbytes()
-        self._install(group, indices, kept, counts)
-        self.kept_positions = (
-            request.positions.unsqueeze(1).expand_as(scores).gather(-1, indices).masked_fill(~kept, -1)
-        )
-        self.compressed_at = self.seen
+        plan = self.policy.before_attend(self.store, step)
+        out = self._attend_plan(query, plan, scaling) if plan is not None else self._attend_groups(query, scaling)
+        self.policy.after_forward(self.store, step)
         self._publish()
-        self.tracker.change(self.nbytes() - before)
+        return out.transpose(1, 2).contiguous()
 
     # -- internals -------------------------------------------------------------------------------------
-    def _install(self, group: HeadGroup, indices: torch.Tensor, kept: torch.Tensor, counts: torch.Tensor) -> None:
-        """Replace the uncompressed group by groups of heads that share a slot count."""
-        per_head = counts.max(dim=0).values  # [H]: slots each head needs (max over rows)
-        sizes = per_head.unique().tolist()
-        d = group.keys.shape[-1]
-        new_groups = []
-        for size in sizes:
-            heads = None if len(sizes) == 1 else (per_head == size).nonzero().flatten()
-            idx = indices if heads is None else indices[:, heads]
-            idx, ok = idx[..., :size], (kept if heads is None else kept[:, heads])[..., :size]
-            gather = idx.unsqueeze(-1).expand(*idx.shape, d)
-            src_k = group.keys if heads is None else group.keys[:, heads]
-            src_v = group.values if heads is None else group.values[:, heads]
-            new_groups.append(
-                HeadGroup(
-                    heads=heads,
-                    keys=src_k.gather(2, gather),
-                    values=src_v.gather(2, gather),
-                    prefix=size,
-                    prefix_valid=None if bool(ok.all()) else ok.contiguous(),
-                )
-            )
-        self.groups = new_groups
+    def _answer_room(self) -> int:
+        return self.policy.decode_reserve(self.state.new_tokens)
 
-    def _attend_group(self, g: HeadGroup, q: torch.Tensor, tail_mask: torch.Tensor | None, scaling: float):
-        tq, total = q.shape[2], g.keys.shape[2]
-        mask = self._group_mask(g, tail_mask, tq, total)
-        if tq == 1 and mask is not None:
-            # Decode: fold the query heads of each KV head into the query axis, so each KV head is read
-            # once under a per-KV-head mask (no repeat of the cache).
-            b, hq, _, d = q.shape
-            h = g.keys.shape[1]
-            packed = q.view(b, h, hq // h, d)
-            out = sdpa(packed, g.keys, g.values, mask.reshape(b, -1, 1, total), scaling)
-            return out.view(b, hq, 1, d)
-        if mask is not None and mask.shape[1] > 1:
-            mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
-        is_causal = mask is None and tq > 1
-        return sdpa(q, g.keys, g.values, mask, scaling, is_causal=is_causal and tq == total)
+    def _phase(self) -> Phase:
+        end = self.state.prompt_columns
+        if end is None or self.seen > end:
+            return "decode"
+        return "prompt_end" if self.seen == end else "prefill"
 
-    @staticmethod
-    def _group_mask(g: HeadGroup, tail_mask: torch.Tensor | None, tq: int, total: int) -> torch.Tensor | None:
-        """Boolean ``[B, 1 | Hg, Tq, P + T]`` mask for one group, or None when no mask is needed."""
-        tail = total - g.prefix
-        if g.prefix == 0 and (tail_mask is None or tail_mask.shape[-1] == total):
-            if tail_mask is None and 1 < tq < total:
-                return _causal(tq, total, _device(g))
-            return tail_mask
-        if tail_mask is None and g.prefix_valid is None and tq == 1:
-            return None
-        if tail_mask is None:
-            tail_mask = (
-                _causal(tq, tail, _device(g))
-                if tq > 1
-                else torch.ones(1, 1, 1, tail, dtype=torch.bool, device=_device(g))
-            )
-        b = g.keys.shape[0]
-        prefix = (
-            g.prefix_valid
-            if g.prefix_valid is not None
-            else torch.ones(b, 1, g.prefix, dtype=torch.bool, device=_device(g))
-        )
-        heads = max(prefix.shape[1], tail_mask.shape[1])
-        prefix = prefix.unsqueeze(2).expand(b, heads, tq, g.prefix)
-        return torch.cat([prefix, tail_mask.expand(b, heads, tq, tail)], dim=-1)
+    def _advance_rows(self, valid: torch.Tensor | None, tq: int, batch: int, device) -> torch.Tensor:
+        """``[B, Tq]`` positions of the new tokens in their rows (a padding token repeats the last one)."""
+        if self.row_tokens is None:
+            self.row_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        steps = torch.arange(1, tq + 1, device=device).expand(batch, tq) if valid is None else valid.long().cumsum(-1)
+        positions = (self.row_tokens[:, None] + steps - 1).clamp(min=0)
+        self.row_tokens = self.row_tokens + steps[:, -1]
+        return positions
+
+    def _attend_groups(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        groups = self.store.groups
+        if len(groups) == 1 and groups[0].heads is None:
+            return self._attend_group(groups[0], query, scaling)
+        b, hq, tq, d = query.shape
+        h = self.kv_heads
+        by_kv_head = query.view(b, h, hq // h, tq, d)
+        out = query.new_empty(b, h, hq // h, tq, d)
+        for g in groups:
+            q = by_kv_head[:, g.heads].reshape(b, -1, tq, d)
+            out[:, g.heads] = self._attend_group(g, q, scaling).view(b, g.num_heads, -1, tq, d)
+        return out.view(b, hq, tq, d)
+
+    def _attend_group(self, g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        keys, values = g.used()
+        tq, total = q.shape[2], g.length
+        valid = g.used_valid()  # [B, 1 | Hg, S] or None
+        if tq == 1:
+            mask = None if valid is None else valid[:, :, None, :]
+            return compat.attention(q, keys, values, mask, scaling)
+        if valid is None and tq == total:
+            return compat.attention(q, keys, values, None, scaling, is_causal=True)
+        mask = _causal(tq, total, keys.device)
+        if valid is not None:
+            mask = mask & valid[:, :, None, :]
+        return compat.attention(q, keys, values, mask, scaling)
+
+    def _attend_plan(self, query: torch.Tensor, plan: ReadPlan, scaling: float) -> torch.Tensor:
+        """Decode attention over the slots a policy selected (``plan.indices [B, H, K]``)."""
+        if query.shape[2] != 1 or self.store.split:
+            raise RuntimeError("a read plan applies to one decode query over unsplit heads")
+        g = self.store.groups[0]
+        keys, values = g.used()
+        d = keys.shape[-1]
+        gather = plan.indices.unsqueeze(-1).expand(*plan.indices.shape, d)
+        valid = plan.valid
+        if g.valid is not None:
+            valid = valid & g.used_valid().expand(*plan.indices.shape[:2], -1).gather(-1, plan.indices)
+        return compat.attention(query, keys.gather(2, gather), values.gather(2, gather), valid[:, :, None, :], scaling)
 
     def _publish(self) -> None:
-        """Mirror a single all-heads group on ``keys``/``values`` for code that inspects cache layers."""
-        single = len(self.groups) == 1 and self.groups[0].heads is None
-        self.keys = self.groups[0].keys if single else None
-        self.values = self.groups[0].values if single else None
+        """Mirror the used slots of a single all-heads group on ``keys``/``values`` for code that inspects
+        cache layers (None while heads are split)."""
+        groups = self.store.groups
+        single = len(groups) == 1 and groups[0].heads is None
+        self.keys, self.values = groups[0].used() if single else (None, None)
 
-    def _handles(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``update`` returns: views of the keys and values (empty placeholders when heads are split
-        in groups); the key view carries a weak reference to this layer for the attention function."""
-        g = self.groups[0]
-        if self.keys is not None:
-            keys, values = g.keys.view(g.keys.shape), g.values.view(g.values.shape)
-        else:
-            b, _, _, d = g.keys.shape
-            keys = values = g.keys.new_empty(b, self.kv_heads, 0, d)
+    def _placeholders(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``update`` returns: empty ``[B, H, 0, D]`` tensors whose key carries a weak reference to
+        this layer. The contextlab attention function reads the store through it; any other attention
+        function would see no keys at all, and the contextlab one refuses an empty key without a layer."""
+        b, h, _, d = like.shape
+        keys = like.new_empty(b, h, 0, d)
         setattr(keys, LAYER_ATTRIBUTE, weakref.ref(self))
-        return keys, values
+        return keys, like.new_empty(b, h, 0, d)
 
     def _map_batch(self, fn) -> None:
-        for g in self.groups:
-            g.keys, g.values = fn(g.keys), fn(g.values)
-            if g.prefix_valid is not None:
-                g.prefix_valid = fn(g.prefix_valid)
-        if self.kept_positions is not None:
-            self.kept_positions = fn(self.kept_positions)
+        self.store.map_batch(fn)
+        self.policy.map_batch(fn)
+        if self.row_tokens is not None:
+            self.row_tokens = fn(self.row_tokens)
         self._publish()
-
-
-def _device(g: HeadGroup) -> torch.device:
-    return g.keys.device
 
 
 def _causal(tq: int, total: int, device: torch.device) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Attention weights for scoring, computed apart from the model's attention (SDPA does not return them).
 
-Queries are the last ``Tq`` of the ``S`` cached tokens, so query ``j`` sits at column ``S - Tq + j``.
-Every helper masks padding keys and future keys, and zeroes the rows of padding queries.
+Queries are the last ``Tq`` of the ``S`` cached slots, so query ``j`` sits at column ``S - Tq + j``.
+Every helper masks invalid keys (padding, unused slots; ``valid`` is ``[B, 1 | H, S]``) and future keys, and
+zeroes the rows of padding queries.
 """
 
 from __future__ import annotations
 
 import torch
 
+from contextlab.kernels.colsum import attention_column_sums
 from contextlab.methods.base import ScoreInputs
 
 
@@ -27,10 +29,10 @@ def attention_probs(inputs: ScoreInputs, first_query: int, last_query: int) -> t
     logits = torch.einsum("bhgtd,bhsd->bhgts", q, keys[:, :, :limit].float()).mul_(inputs.scaling)
     q_cols = torch.arange(s - tq + first_query, limit, device=keys.device)
     visible = torch.arange(limit, device=keys.device).view(1, -1) <= q_cols.view(-1, 1)  # [n, K]
-    allowed = visible.view(1, 1, 1, *visible.shape) & valid[:, :limit].view(valid.shape[0], 1, 1, 1, limit)
+    allowed = visible.view(1, 1, 1, *visible.shape) & valid[:, :, None, None, :limit]  # [B, 1 | H, 1, n, K]
     probs = logits.masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
     # Padding queries see no key at all (NaN rows): they vote for nothing.
-    return probs.masked_fill_(~valid[:, q_cols].view(valid.shape[0], 1, 1, -1, 1), 0.0)
+    return probs.masked_fill_(~valid[:, :, q_cols][:, :, None, :, None], 0.0)
 
 
 def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
@@ -41,11 +43,6 @@ def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
 
 def accumulated_attention(inputs: ScoreInputs, chunk: int = 512) -> torch.Tensor:
     """``[B, H, S]`` attention each key received, summed over every query of this forward and averaged
-    over the query heads of its group; computed ``chunk`` queries at a time so memory stays
-    ``O(chunk * S)``."""
-    tq = inputs.queries.shape[2]
-    total = torch.zeros(inputs.keys.shape[:3], dtype=torch.float32, device=inputs.keys.device)
-    for start in range(0, tq, chunk):
-        probs = attention_probs(inputs, start, min(tq, start + chunk))
-        total[..., : probs.shape[-1]] += probs.sum(dim=3).mean(dim=2)
-    return total
+    over the query heads of its group, ``chunk`` queries at a time (memory ``O(chunk * S)``): the column
+    sums of :mod:`contextlab.kernels.colsum` (Triton on CUDA, a blocked PyTorch path on CPU)."""
+    return attention_column_sums(inputs.queries, inputs.keys, inputs.valid, inputs.scaling, chunk=chunk)

@@ -1,49 +1,53 @@
-"""Prefill KV-cache eviction methods: score every prompt token once, keep the best per (row, KV head).
+"""KV-cache eviction scorers: score every cached token, keep the best per (row, KV head).
 
 Each class is a frozen dataclass with one scoring rule; budgets come from :class:`Budget`. Tokens that a
 method always keeps (attention sinks, the observation window, H2O's recent tokens) get ``PROTECTED``.
+The same scorers run at the end of prefill, after every prefill chunk (``prefill_chunk=N``) and, wrapped in
+``decode(...)`` (see :mod:`contextlab.methods.decode`), every N generated tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
 import torch
 
 from contextlab.methods.attention_scores import accumulated_attention, attention_probs, window_attention
-from contextlab.methods.base import PROTECTED, Budget, PrefillMethod, ScoreInputs
+from contextlab.methods.base import (
+    PROTECTED,
+    Budget,
+    Method,
+    PrefillMethod,
+    ScoreInputs,
+    check_int,
+    check_number,
+    param,
+    with_budget,
+)
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+def protect_recent(scores: torch.Tensor, inputs: ScoreInputs, count: torch.Tensor | int) -> torch.Tensor:
+    """Give the ``count`` most recent tokens of each row (``[B]`` tensor or int) the PROTECTED score, the
+    latest highest. ``scores``: ``[B, 1 | H, S]``; returns float64 ``[B, 1 | H, S]`` broadcast with positions."""
+    positions, valid = inputs.positions, inputs.valid
+    end = positions.masked_fill(~valid, -1).amax(dim=-1, keepdim=True) + 1  # [B, 1 | H, 1]
+    if isinstance(count, torch.Tensor):
+        count = count.view(-1, 1, 1)
+    recent = (positions >= end - count) & valid
+    return torch.where(recent, PROTECTED + positions.double(), scores.double())
 
 
-def _row_lengths(inputs: ScoreInputs) -> torch.Tensor:
-    return inputs.valid.sum(dim=-1)  # [B]
-
-
-def _protect_last(scores: torch.Tensor, inputs: ScoreInputs, count: torch.Tensor | int) -> torch.Tensor:
-    """Give the last ``count`` tokens of each row (``[B]`` or int) the PROTECTED score, latest highest."""
-    lengths = _row_lengths(inputs)
-    first = (lengths - count).view(-1, 1)  # [B, 1]
-    recent = (inputs.positions >= first) & inputs.valid  # [B, S]
-    bonus = PROTECTED + inputs.positions.double()
-    return torch.where(recent[:, None, :], bonus[:, None, :], scores.double())
-
-
-@dataclass(frozen=True)
-class Full(PrefillMethod):
+@dataclass(frozen=True, eq=False)
+class Full(Method):
     """Full attention: keep every token (the baseline every method is measured against)."""
 
     name = "full"
     paper = "Vaswani et al., 2017, Attention Is All You Need, https://arxiv.org/abs/1706.03762"
 
-    def __post_init__(self) -> None:
-        if self.budget is not None:
-            raise ValueError("full attention takes no budget")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Streaming(PrefillMethod):
     """Attention sinks + a recent window (StreamingLLM; LM-Infinite's Lambda-shaped mask).
 
@@ -55,59 +59,75 @@ class Streaming(PrefillMethod):
         "Xiao et al., 2023, Efficient Streaming Language Models with Attention Sinks, "
         "https://arxiv.org/abs/2309.17453; Han et al., 2023, LM-Infinite, https://arxiv.org/abs/2308.16137"
     )
-    sink: int = _help("first tokens always kept (attention sinks)", 4)
-    window: int | None = _help("recent tokens kept; sets the budget to sink + window", None)
+    sink: int = param("first tokens always kept (attention sinks)", 4)
+    window: int | None = param("recent tokens kept; sets the budget to sink + window", None)
 
     def __post_init__(self) -> None:
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
-        if self.window is not None:
-            if self.window < 1:
-                raise ValueError(f"window must be >= 1, got {self.window}")
-            if self.budget is not None and self.budget != Budget(tokens=self.sink + self.window):
-                raise ValueError("give either a window or a budget for streaming, not both")
-            object.__setattr__(self, "budget", Budget(tokens=self.sink + self.window))
+        super().__post_init__()
+        check_int("sink", self.sink, 0)
+        check_int("window", self.window, 1, allow_none=True)
+        if self.window is not None and self.budget is not None:
+            raise ValueError("give either a window or a budget for streaming, not both")
+
+    @property
+    def effective_budget(self) -> Budget | None:
+        return Budget(tokens=self.sink + self.window) if self.window is not None else self.budget
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         recency = inputs.positions.double()
         scores = torch.where(inputs.positions < self.sink, PROTECTED + recency, recency)
-        return scores[:, None, :].expand(-1, inputs.keys.shape[1], -1)
+        return scores.expand(-1, inputs.keys.shape[1], -1)
+
+    def protected_tokens(self) -> int:
+        return self.sink + 1  # the sinks plus at least the newest token
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SnapKV(PrefillMethod):
     """Attention of the last ``window`` queries (the observation window), summed and pooled over
     neighbouring keys; the window itself is always kept."""
 
     name = "snapkv"
     paper = "Li et al., 2024, SnapKV: LLM Knows What You are Looking for Before Generation, https://arxiv.org/abs/2404.14469"
-    window: int = _help("observation window: the last queries whose attention scores the prompt", 32)
-    kernel: int = _help("pooling kernel over neighbouring keys (odd; 1 = no pooling)", 7)
-    pooling: str = _help("'avg' or 'max' pooling", "avg")
+    window: int = param("observation window: the last queries whose attention scores the prompt", 32)
+    kernel: int = param("pooling kernel over neighbouring keys (odd; 1 = no pooling)", 7)
+    pooling: str = param("'avg' or 'max' pooling", "avg")
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
+        super().__post_init__()
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         votes = window_attention(inputs, self.window).mean(dim=2).sum(dim=2)  # [B, H, S]
-        votes = self._pool(votes)
-        return _protect_last(votes, inputs, self.window)
+        votes = self._pool(votes, inputs.valid.expand_as(votes))
+        return protect_recent(votes, inputs, self.window)
 
-    def _pool(self, votes: torch.Tensor) -> torch.Tensor:
+    def _pool(self, votes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Pool over neighbouring TOKENS: valid slots are packed first, so the unused slots that an earlier
+        eviction left between kept and new tokens do not count as neighbours (a row pools the same alone
+        or in a batch)."""
         if self.kernel == 1:
             return votes
         b, h, s = votes.shape
-        flat = votes.reshape(b * h, 1, s)
+        order = (~valid).long().argsort(dim=-1, stable=True)  # [B, H, S]: valid slots first, in order
+        packed = votes.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
         pool = torch.nn.functional.avg_pool1d if self.pooling == "avg" else torch.nn.functional.max_pool1d
-        return pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view(b, h, s)
+        pooled = pool(packed.reshape(b * h, 1, s), self.kernel, stride=1, padding=self.kernel // 2).view(b, h, s)
+        return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+    def decode_queries(self, every: int) -> int:
+        return self.window
+
+    def protected_tokens(self) -> int:
+        return self.window
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PyramidKV(SnapKV):
     """SnapKV scores with per-layer budgets that shrink linearly from the bottom layer to the top one
     (pyramidal information funneling); the layers' mean budget is the asked budget."""
@@ -117,12 +137,11 @@ class PyramidKV(SnapKV):
         "Cai et al., 2024, PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information "
         "Funneling, https://arxiv.org/abs/2406.02069"
     )
-    beta: float = _help("top layer keeps budget/beta, bottom layer 2*budget - budget/beta", 20.0)
+    beta: float = param("top layer keeps budget/beta, bottom layer 2*budget - budget/beta", 20.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta < 1:
-            raise ValueError(f"beta must be >= 1, got {self.beta}")
+        check_number("beta", self.beta, 1.0, float("inf"))
 
     def layer_keep(self, keep: torch.Tensor, lengths: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
         """``[B]`` tokens layer ``layer_idx`` keeps (see :meth:`schedule`)."""
@@ -155,11 +174,14 @@ class PyramidKV(SnapKV):
         return [max(min(self.window, length), c) for c in floors]
 
     def keep_counts(self, inputs: ScoreInputs, scores: torch.Tensor) -> torch.Tensor:
-        counts = self.layer_keep(inputs.keep, _row_lengths(inputs), inputs.layer_idx, inputs.num_layers)
+        counts = self.layer_keep(inputs.keep, inputs.lengths, inputs.layer_idx, inputs.num_layers)
         return counts.view(-1, 1).expand(-1, scores.shape[1])
 
+    def layer_capacity(self, keep: int, length: int, num_layers: int, layer_idx: int) -> int:
+        return self.schedule(keep, length, num_layers)[layer_idx]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class TOVA(PrefillMethod):
     """The last query's attention, averaged over all heads of the layer, so every head keeps the same
     tokens."""
@@ -171,36 +193,54 @@ class TOVA(PrefillMethod):
         tq = inputs.queries.shape[2]
         probs = attention_probs(inputs, tq - 1, tq)  # [B, H, G, 1, S]
         votes = probs.mean(dim=(1, 2, 3))  # [B, S] (the last query sees every key)
-        votes = _protect_last(votes[:, None, :], inputs, 1)
+        votes = protect_recent(votes[:, None, :], inputs, 1)
         return votes.expand(-1, inputs.keys.shape[1], -1)
 
+    def decode_queries(self, every: int) -> int:
+        return 1
 
-@dataclass(frozen=True)
+    def protected_tokens(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, eq=False)
 class H2O(PrefillMethod):
-    """Heavy hitters: attention accumulated over every prompt query (as in H2O and Scissorhands),
-    plus the most recent tokens, which take ``recent`` of the budget."""
+    """Heavy hitters: attention accumulated over every query (as in H2O and Scissorhands), plus the most
+    recent tokens, which take ``recent`` of the budget. During decoding (``decode(h2o,...)``) the
+    accumulated attention of surviving tokens carries over from one eviction to the next."""
 
     name = "h2o"
     paper = (
         "Zhang et al., 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, "
         "https://arxiv.org/abs/2306.14048; Liu et al., 2023, Scissorhands, https://arxiv.org/abs/2305.17118"
     )
-    recent: float = _help("fraction of the budget given to the most recent tokens", 0.5)
-    chunk: int = _help("queries scored at a time (memory is O(chunk x tokens))", 512)
+    accumulates: ClassVar[bool] = True
+    recent: float = param("fraction of the budget given to the most recent tokens", 0.5)
+    chunk: int = param("queries scored at a time (memory is O(chunk x tokens))", 512)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.recent <= 1.0:
-            raise ValueError(f"recent must be in [0, 1], got {self.recent}")
-        if self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        super().__post_init__()
+        check_number("recent", self.recent, 0.0, 1.0)
+        check_int("chunk", self.chunk, 1)
+
+    def heavy(self, inputs: ScoreInputs) -> torch.Tensor:
+        """``[B, H, S]`` attention accumulated by this step's queries, plus the carried ``prior``."""
+        heavy = accumulated_attention(inputs, self.chunk)
+        return heavy if inputs.prior is None else heavy + inputs.prior
+
+    def protect(self, heavy: torch.Tensor, inputs: ScoreInputs) -> torch.Tensor:
+        """Scores from heavy values: the ``recent`` share of the budget goes to the newest tokens."""
+        recent = torch.floor(inputs.keep.float() * self.recent).long()
+        return protect_recent(heavy, inputs, recent)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        heavy = accumulated_attention(inputs, self.chunk)
-        recent = torch.floor(inputs.keep.float() * self.recent).long()
-        return _protect_last(heavy, inputs, recent)
+        return self.protect(self.heavy(inputs), inputs)
+
+    def decode_queries(self, every: int) -> int:
+        return every
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KNorm(PrefillMethod):
     """Keep the keys with the LOWEST L2 norm (low-norm keys draw high attention)."""
 
@@ -214,25 +254,46 @@ class KNorm(PrefillMethod):
         return -inputs.keys.float().norm(dim=-1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Random(PrefillMethod):
     """Uniformly random tokens: the floor every scorer must beat. Scores depend only on (seed, layer, head,
     position), so a row keeps the same tokens alone or in a batch."""
 
     name = "random"
     paper = "baseline (no paper)"
-    seed: int = _help("random seed", 0)
+    seed: int = param("random seed", 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("seed", self.seed, 0)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        h = inputs.keys.shape[1]
-        span = int(inputs.positions.max()) + 1
+        b, h = inputs.keys.shape[:2]
+        positions = inputs.positions.clamp(min=0)
+        span = int(positions.max()) + 1
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + inputs.layer_idx)
         # Drawn position-major, so a position's values do not depend on how many positions are drawn.
         table = torch.rand(span, h, generator=gen).T.to(inputs.keys.device)  # [H, positions]
-        return table[:, inputs.positions.clamp(min=0)].permute(1, 0, 2)  # [B, H, S]
+        return table.unsqueeze(0).expand(b, h, span).gather(-1, positions.expand(b, h, -1))  # [B, H, S]
 
 
-@dataclass(frozen=True)
+def resolve_scorer(spec: str | Method, owner: str, allowed: set[str] | None = None) -> PrefillMethod:
+    """The scoring method a wrapper (adakv, decode) names: a built method or a spec such as ``snapkv`` or
+    ``snapkv(window=16)``; it must score tokens, and it takes its budget from the wrapper."""
+    if isinstance(spec, str):
+        from contextlab.methods.spec import build_part
+
+        spec = build_part(spec, need_budget=False)
+    usable = isinstance(spec, PrefillMethod) and type(spec).score is not PrefillMethod.score
+    if not usable or isinstance(spec, AdaKV) or (allowed is not None and spec.name not in allowed):
+        names = ", ".join(sorted(allowed)) if allowed else "snapkv, tova, h2o or knorm"
+        raise ValueError(f"{owner} needs a scoring method ({names}) as its scorer, got {spec.describe()!r}")
+    if spec.budget is not None or spec.prefill_chunk is not None:
+        raise ValueError(f"give the budget and prefill_chunk to {owner}, not to its scorer {spec.describe()!r}")
+    return spec
+
+
+@dataclass(frozen=True, eq=False)
 class AdaKV(PrefillMethod):
     """Head-wise adaptive budgets on top of any scorer: each layer keeps its H x budget best tokens across
     all heads together, after every head is given ``alpha`` x budget of its own best (the safeguard)."""
@@ -242,35 +303,37 @@ class AdaKV(PrefillMethod):
         "Feng et al., 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for "
         "Efficient LLM Inference, https://arxiv.org/abs/2407.11550"
     )
-    scorer: PrefillMethod | str = _help("method whose scores are shared out across heads", "snapkv")  # noqa: RUF009
-    alpha: float = _help("safeguard: fraction of the budget every head keeps for itself", 0.2)
+    positional: ClassVar[str | None] = "scorer"
+    scorer: str | Method = param("method whose scores are shared out across heads", "snapkv")  # noqa: RUF009
+    alpha: float = param("safeguard: fraction of the budget every head keeps for itself", 0.2)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        scorer = self.scorer
-        if isinstance(scorer, str):
-            from contextlab.methods.spec import METHODS
+        super().__post_init__()
+        check_number("alpha", self.alpha, 0.0, 1.0)
+        _ = self.scoring  # validates the scorer now, not at the first eviction
 
-            cls = METHODS.get(scorer)
-            if cls in (AdaKV, Full):
-                raise ValueError("adakv needs a scoring method such as snapkv, tova or knorm as its scorer")
-            scorer = cls(budget=self.budget)
-        if isinstance(scorer, (AdaKV, Full)) or type(scorer).score is PrefillMethod.score:
-            raise ValueError("adakv needs a scoring method such as snapkv, tova or knorm as its scorer")
-        object.__setattr__(self, "scorer", scorer)
+    @cached_property
+    def scoring(self) -> PrefillMethod:
+        """The scorer, with this method's budget."""
+        return with_budget(resolve_scorer(self.scorer, "adakv"), self.budget)
+
+    def params(self) -> list[str]:
+        out = [p for p in super().params() if not p.startswith("scorer=")]
+        nested = resolve_scorer(self.scorer, "adakv").nested()
+        return out if nested == "snapkv" else [*out, f"scorer={nested}"]
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        return self.scorer.score(inputs)
+        return self.scoring.score(inputs)
 
     def keep_counts(self, inputs: ScoreInputs, scores: torch.Tensor) -> torch.Tensor:
         b, h, s = scores.shape
         keep = inputs.keep  # [B]
+        valid = inputs.valid.expand(b, h, s)
         guaranteed = torch.floor(keep.float() * self.alpha).long()
-        scores = scores.double().masked_fill(~inputs.valid[:, None, :], float("-inf"))
+        scores = scores.double().masked_fill(~valid, float("-inf"))
         own_rank = scores.sort(dim=-1, descending=True, stable=True).indices.argsort(-1)  # 0 = the head's best
         boosted = torch.where(own_rank < guaranteed.view(b, 1, 1), scores + 2 * PROTECTED, scores)
-        boosted = boosted.masked_fill(~inputs.valid[:, None, :], float("-inf")).reshape(b, h * s)
+        boosted = boosted.masked_fill(~valid, float("-inf")).reshape(b, h * s)
         capacity = int((keep * h).max())
         top = boosted.sort(dim=-1, descending=True, stable=True).indices[:, :capacity]  # [B, capacity]
         chosen = torch.arange(capacity, device=scores.device).view(1, -1) < (keep * h).view(-1, 1)
@@ -278,3 +341,6 @@ class AdaKV(PrefillMethod):
         counts = torch.zeros(b, h + 1, dtype=torch.long, device=scores.device)
         counts.scatter_add_(1, heads, torch.ones_like(heads))
         return counts[:, :h]
+
+    def layer_capacity(self, keep: int, length: int, num_layers: int, layer_idx: int) -> int:
+        return keep  # the heads' mean; groups are resized to their own counts at each eviction

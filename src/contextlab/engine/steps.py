@@ -1,0 +1,215 @@
+"""The engine's steps, shared by :func:`contextlab.generate` and :class:`contextlab.engine.session.Session`:
+prepare inputs, prefill (whole or in chunks), one forward, greedy decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from contextlab.engine.inputs import left_pad, normalise, positions_from_mask
+from contextlab.hf.cache import ContextlabCache
+from contextlab.hf.compat import cache_kwarg, text_config
+from contextlab.hf.support import check_supported
+from contextlab.methods.base import Method
+from contextlab.methods.spec import build_method
+
+SYNC_EVERY = 8  # decoding checks "has every row finished?" (a host sync) once per this many tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What gets prefilled: ``prompt`` rows (evicted by prefill methods), then ``after`` rows if any."""
+
+    prompt: list[list[int]]
+    after: list[list[int]] | None
+    questions: list[list[int]] | None
+
+    @property
+    def total_tokens(self) -> list[int]:
+        return [
+            len(p) + (len(a) if self.after else 0) for p, a in zip(self.prompt, self.after or self.prompt, strict=True)
+        ]
+
+
+@dataclass
+class Prefilled:
+    """A cache holding the (compressed) prompt, and the padded ids and 2D mask it was built from."""
+
+    cache: ContextlabCache
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    last_logits: torch.Tensor  # [B, V] fp32
+    seconds: float
+
+
+@dataclass
+class Decoded:
+    """Greedy decoding's outcome: tokens per row (without EOS), the 2D mask of everything fed, and
+    ``pending [B]``: each row's last emitted token (its EOS included) not fed to the cache yet, or -1."""
+
+    tokens: list[list[int]]
+    mask: torch.Tensor
+    pending: torch.Tensor
+
+
+def prepare(model, tokenizer, context, question, method, question_aware: bool) -> tuple[Method, Plan, bool]:
+    """Check the model, build the method and lay out what is prefilled (see :class:`Plan`)."""
+    check_supported(model.config)
+    method = build_method(method)
+    contexts, questions, batched = normalise(tokenizer, context, question)
+    if questions is None:
+        plan = Plan(prompt=contexts, after=None, questions=None)
+    elif question_aware:
+        plan = Plan(prompt=[c + q for c, q in zip(contexts, questions, strict=True)], after=None, questions=questions)
+    else:
+        plan = Plan(prompt=contexts, after=questions, questions=questions)
+    check_budget(method, plan)
+    return method, plan, batched
+
+
+def check_budget(method: Method, plan: Plan) -> None:
+    """Budgets must fit every row; a question compressed with its context must fit the budget."""
+    for i, prompt in enumerate(plan.prompt):
+        row = f" (row {i})" if len(plan.prompt) > 1 else ""
+        try:
+            kept = method.prompt_keep(len(prompt))
+        except ValueError as err:
+            raise ValueError(f"{err}{row}") from None
+        if kept is not None and plan.questions is not None and plan.after is None and len(plan.questions[i]) >= kept:
+            raise ValueError(
+                f"the question ({len(plan.questions[i])} tokens) is longer than the {kept} tokens "
+                f"{method.describe()} keeps{row}; with question_aware=True the question is compressed with the "
+                "context and would be evicted: raise the budget or use question_aware=False"
+            )
+
+
+def check_window(model, plan: Plan, max_new_tokens: int, allow_beyond_window: bool) -> None:
+    window = getattr(text_config(model.config), "max_position_embeddings", None)
+    longest = max(plan.total_tokens)
+    if window and longest + max_new_tokens > window and not allow_beyond_window:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's window of {window} "
+            "positions (max_position_embeddings); eviction methods do not change positions, so this would run "
+            "the model out of its trained range. Pass allow_beyond_window=True to measure that on purpose."
+        )
+
+
+def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 0) -> Prefilled:
+    """Prefill the prompt (in chunks of ``method.prefill_chunk_size()`` columns, clamped to the prompt),
+    then any ``after`` rows, into a fresh cache driven by ``method``; room for ``new_tokens`` more tokens
+    (the ``after`` rows and the answer) is planned from the start."""
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer, model)
+    cache = ContextlabCache(model.config, method)
+    if method.compresses and not cache.compressible:
+        raise ValueError(
+            f"{method.describe()} has nothing to compress: every layer of this model uses "
+            "sliding-window attention, whose cache is already bounded"
+        )
+    prompt = left_pad(plan.prompt, pad_id, device)
+    width = prompt.ids.shape[1]
+    after_width = max(len(a) for a in plan.after) if plan.after else 0
+    cache.begin_prompt(width, [len(p) for p in plan.prompt], after_width + new_tokens)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for first, stop in chunk_bounds(width, method.prefill_chunk_size()):
+        logits = forward(model, cache, prompt.ids[:, first:stop], prompt.mask[:, :stop])
+    ids, mask = prompt.ids, prompt.mask
+    if plan.after is not None:
+        after = left_pad(plan.after, pad_id, device)
+        ids, mask = torch.cat([ids, after.ids], dim=1), torch.cat([mask, after.mask], dim=1)
+        logits = forward(model, cache, after.ids, mask)
+    sync(device)
+    return Prefilled(cache, ids, mask, logits, time.perf_counter() - start)
+
+
+def chunk_bounds(width: int, chunk: int | None) -> list[tuple[int, int]]:
+    """Column ranges that feed a prompt of ``width`` columns ``chunk`` at a time (None or a chunk at least as
+    long as the prompt: one forward). Chunks are counted back from the prompt's end, so the last chunk ends
+    with the prompt (and holds the question) and every left-padded row of a batch is cut at the same
+    distances from its end as it would be alone; the first chunk takes the remainder."""
+    chunk = min(chunk or width, width)
+    first = width % chunk
+    starts = ([0] if first else []) + list(range(first, width, chunk))
+    return [(a, min(width, b)) for a, b in zip(starts, [*starts[1:], width], strict=True)]
+
+
+def forward(model, cache, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None = None):
+    """Feed ``ids [B, T]`` given the full 2D ``mask`` so far (None = no padding anywhere); returns the last
+    position's logits ``[B, V]`` in fp32."""
+    if positions is None:
+        positions = positions_from_mask(mask)[:, -ids.shape[1] :]
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kwarg(model): cache},
+    )
+    return out.logits[:, -1].float()
+
+
+def greedy(model, cache, logits: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: set[int]) -> Decoded:
+    """Greedy decoding from ``logits [B, V]``; stops at every row's EOS or after ``max_new_tokens``.
+
+    No host sync per token: tokens go into a preallocated device tensor, the mask into a preallocated
+    buffer (no per-token ``torch.cat``), positions are carried on the device, and "has every row finished?"
+    is asked once every ``SYNC_EVERY`` tokens. A row's tokens after its EOS are fed masked out, so they are
+    never visible to later turns.
+    """
+    batch, width = mask.shape
+    device = logits.device
+    out = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+    full_mask = torch.cat([mask, mask.new_zeros(batch, max_new_tokens)], dim=1)
+    next_position = mask.long().sum(-1, keepdim=True)  # [B, 1]
+    no_padding = batch == 1 and bool(mask.all())  # then no mask is needed while decoding
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    cache.reserve(max_new_tokens)
+    step = 0
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(dim=-1)  # [B]
+        is_eos = torch.isin(nxt, eos_t)
+        out[:, step] = torch.where(finished | is_eos, -1, nxt)
+        pending = torch.where(finished, -1, nxt)
+        finished |= is_eos
+        last = step == max_new_tokens - 1
+        if last or (((step + 1) % SYNC_EVERY == 0 or batch == 1) and bool(finished.all())):
+            break
+        fed = (pending >= 0).to(mask.dtype)
+        full_mask[:, width] = fed
+        width += 1
+        logits = forward(model, cache, nxt.view(batch, 1), None if no_padding else full_mask[:, :width], next_position)
+        next_position = next_position + fed.view(batch, 1).long()
+    tokens = [[t for t in row if t >= 0] for row in out[:, : step + 1].tolist()]
+    return Decoded(tokens, full_mask[:, :width], pending)
+
+
+def pad_token_id(tokenizer, model) -> int:
+    for candidate in (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        getattr(model.config, "pad_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def eos_token_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        configured = [configured]
+    return ids | set(configured or ())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,63 @@
+"""Composition: ``a+b`` runs methods of different families on one cache, in order.
+
+``snapkv:0.5+decode(h2o,budget=512)`` evicts the prompt with SnapKV, then keeps generation bounded with
+H2O. Each part takes roles (prefill eviction, decode eviction; later: storage, position remapping, read
+selection); two parts taking the same role make no sense together and are refused at construction, with
+both parts named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contextlab.methods.base import Method
+from contextlab.methods.policy import CompositePolicy, LayerPolicy
+
+
+@dataclass(frozen=True, eq=False)
+class Composite(Method):
+    """Several methods of different families applied to one cache, in the order given."""
+
+    name = "+"
+    paper = "see each part"
+    parts: tuple[Method, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.parts) < 2:
+            raise ValueError(f"a composition needs at least two parts, got {len(self.parts)}")
+        for part in self.parts:
+            if not isinstance(part, Method) or isinstance(part, Composite):
+                raise ValueError(f"composition parts must be single methods, got {part!r}")
+            if not part.roles:
+                raise ValueError(f"{part.describe()!r} adds nothing to a composition; leave it out")
+        for i, first in enumerate(self.parts):
+            for second in self.parts[i + 1 :]:
+                shared = first.roles & second.roles
+                if shared:
+                    raise ValueError(
+                        f"{first.describe()!r} and {second.describe()!r} cannot be composed: both take the "
+                        f"{', '.join(sorted(shared))} role"
+                    )
+
+    @property
+    def roles(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(p.roles for p in self.parts))
+
+    @property
+    def compresses(self) -> bool:
+        return any(p.compresses for p in self.parts)
+
+    def prefill_chunk_size(self) -> int | None:
+        return next((c for c in (p.prefill_chunk_size() for p in self.parts) if c is not None), None)
+
+    def prompt_keep(self, length: int) -> int | None:
+        return next((k for k in (p.prompt_keep(length) for p in self.parts) if k is not None), None)
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return CompositePolicy([p.build(layer_idx, num_layers) for p in self.parts])
+
+    def describe(self) -> str:
+        return "+".join(p.describe() for p in self.parts)
+
+    def nested(self) -> str:
+        raise ValueError("a composition cannot be a parameter of another method")

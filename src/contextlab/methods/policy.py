@@ -1,0 +1,117 @@
+"""The method lifecycle: what a method does to one layer's cache, hook by hook.
+
+A method builds one :class:`LayerPolicy` per attention layer (``Method.build``). The cache layer in
+``contextlab.hf`` owns a store and calls the policy's hooks at fixed points of every forward; it never
+decides anything itself. Policies are pure tensor code (no transformers):
+
+- :meth:`LayerPolicy.before_attend`: which slots this forward's queries read (None = every slot);
+- :meth:`LayerPolicy.after_forward`: after the layer attended, with this forward's queries; the place for
+  prefill eviction (at the prompt's end, or after every chunk when chunked), decode eviction every N
+  appended tokens, and per-slot metadata kept for later selection;
+- :meth:`LayerPolicy.capacity_hint` / :meth:`LayerPolicy.decode_reserve`: how much room the store should
+  preallocate, so a bounded cache never over-allocates.
+
+A composite method's policy (:class:`CompositePolicy`) calls its parts in order; each part sees the store
+as the previous part left it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from contextlab.store import DenseStore
+
+Phase = Literal["prefill", "prompt_end", "decode"]
+
+
+@dataclass
+class Step:
+    """One forward through one layer, as its policy sees it.
+
+    ``queries``: ``[B, Hq, Tq, D]`` post-RoPE queries of this forward (the newest ``Tq`` slots).
+    ``phase``: ``"prefill"`` (more of the prompt follows), ``"prompt_end"`` (this forward completed the
+    prompt) or ``"decode"`` (tokens after the prompt: generated tokens, or a question fed later).
+    ``prompt_lengths``: real tokens of each row's prompt (None when no prompt was announced).
+    ``answer_room``: free slots to keep after the prompt's eviction for the tokens that will follow.
+    """
+
+    queries: torch.Tensor
+    scaling: float
+    phase: Phase
+    prompt_lengths: list[int] | None
+    layer_idx: int
+    num_layers: int
+    answer_room: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.queries.shape[2]
+
+
+@dataclass
+class ReadPlan:
+    """The slots a forward reads instead of all of them: ``indices [B, H, K]`` (columns of the store's
+    view) and ``valid [B, H, K]`` (False = ignore that entry)."""
+
+    indices: torch.Tensor
+    valid: torch.Tensor
+
+
+class LayerPolicy:
+    """A policy that does nothing: full attention over everything cached."""
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        return None
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        return None
+
+    def capacity_hint(self, columns: int) -> int:
+        """Slots to preallocate for a prompt of ``columns`` columns (the store grows beyond if needed)."""
+        return columns
+
+    def decode_reserve(self, tokens: int) -> int:
+        """Slots to keep free for ``tokens`` coming tokens (a bounded cache needs fewer)."""
+        return tokens
+
+    def nbytes(self) -> int:
+        """Bytes of state the policy holds (buffered queries, accumulated scores...)."""
+        return 0
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch axis of any per-row state (beam reordering, row selection)."""
+        return None
+
+
+class CompositePolicy(LayerPolicy):
+    """The parts' policies, called in order."""
+
+    def __init__(self, parts: list[LayerPolicy]) -> None:
+        self.parts = parts
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        for part in self.parts:
+            plan = part.before_attend(store, step)
+            if plan is not None:
+                return plan  # composition allows one reading rule, so the first plan is the only one
+        return None
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        for part in self.parts:
+            part.after_forward(store, step)
+
+    def capacity_hint(self, columns: int) -> int:
+        return min(part.capacity_hint(columns) for part in self.parts)
+
+    def decode_reserve(self, tokens: int) -> int:
+        return min(part.decode_reserve(tokens) for part in self.parts)
+
+    def nbytes(self) -> int:
+        return sum(part.nbytes() for part in self.parts)
+
+    def map_batch(self, fn) -> None:
+        for part in self.parts:
+            part.map_batch(fn)

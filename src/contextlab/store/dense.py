@@ -1,0 +1,345 @@
+"""The dense store: one layer's keys and values in preallocated buffers, written in place.
+
+Layout, per group of KV heads that share a slot count::
+
+    keys [B, Hg, capacity, D] = [ used slots (length) | free capacity ]
+
+Appending writes into the free capacity; only when it runs out is the buffer reallocated, geometrically
+(``growth`` x), so ``n`` one-token appends cost O(log n) reallocations instead of n copies of the cache.
+Eviction compacts the kept slots to the front in place and then gives back capacity beyond what the
+caller asks to keep free (``headroom``), so memory really shrinks.
+
+Heads with different budgets (AdaKV, PyramidKV rows) live in separate groups, so per-head budgets save
+real memory. Per-slot metadata is held only where it is needed, and counted in :meth:`DenseStore.nbytes`:
+``valid [B, 1 | Hg, capacity]`` (False on padding and on slots past a row's own count) once any slot is
+invalid, and ``positions [B, Hg, capacity]`` (each slot's position in its row) once tokens were evicted;
+before that a slot's position is its rank among its row's valid slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+COMPACT_BLOCK = 1024  # slots moved at a time by in-place compaction (bounds its temporary memory)
+SHRINK_SLACK = 64  # after eviction, free capacity beyond max(this, a quarter of what is kept) is given back
+
+
+class MemoryTracker:
+    """Current and peak bytes held by stores (the CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def change(self, delta: int) -> None:
+        self.current += delta
+        self.peak = max(self.peak, self.current)
+
+
+@dataclass
+class SlotGroup:
+    """KV heads stored together. ``heads``: indices of the KV heads (None = all, in order)."""
+
+    heads: torch.Tensor | None
+    keys: torch.Tensor  # [B, Hg, capacity, D]
+    values: torch.Tensor  # [B, Hg, capacity, D]
+    length: int = 0
+    valid: torch.Tensor | None = None  # [B, 1 | Hg, capacity] bool; None = every used slot is valid
+    positions: torch.Tensor | None = None  # [B, Hg, capacity] int32; None = rank among valid slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_heads(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        meta = sum(t.nbytes for t in (self.valid, self.positions) if t is not None)
+        return self.keys.nbytes + self.values.nbytes + meta
+
+    def used_bytes(self) -> int:
+        """Bytes of the used slots only (keys, values and their metadata)."""
+        per_slot = sum(
+            t.nbytes // t.shape[2] for t in (self.keys, self.values, self.valid, self.positions) if t is not None
+        )
+        return per_slot * self.length
+
+    def used(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[B, Hg, length, D]`` of the used keys and values (no copy)."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def used_valid(self) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid[:, :, : self.length]
+
+
+@dataclass
+class SlotView:
+    """Every head's used slots in one block, right-aligned: the newest slot of every head is the last
+    column, so the last ``Tq`` columns are the tokens of the current forward for every head.
+
+    ``keys``/``values``: ``[B, H, S, D]``; ``valid``: ``[B, 1 | H, S]``; ``positions``: ``[B, 1 | H, S]``
+    (long); ``offsets``: ``[H]`` column where each head's own slots begin (0 for the longest heads).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+class DenseStore:
+    """Keys and values of one attention layer (see module docstring)."""
+
+    def __init__(self, tracker: MemoryTracker | None = None, growth: float = 1.5) -> None:
+        if growth <= 1.0:
+            raise ValueError(f"growth must be > 1, got {growth}")
+        self.groups: list[SlotGroup] = []
+        self.tracker = tracker or MemoryTracker()
+        self.growth = growth
+        self.reallocations = 0
+        self.fresh = 0  # slots appended since the last eviction (the only ones that can be cropped)
+        self._planned = 0
+
+    # -- sizes ------------------------------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return sum(g.num_heads for g in self.groups)
+
+    @property
+    def length(self) -> int:
+        """Slots of the longest head."""
+        return max((g.length for g in self.groups), default=0)
+
+    @property
+    def split(self) -> bool:
+        """True when heads are stored in more than one group."""
+        return len(self.groups) > 1
+
+    def nbytes(self) -> int:
+        """Bytes held: every buffer at its capacity, metadata included."""
+        return sum(g.nbytes() for g in self.groups)
+
+    def used_bytes(self) -> int:
+        """Bytes of the slots in use (keys, values, metadata), without free capacity."""
+        return sum(g.used_bytes() for g in self.groups)
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def reserve(self, slots: int) -> None:
+        """Make every group hold at least ``slots`` slots without reallocating (planned before the first
+        append, applied at once after it)."""
+        if not self.groups:
+            self._planned = max(self._planned, slots)
+            return
+        for g in self.groups:
+            if g.capacity < slots:
+                self._resize(g, slots)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` ``[B, H, T, D]`` after every group's used slots. New slots count as
+        valid until :meth:`mark_new` says otherwise."""
+        if not self.groups:
+            self._first_group(keys, values)
+        t = keys.shape[2]
+        for g in self.groups:
+            k = keys if g.heads is None else keys[:, g.heads]
+            v = values if g.heads is None else values[:, g.heads]
+            need = g.length + t
+            if need > g.capacity:
+                self._resize(g, max(need, math.ceil(g.capacity * self.growth)))
+            g.keys[:, :, g.length : need] = k
+            g.values[:, :, g.length : need] = v
+            if g.valid is not None:
+                g.valid[:, :, g.length : need] = True
+            g.length = need
+        self.fresh += t
+
+    def mark_new(self, count: int, valid: torch.Tensor | None, positions: torch.Tensor) -> None:
+        """Validity ``[B, count]`` (None = all valid) and positions ``[B, count]`` of the newest slots."""
+        for g in self.groups:
+            span = slice(g.length - count, g.length)
+            if valid is not None:
+                if g.valid is None:
+                    g.valid = self._metadata(g, torch.ones, torch.bool, heads=1)
+                g.valid[:, :, span] = valid[:, None, :]
+            if g.positions is not None:
+                g.positions[:, :, span] = positions[:, None, :].to(torch.int32)
+
+    def crop(self, count: int) -> None:
+        """Forget the newest ``count`` slots of every group."""
+        if count > self.fresh:
+            raise ValueError(f"cannot crop {count} slots: only {self.fresh} were appended since the last eviction")
+        for g in self.groups:
+            g.length -= count
+        self.fresh -= count
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (reorder, select or repeat rows) to every buffer's batch axis."""
+        before = self.nbytes()
+        for g in self.groups:
+            g.keys, g.values = fn(g.keys), fn(g.values)
+            g.valid = None if g.valid is None else fn(g.valid)
+            g.positions = None if g.positions is None else fn(g.positions)
+        self.tracker.change(self.nbytes() - before)
+
+    def clear(self) -> None:
+        self.tracker.change(-self.nbytes())
+        self.groups, self._planned, self.fresh = [], 0, 0
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def view(self) -> SlotView:
+        """All heads' used slots as one right-aligned block (see :class:`SlotView`). Views of the buffers
+        when heads are not split; a padded copy otherwise."""
+        if not self.split:
+            return self._single_view(self.groups[0])
+        return self._padded_view()
+
+    # -- eviction ---------------------------------------------------------------------------------------
+    def keep(self, indices: torch.Tensor, kept: torch.Tensor, headroom: int = 0, shrink: bool = True) -> None:
+        """Keep, for every (row, head), the slots ``indices [B, H, C]`` (columns of :meth:`view`, ascending;
+        where ``kept [B, H, C]`` is False the slot is unused). Heads then hold ``max over rows`` of their
+        kept count, grouped by that count; ``headroom`` free slots stay allocated after each group.
+        ``shrink=False`` keeps a group's buffer when it was compacted in place (more tokens are coming)."""
+        self.fresh = 0
+        per_head = kept.sum(-1).amax(0)  # [H]
+        sizes = sorted(set(per_head.tolist()))
+        if not self.split and len(sizes) == 1:
+            self._compact(self.groups[0], indices[..., : sizes[0]], kept[..., : sizes[0]], headroom if shrink else None)
+        else:
+            self._rebuild(indices, kept, per_head, sizes, headroom)
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _first_group(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, h, t, d = keys.shape
+        cap = max(t, self._planned)
+        g = SlotGroup(heads=None, keys=keys.new_empty(b, h, cap, d), values=values.new_empty(b, h, cap, d))
+        self.groups = [g]
+        self.tracker.change(g.nbytes())
+
+    def _metadata(self, g: SlotGroup, fill, dtype: torch.dtype, heads: int | None = None) -> torch.Tensor:
+        """A fresh ``[B, heads or Hg, capacity]`` metadata buffer (its bytes are tracked)."""
+        b = g.keys.shape[0]
+        out = fill(b, heads or g.num_heads, g.capacity, dtype=dtype, device=g.keys.device)
+        self.tracker.change(out.nbytes)
+        return out
+
+    def _resize(self, g: SlotGroup, capacity: int) -> None:
+        """Move a group into buffers of ``capacity`` slots (its used slots are copied once)."""
+        old = g.nbytes()
+        n = g.length
+
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = t.new_empty(*t.shape[:2], capacity, *t.shape[3:])
+            out[:, :, :n] = t[:, :, :n]
+            return out
+
+        g.keys, g.values, g.valid, g.positions = (moved(t) for t in (g.keys, g.values, g.valid, g.positions))
+        self.tracker.change(g.nbytes())  # both copies exist for a moment
+        self.tracker.change(-old)
+        self.reallocations += 1
+
+    def _single_view(self, g: SlotGroup) -> SlotView:
+        keys, values = g.used()
+        valid = g.used_valid()
+        if valid is None:
+            valid = torch.ones(keys.shape[0], 1, g.length, dtype=torch.bool, device=keys.device)
+        if g.positions is not None:
+            positions = g.positions[:, :, : g.length].long()
+        else:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # rank among the row's valid slots
+        offsets = torch.zeros(g.num_heads, dtype=torch.long, device=keys.device)
+        return SlotView(keys, values, valid, positions, offsets)
+
+    def _padded_view(self) -> SlotView:
+        first = self.groups[0]
+        b, _, _, d = first.keys.shape
+        h, s, device = self.num_heads, self.length, first.keys.device
+        keys = first.keys.new_zeros(b, h, s, d)
+        values = first.values.new_zeros(b, h, s, d)
+        valid = torch.zeros(b, h, s, dtype=torch.bool, device=device)
+        positions = torch.zeros(b, h, s, dtype=torch.long, device=device)
+        offsets = torch.zeros(h, dtype=torch.long, device=device)
+        for g in self.groups:
+            part = self._single_view(g)
+            off = s - g.length
+            keys[:, g.heads, off:] = part.keys
+            values[:, g.heads, off:] = part.values
+            valid[:, g.heads, off:] = part.valid.expand(-1, g.num_heads, -1)
+            positions[:, g.heads, off:] = part.positions.expand(-1, g.num_heads, -1)
+            offsets[g.heads] = off
+        return SlotView(keys, values, valid, positions, offsets)
+
+    def _compact(self, g: SlotGroup, indices: torch.Tensor, kept: torch.Tensor, headroom: int | None) -> None:
+        """Move the kept slots ``indices [B, Hg, C]`` (ascending) to the front of the group's own buffers.
+
+        Safe in place: the slot written at column j comes from column indices[j] >= j, and a block reads
+        all its sources before writing, so no source is overwritten before it is read."""
+        view = self._single_view(g)
+        positions = view.positions.expand(-1, g.num_heads, -1).gather(-1, indices).to(torch.int32)  # [B, Hg, C]
+        c, d = indices.shape[-1], g.keys.shape[-1]
+        for start in range(0, c, COMPACT_BLOCK):
+            idx = indices[:, :, start : start + COMPACT_BLOCK]
+            gather = idx.unsqueeze(-1).expand(*idx.shape, d)
+            stop = start + idx.shape[-1]
+            g.keys[:, :, start:stop] = g.keys.gather(2, gather)
+            g.values[:, :, start:stop] = g.values.gather(2, gather)
+        all_kept = bool(kept.all())
+        self._drop_metadata(g)
+        g.length = c
+        target = c + (headroom or 0)
+        if headroom is not None and g.capacity - target > max(SHRINK_SLACK, target // 4):
+            self._resize(g, target)  # give memory back; a small surplus is kept rather than copied
+        if not all_kept:
+            g.valid = self._metadata(g, torch.zeros, torch.bool)
+            g.valid[:, :, :c] = kept
+        g.positions = self._metadata(g, torch.zeros, torch.int32)
+        g.positions[:, :, :c] = positions
+
+    def _drop_metadata(self, g: SlotGroup) -> None:
+        freed = sum(t.nbytes for t in (g.valid, g.positions) if t is not None)
+        g.valid = g.positions = None
+        self.tracker.change(-freed)
+
+    def _rebuild(
+        self, indices: torch.Tensor, kept: torch.Tensor, per_head: torch.Tensor, sizes: list[int], headroom: int
+    ) -> None:
+        """Regroup heads by their new slot count, gathering from the padded view."""
+        view = self.view()
+        transient = view.keys.nbytes + view.values.nbytes if self.split else 0
+        self.tracker.change(transient)
+        b, h, _, d = view.keys.shape
+        groups = []
+        for size in sizes:
+            heads = None if len(sizes) == 1 else (per_head == size).nonzero().flatten()
+            pick = slice(None) if heads is None else heads
+            idx, ok = indices[:, pick, :size], kept[:, pick, :size]
+            gather = idx.unsqueeze(-1).expand(*idx.shape, d)
+            hg = idx.shape[1]
+            g = SlotGroup(
+                heads=heads,
+                keys=view.keys.new_empty(b, hg, size + headroom, d),
+                values=view.values.new_empty(b, hg, size + headroom, d),
+                length=size,
+            )
+            g.keys[:, :, :size] = view.keys[:, pick].gather(2, gather)
+            g.values[:, :, :size] = view.values[:, pick].gather(2, gather)
+            self.tracker.change(g.nbytes())
+            if not bool(ok.all()):
+                g.valid = self._metadata(g, torch.zeros, torch.bool)
+                g.valid[:, :, :size] = ok
+            g.positions = self._metadata(g, torch.zeros, torch.int32)
+            g.positions[:, :, :size] = view.positions.expand(b, h, -1)[:, pick].gather(-1, idx)
+            groups.append(g)
+        self.tracker.change(-transient - self.nbytes())
+        self.groups = groups
