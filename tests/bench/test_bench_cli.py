@@ -72,3 +72,8 @@ def test_csv_keeps_spec_parameters_together():
         "vt:num_hops=2,num_chains=1",
         "tova:0.5",
     ]
+    assert _csv("full,snapkv:0.5+decode(h2o,budget=512,every=64),adakv:0.5,scorer=snapkv(window=8,kernel=3)") == [
+        "full",
+        "snapkv:0.5+decode(h2o,budget=512,every=64)",
+        "adakv:0.5,scorer=snapkv(window=8,kernel=3)",
+    ]

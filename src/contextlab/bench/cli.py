@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from contextlab.specstring import parse_length
+from contextlab.specstring import parse_length, split_top
 
 
 def register(parsers: list, helps: dict, command) -> None:
@@ -17,9 +17,10 @@ def register(parsers: list, helps: dict, command) -> None:
 
 
 def _csv(text: str) -> list[str]:
-    """Comma-separated items; a comma inside ``name:k=v,k=v`` parameters stays with its item."""
+    """Comma-separated items; a comma inside ``name:k=v,k=v`` parameters or inside parentheses
+    (``decode(h2o,budget=512)``) stays with its item."""
     items: list[str] = []
-    for part in text.split(","):
+    for part in split_top(text, ","):
         part = part.strip()
         if not part:
             continue

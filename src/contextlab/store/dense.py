@@ -6,8 +6,10 @@ Layout, per group of KV heads that share a slot count::
 
 Appending writes into the free capacity; only when it runs out is the buffer reallocated, geometrically
 (``growth`` x), so ``n`` one-token appends cost O(log n) reallocations instead of n copies of the cache.
-Eviction compacts the kept slots to the front in place and then gives back capacity beyond what the
-caller asks to keep free (``headroom``), so memory really shrinks.
+Callers plan capacity ahead (:meth:`DenseStore.reserve`: prompt + answer, or budget + one chunk) so most
+runs never reallocate. Eviction compacts the kept slots to the front in place and then gives back capacity
+beyond what the caller asks to keep free (``headroom``) when that surplus is worth a copy, so memory
+really shrinks.
 
 Heads with different budgets (AdaKV, PyramidKV rows) live in separate groups, so per-head budgets save
 real memory. Per-slot metadata is held only where it is needed, and counted in :meth:`DenseStore.nbytes`:
