@@ -199,3 +199,36 @@ def test_bad_backend_and_chunk_raise_value_error():
 def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         attention_column_sums(*make_inputs(CASES["left-pad-g2"]), backend="triton")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("chunk", [5, 512])
+def test_fused_attention_and_column_sums_match_sdpa_and_the_reference(name, chunk):
+    """H2O on CPU takes the attention output and the column sums from one pass; both must be exact."""
+    from contextlab.kernels.colsum import attention_and_column_sums
+
+    case = CASES[name]
+    queries, keys, valid, scaling = make_inputs(case)
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randn(keys.shape, generator=gen).to(case.dtype)
+    if case.garbage:
+        values[~valid.expand(keys.shape[:3])] = float("nan")
+    out, sums = attention_and_column_sums(queries, keys, values, valid, scaling, chunk=chunk)
+    torch.testing.assert_close(sums, attention_column_sums_reference(queries, keys, valid, scaling), **FP32_TOL)
+    b, hq, tq, _ = queries.shape
+    h, s = keys.shape[1:3]
+    g = hq // h
+    slots = torch.arange(s)
+    allowed = (slots[None, :] <= (slots[s - tq :, None])) & valid[:, :, None, :]  # [B, Hv, Tq, S]
+    clean = valid.expand(b, h, s)[..., None]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        queries.float().nan_to_num(),
+        keys.float().masked_fill(~clean, 0).repeat_interleave(g, 1),
+        values.float().masked_fill(~clean, 0).repeat_interleave(g, 1),
+        attn_mask=allowed.repeat_interleave(g, 1) if allowed.shape[1] > 1 else allowed,
+        scale=scaling,
+    )
+    real = valid.expand(b, h, s)[:, :, s - tq :].repeat_interleave(g, 1)  # [B, Hq, Tq]: rows that matter
+    assert out.dtype == values.dtype and torch.isfinite(out.float()).all()
+    tol = FP32_TOL if case.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float()[real], reference[real], **tol)

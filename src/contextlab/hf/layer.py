@@ -153,7 +153,11 @@ class ContextlabLayer(DynamicLayer):
             self._answer_room(),
         )
         plan = self.policy.before_attend(self.store, step)
-        out = self._attend_plan(query, plan, scaling) if plan is not None else self._attend_groups(query, scaling)
+        if plan is not None:
+            out = self._attend_plan(query, plan, scaling)
+        else:
+            out = self.policy.attend(self.store, step)
+            out = self._attend_groups(query, scaling) if out is None else out
         self.policy.after_forward(self.store, step)
         self._publish()
         return out.transpose(1, 2).contiguous()

@@ -134,11 +134,47 @@ def attention_column_sums_torch(
     bias on the diagonal block only, an in-place softmax, and the column sums as one mat-vec with the query
     weights. Blocks hold at most ``chunk`` queries, fewer when needed to stay cache-sized.
     """
+    return _blocked(queries, keys, None, valid, scaling, chunk)[0]
+
+
+def attention_and_column_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    *,
+    chunk: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output ``[B, Hq, Tq, D]`` (in ``values``' dtype) AND the column sums ``[B, H, S]`` of
+    :func:`attention_column_sums`, from one pass over the probabilities: on CPU, computing them once costs
+    far less than SDPA followed by a second pass. Rows of invalid queries are garbage (finite) and must be
+    ignored. ``values``: ``[B, H, S, D]``."""
+    if values.shape != keys.shape:
+        raise ValueError(f"values must have the keys' shape {tuple(keys.shape)}; got {tuple(values.shape)}")
+    total, out = _blocked(queries, keys, values, valid, scaling, chunk)
+    return out.to(values.dtype), total
+
+
+def _blocked(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor | None,
+    valid: torch.Tensor,
+    scaling: float,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The blocked loop of :func:`attention_column_sums_torch`; with ``values`` it also multiplies each
+    block's probabilities by the values (the attention output, ``[B, Hq, Tq, D]`` fp32)."""
     check_inputs(queries, keys, valid, chunk)
     (b, hq, tq, d), h, s = queries.shape, keys.shape[1], keys.shape[2]
     g, offset = hq // h, s - tq
     all_valid = bool(valid.all())
     q, k = _scaled_fp32_inputs(queries, keys, valid, scaling, all_valid)
+    v = None
+    if values is not None:
+        v = values.float() if all_valid else values.float().masked_fill(~valid[..., None], 0.0)  # no NaN * 0
+    out = None if values is None else torch.empty(b, h, g, tq, values.shape[-1], device=keys.device)
     invalid_slots = [] if all_valid else (~valid).any(dim=1).any(dim=0).nonzero().flatten().tolist()
     n_max = min(chunk, max(16, BLOCK_LOGITS // max(1, b * hq * s)))
     logits_buffer = torch.empty(b * hq * n_max * s, dtype=torch.float32, device=keys.device)
@@ -156,7 +192,9 @@ def attention_column_sums_torch(
         torch.softmax(logits, dim=-1, out=logits)  # in place (row-wise kernel): no second [G*n, K] tensor
         weights = valid[:, :, None, first:limit].expand(b, h, g, n).reshape(b, h, 1, g * n) / g  # [B, H, 1, G*n]
         total[..., :limit] += torch.matmul(weights, logits).squeeze(-2)
-    return total
+        if v is not None:
+            out[:, :, :, start:end] = torch.matmul(logits, v[:, :, :limit]).view(b, h, g, n, -1)
+    return total, None if out is None else out.view(b, hq, tq, -1)
 
 
 def _scaled_fp32_inputs(

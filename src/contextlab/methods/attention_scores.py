@@ -44,5 +44,8 @@ def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
 def accumulated_attention(inputs: ScoreInputs, chunk: int = 512) -> torch.Tensor:
     """``[B, H, S]`` attention each key received, summed over every query of this forward and averaged
     over the query heads of its group, ``chunk`` queries at a time (memory ``O(chunk * S)``): the column
-    sums of :mod:`contextlab.kernels.colsum` (Triton on CUDA, a blocked PyTorch path on CPU)."""
+    sums of :mod:`contextlab.kernels.colsum` (Triton on CUDA, a blocked PyTorch path on CPU), or those the
+    forward's own attention already produced (``inputs.column_sums``)."""
+    if inputs.column_sums is not None:
+        return inputs.column_sums
     return attention_column_sums(inputs.queries, inputs.keys, inputs.valid, inputs.scaling, chunk=chunk)

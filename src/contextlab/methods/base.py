@@ -169,7 +169,8 @@ class ScoreInputs:
     ``valid``: ``[B, 1 | H, S]`` False on padding and unused slots. ``positions``: ``[B, 1 | H, S]`` position
     of each slot's token in its row. ``keep``: ``[B]`` slots each row keeps under the plain budget (before
     per-layer/per-head rules). ``lengths``: ``[B]`` real tokens of each row's prompt. ``prior``: optional
-    ``[B, H, S]`` importance carried from earlier evictions (decode-time H2O).
+    ``[B, H, S]`` importance carried from earlier evictions (decode-time H2O). ``column_sums``: optional
+    ``[B, H, S]`` attention each slot received from these queries, when the forward already computed it.
     """
 
     queries: torch.Tensor
@@ -183,6 +184,7 @@ class ScoreInputs:
     layer_idx: int
     num_layers: int
     prior: torch.Tensor | None = None
+    column_sums: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -240,6 +242,11 @@ class PrefillMethod(Method):
     def layer_capacity(self, keep: int, length: int, num_layers: int, layer_idx: int) -> int:
         """Upper bound on the slots one layer keeps (to preallocate chunked prefill)."""
         return keep
+
+    @property
+    def uses_column_sums(self) -> bool:
+        """True when scoring needs the attention every slot received from all of a forward's queries."""
+        return False
 
     # -- decode-time use (see contextlab.methods.decode) -----------------------------------------------------
     def decode_queries(self, every: int) -> int:

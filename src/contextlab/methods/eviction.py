@@ -223,6 +223,10 @@ class H2O(PrefillMethod):
         check_number("recent", self.recent, 0.0, 1.0)
         check_int("chunk", self.chunk, 1)
 
+    @property
+    def uses_column_sums(self) -> bool:
+        return True
+
     def heavy(self, inputs: ScoreInputs) -> torch.Tensor:
         """``[B, H, S]`` attention accumulated by this step's queries, plus the carried ``prior``."""
         heavy = accumulated_attention(inputs, self.chunk)
@@ -321,6 +325,10 @@ class AdaKV(PrefillMethod):
         out = [p for p in super().params() if not p.startswith("scorer=")]
         nested = resolve_scorer(self.scorer, "adakv").nested()
         return out if nested == "snapkv" else [*out, f"scorer={nested}"]
+
+    @property
+    def uses_column_sums(self) -> bool:
+        return self.scoring.uses_column_sums
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return self.scoring.score(inputs)

@@ -5,6 +5,8 @@ A method builds one :class:`LayerPolicy` per attention layer (``Method.build``).
 decides anything itself. Policies are pure tensor code (no transformers):
 
 - :meth:`LayerPolicy.before_attend`: which slots this forward's queries read (None = every slot);
+- :meth:`LayerPolicy.attend`: compute this forward's attention itself (None = the layer's SDPA), e.g. to
+  get attention statistics in the same pass (H2O on CPU) or, later, sparse prefill patterns;
 - :meth:`LayerPolicy.after_forward`: after the layer attended, with this forward's queries; the place for
   prefill eviction (at the prompt's end, or after every chunk when chunked), decode eviction every N
   appended tokens, and per-slot metadata kept for later selection;
@@ -66,6 +68,10 @@ class LayerPolicy:
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
         return None
 
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        """``[B, Hq, Tq, D]`` attention output computed by the policy, or None to let the layer attend."""
+        return None
+
     def after_forward(self, store: DenseStore, step: Step) -> None:
         return None
 
@@ -97,6 +103,13 @@ class CompositePolicy(LayerPolicy):
             plan = part.before_attend(store, step)
             if plan is not None:
                 return plan  # composition allows one reading rule, so the first plan is the only one
+        return None
+
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        for part in self.parts:
+            out = part.attend(store, step)
+            if out is not None:
+                return out
         return None
 
     def after_forward(self, store: DenseStore, step: Step) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from contextlab.kernels.colsum import attention_and_column_sums
 from contextlab.methods.base import PrefillMethod, ScoreInputs, select_tokens
 from contextlab.methods.policy import LayerPolicy, Step
 from contextlab.store import DenseStore, SlotView
 
 
-def score_inputs(view: SlotView, step: Step, keep: torch.Tensor, lengths: torch.Tensor, prior=None) -> ScoreInputs:
+def score_inputs(
+    view: SlotView, step: Step, keep: torch.Tensor, lengths: torch.Tensor, prior=None, column_sums=None
+) -> ScoreInputs:
     """What a scorer sees of a store's view and a forward."""
     return ScoreInputs(
         queries=step.queries,
@@ -31,6 +34,7 @@ def score_inputs(view: SlotView, step: Step, keep: torch.Tensor, lengths: torch.
         layer_idx=step.layer_idx,
         num_layers=step.num_layers,
         prior=prior,
+        column_sums=column_sums,
     )
 
 
@@ -58,27 +62,45 @@ class PrefillEvictionPolicy(LayerPolicy):
     def __init__(self, method: PrefillMethod, layer_idx: int, num_layers: int) -> None:
         self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
         self.chunk = method.prefill_chunk_size()
+        self.column_sums: torch.Tensor | None = None  # from this forward's own attention (see attend)
 
-    def after_forward(self, store: DenseStore, step: Step) -> None:
+    def _evicts(self, store: DenseStore, step: Step) -> list[int] | None:
+        """Each row's budget when this forward ends with an eviction, else None."""
         if step.phase == "decode" or step.prompt_lengths is None:
-            return
+            return None
         if step.phase == "prefill" and self.chunk is None:
-            return  # the prompt arrives in pieces, but eviction waits for its end
+            return None  # the prompt arrives in pieces, but eviction waits for its end
         keeps = [self.method.prompt_keep(n) for n in step.prompt_lengths]
         if step.phase == "prefill" and store.length <= min(keeps):
-            return  # no row is over its budget yet (known without a device sync)
+            return None  # no row is over its budget yet (known without a device sync)
+        return keeps
+
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        """On CPU, scorers that need every query's attention (H2O) get it from the attention pass itself
+        instead of a second pass over the probabilities; CUDA keeps SDPA and the Triton column sums."""
+        self.column_sums = None
+        if not self.method.uses_column_sums or step.queries.is_cuda or step.tokens == 1 or store.split:
+            return None
+        if self._evicts(store, step) is None:
+            return None
+        view = store.view()
+        out, self.column_sums = attention_and_column_sums(
+            step.queries, view.keys, view.values, view.valid, step.scaling, chunk=getattr(self.method, "chunk", 512)
+        )
+        return out
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        keeps = self._evicts(store, step)
+        column_sums, self.column_sums = self.column_sums, None
+        if keeps is None:
+            return
         device = step.queries.device
         keep = torch.tensor(keeps, device=device)
         view = store.view()
         lengths = torch.tensor(step.prompt_lengths, device=device)
         more = step.phase == "prefill"  # more chunks follow: keep the buffer planned for budget + chunk
-        evict(
-            store,
-            self.method,
-            score_inputs(view, step, keep, lengths),
-            self.chunk if more else step.answer_room,
-            shrink=not more,
-        )
+        inputs = score_inputs(view, step, keep, lengths, column_sums=column_sums)
+        evict(store, self.method, inputs, self.chunk if more else step.answer_room, shrink=not more)
 
     def capacity_hint(self, columns: int) -> int:
         if self.chunk is None or self.chunk >= columns:

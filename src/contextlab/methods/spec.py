@@ -115,7 +115,9 @@ def list_methods() -> list[MethodInfo]:
         cls = METHODS.get(name)
         params = {}
         for f in dataclasses.fields(cls):
-            if f.name == "budget":
+            if f.name == "budget" and "help" in f.metadata:
+                params["budget"] = ("required", f.metadata["help"])
+            elif f.name == "budget":
                 params["ratio | budget"] = ("required", "fraction removed | tokens kept")
             else:
                 params[f.name] = (repr(f.default), f.metadata.get("help", ""))
