@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,6 +48,7 @@ CHUNKED = "snapkv:0.75,prefill_chunk=1024"
 H2O = "h2o:0.5"
 EARLY = (5, 15)  # decode steps averaged as "token ~10" (inclusive)
 LATE_HALF_WIDTH = 5  # "late" = the last 2 * this + 1 steps, centred on (generated - this)
+WARMUP_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -82,42 +86,59 @@ def random_ids(length: int) -> list[int]:
 
 
 # -- 1. decode: per-token time, in-place store vs cat path ---------------------------------------------------
-def timed_greedy(model, cache, logits: torch.Tensor, position: int, steps: int, device: str) -> list[float]:
-    """Greedy-decode ``steps`` tokens one forward at a time from ``logits [1, V]``; seconds per step.
-    Step ``k`` (0-based) feeds generated token ``k + 1`` at position ``position + k``."""
-    kwargs = {cache_kwarg(model): cache}
-    seconds = []
-    for step in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
-        positions = torch.tensor([[position + step]], device=device)
-        logits = model(input_ids=token, position_ids=positions, use_cache=True, **kwargs).logits[:, -1]
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+@dataclass
+class Decoder:
+    """One greedy decoding path: its cache, last logits ``[1, V]``, next position, and the attention context
+    the model must be in to use that cache."""
+
+    cache: object
+    logits: torch.Tensor
+    position: int
+    attention: Callable[[], AbstractContextManager]
 
 
-def contextlab_steps(model, tokenizer, ids: list[int], steps: int, device: str) -> list[float]:
+def contextlab_decoder(model, tokenizer, ids: list[int], steps: int) -> Decoder:
     done = cl.prefill(model, tokenizer, ids, method="full")
     done.cache.reserve(steps)  # what cl.generate does before decoding
-    with torch.inference_mode(), cl.attention_enabled(model):
-        return timed_greedy(model, done.cache, done.last_logits, len(ids), steps, device)
+    return Decoder(done.cache, done.last_logits, len(ids), lambda: cl.attention_enabled(model))
 
 
-def cat_path_steps(model, ids: list[int], steps: int, device: str) -> list[float]:
-    model.set_attn_implementation("sdpa")
+def cat_path_decoder(model, ids: list[int], device: str) -> Decoder:
+    model.set_attn_implementation("sdpa")  # outside cl.attention_enabled the model stays on sdpa
     cache = DynamicCache(config=model.config)
     prompt = torch.tensor([ids], device=device)  # [1, S]
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-        return timed_greedy(model, cache, out.logits[:, -1], len(ids), steps, device)
+    return Decoder(cache, out.logits[:, -1], len(ids), nullcontext)
+
+
+def timed_step(model, decoder: Decoder, device: str) -> float:
+    """Pick the next token greedily and feed it; seconds taken (argmax + one single-token forward)."""
+    with torch.inference_mode(), decoder.attention():
+        synchronize(device)
+        start = time.perf_counter()
+        token = decoder.logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+        positions = torch.tensor([[decoder.position]], device=device)
+        out = model(input_ids=token, position_ids=positions, use_cache=True, **{cache_kwarg(model): decoder.cache})
+        decoder.logits = out.logits[:, -1]
+        synchronize(device)
+        decoder.position += 1
+        return time.perf_counter() - start
+
+
+def interleaved_steps(model, decoders: dict[str, Decoder], steps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per step of every path, one step of each in turn, so load from other processes hits all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(steps):
+        for name, decoder in decoders.items():
+            seconds[name].append(timed_step(model, decoder, device))
+    return seconds
 
 
 def step_window(seconds: list[float], first: int, last: int) -> dict:
-    """Mean and median ms of the steps feeding generated tokens ``first``..``last`` (1-based, inclusive)."""
+    """Median and mean ms of the steps feeding generated tokens ``first``..``last`` (1-based, inclusive)."""
     window = [1000 * s for s in seconds[first - 1 : last]]
-    return {"from": first, "to": last, "mean_ms": statistics.mean(window), "median_ms": statistics.median(window)}
+    return {"from": first, "to": last, "median_ms": statistics.median(window), "mean_ms": statistics.mean(window)}
 
 
 def decode_row(path: str, context: int, seconds: list[float]) -> dict:
@@ -131,8 +152,10 @@ def decode_row(path: str, context: int, seconds: list[float]) -> dict:
         "late_token": centre,
         "early": early,
         "late": late,
-        "late_over_early": late["mean_ms"] / early["mean_ms"],
+        "late_over_early_median": late["median_ms"] / early["median_ms"],
+        "late_over_early_mean": late["mean_ms"] / early["mean_ms"],
         "total_decode_s": sum(seconds),
+        "step_ms": [round(1000 * s, 3) for s in seconds],
     }
 
 
@@ -140,12 +163,16 @@ def run_decode(model, tokenizer, settings: Settings, device: str) -> list[dict]:
     rows = []
     for context, steps in settings.decode:
         ids = random_ids(context)
-        rows.append(decode_row("contextlab full", context, contextlab_steps(model, tokenizer, ids, steps, device)))
-        rows.append(decode_row("cat path (DynamicCache)", context, cat_path_steps(model, ids, steps, device)))
-        for r in rows[-2:]:
+        decoders = {
+            "contextlab full": contextlab_decoder(model, tokenizer, ids, steps),
+            "cat path (DynamicCache)": cat_path_decoder(model, ids, device),
+        }
+        for name, seconds in interleaved_steps(model, decoders, steps, device).items():
+            rows.append(decode_row(name, context, seconds))
+            r = rows[-1]
             print(
-                f"decode {context:>6} {r['path']:<24} token {EARLY[0]}-{EARLY[1]}: {r['early']['mean_ms']:.2f} ms  "
-                f"token ~{r['late_token']}: {r['late']['mean_ms']:.2f} ms  x{r['late_over_early']:.2f}",
+                f"decode {context:>6} {name:<24} token {EARLY[0]}-{EARLY[1]}: {r['early']['median_ms']:.2f} ms  "
+                f"token ~{r['late_token']}: {r['late']['median_ms']:.2f} ms  x{r['late_over_early_median']:.2f}",
                 flush=True,
             )
     return rows
@@ -187,17 +214,32 @@ def timing_plan(settings: Settings, sections: list[str]) -> dict[int, list[str]]
     return dict(sorted(plan.items()))
 
 
+def prefill_call(model, tokenizer, ids: list[int], spec: str, samples: list[float]) -> Callable[[], None]:
+    """A prefill under ``spec`` that records the library's own prefill seconds in ``samples``."""
+
+    def call() -> None:
+        samples.append(cl.prefill(model, tokenizer, ids, method=spec).seconds)
+
+    return call
+
+
 def run_timing(model, tokenizer, plan: dict[int, list[str]], repeats: int, device: str) -> list[dict]:
+    """Round-robin medians per length. Each method is warmed once on a short prompt instead of a warm-up
+    round at full length, which would cost as much as a repeat."""
+    for spec in {s for specs in plan.values() for s in specs}:
+        cl.prefill(model, tokenizer, random_ids(WARMUP_TOKENS), method=spec)
     rows = []
     for length, specs in plan.items():
         ids = random_ids(length)
-        calls = {s: (lambda s=s, ids=ids: cl.prefill(model, tokenizer, ids, method=s)) for s in specs}
-        medians = interleaved_medians(calls, repeats=repeats, device=device)
+        samples: dict[str, list[float]] = {s: [] for s in specs}
+        calls = {s: prefill_call(model, tokenizer, ids, s, samples[s]) for s in specs}
+        medians = interleaved_medians(calls, repeats=repeats, warmup=0, device=device)
         for spec in specs[1:]:
             ratio = medians[spec] / medians["full"]
             rows.append(
                 {"length": length, "method": spec, "seconds": medians[spec], "full_seconds": medians["full"]}
                 | {"time_ratio": ratio, "overhead_pct": 100 * (ratio - 1)}
+                | {"runs_s": samples[spec], "full_runs_s": samples["full"]}
             )
             print(f"time {length:>6} {spec:<32} {medians[spec]:.3f}s vs full {medians['full']:.3f}s", flush=True)
     return rows
@@ -206,13 +248,15 @@ def run_timing(model, tokenizer, plan: dict[int, list[str]], repeats: int, devic
 # -- report --------------------------------------------------------------------------------------------------
 def decode_table(rows: list[dict]) -> str:
     out = [
-        "| cached tokens | path | generated | ms/token, tokens 5-15 | late tokens | ms/token, late | late / early |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| cached tokens | path | generated | ms/token, tokens 5-15 | late tokens | ms/token, late | late / early "
+        "| late / early (means) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['context']} | {r['path']} | {r['generated']} | {r['early']['mean_ms']:.2f} | "
-            f"{r['late']['from']}-{r['late']['to']} | {r['late']['mean_ms']:.2f} | {r['late_over_early']:.2f} |"
+            f"| {r['context']} | {r['path']} | {r['generated']} | {r['early']['median_ms']:.2f} | "
+            f"{r['late']['from']}-{r['late']['to']} | {r['late']['median_ms']:.2f} | "
+            f"{r['late_over_early_median']:.2f} | {r['late_over_early_mean']:.2f} |"
         )
     return "\n".join(out)
 
@@ -231,54 +275,54 @@ def peak_table(rows: list[dict]) -> str:
 
 
 def timing_table(rows: list[dict]) -> str:
-    out = ["| prompt | method | prefill s | full s | time / full | overhead |", "|---:|---|---:|---:|---:|---:|"]
+    out = [
+        "| prompt | method | prefill s | full s | time / full | overhead | runs, method (s) | runs, full (s) |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in rows:
+        runs, full_runs = (" / ".join(f"{x:.2f}" for x in r[key]) for key in ("runs_s", "full_runs_s"))
         out.append(
             f"| {r['length']} | {r['method']} | {r['seconds']:.3f} | {r['full_seconds']:.3f} | "
-            f"{r['time_ratio']:.3f} | {r['overhead_pct']:+.1f}% |"
+            f"{r['time_ratio']:.3f} | {r['overhead_pct']:+.1f}% | {runs} | {full_runs} |"
         )
     return "\n".join(out)
 
 
-def header(args: argparse.Namespace, settings: Settings) -> str:
+def header(args: argparse.Namespace, settings: Settings, run: dict) -> str:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     return (
         "# Core v2: in-place decode, chunked-prefill memory, prefill overheads\n\n"
         "Model: random-weight Llama (`benchmarks.prefill_overhead.small_model`), 4 layers, hidden 256, "
         f"4 query / 1 KV heads, {args.dtype}, on {args.device} ({device_name}, {torch.get_num_threads()} threads). "
-        f"torch {torch.__version__}, transformers {transformers.__version__}. "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.{' Quick run.' if args.quick else ''}\n"
+        f"torch {torch.__version__}, transformers {transformers.__version__}. {run['date']}. "
+        f"Wall time {run['wall_s']:.0f} s; load average (1 min) {run['load_start']:.2f} at start, "
+        f"{run['load_end']:.2f} at end (other processes share these cores).{' Quick run.' if args.quick else ''}\n\n"
+        f"Settings: `{settings}`\n"
     )
 
 
 DECODE_NOTE = (
-    "Per-step wall time (perf_counter around argmax + one single-token forward), mean over the window. "
-    "contextlab: `cl.prefill(method='full')`, `cache.reserve(generated)` as `cl.generate` does, then one "
-    "token at a time under `cl.attention_enabled`. Cat path: same model on sdpa with `transformers.DynamicCache`. "
-    "Fewer tokens are generated at the longest context to keep the run short, so its 'late' is the last "
-    "window generated, not token ~1000; past 32768 positions the random model runs beyond "
-    "max_position_embeddings, which changes nothing in cost."
+    "Per-step wall time (perf_counter around argmax + one single-token forward); each cell is the median over "
+    "its window of steps (the last column uses means instead). The two paths run one step each in turn, so "
+    "load from other processes hits both alike. contextlab: `cl.prefill(method='full')`, "
+    "`cache.reserve(generated)` as `cl.generate` does, then one token at a time under `cl.attention_enabled`. "
+    "Cat path: the same model on sdpa with `transformers.DynamicCache`. Fewer tokens are generated at the "
+    "longest context to keep the run short, so its 'late' window is the last one generated, not token ~1000; "
+    "past 32768 positions the random model runs beyond max_position_embeddings, which changes nothing in cost."
 )
 
 
-def report(args: argparse.Namespace, settings: Settings, results: dict[str, list[dict]]) -> str:
-    parts = [header(args, settings)]
+def report(args: argparse.Namespace, settings: Settings, results: dict[str, list[dict]], run: dict) -> str:
+    parts = [header(args, settings, run)]
     if "decode" in results:
-        parts += [
-            "## Decode: ms per token, in-place store vs cat path\n",
-            DECODE_NOTE + "\n",
-            decode_table(results["decode"]),
-        ]
+        parts += ["## Decode: ms per token, in-place store vs cat path\n", DECODE_NOTE + "\n"]
+        parts += [decode_table(results["decode"])]
     if "peak" in results:
-        parts += [
-            "\n## Prefill peak KV bytes (peak bytes allocated by the cache's stores)\n",
-            peak_table(results["peak"]),
-        ]
+        parts += ["\n## Prefill peak KV bytes (peak bytes allocated by the cache's stores)\n"]
+        parts += [peak_table(results["peak"])]
     if "timing" in results:
-        parts += [
-            f"\n## Prefill time against `full` (round-robin medians of {settings.repeats})\n",
-            timing_table(results["timing"]),
-        ]
+        parts += [f"\n## Prefill time against `full` (round-robin medians of {settings.repeats})\n"]
+        parts += [timing_table(results["timing"])]
     return "\n".join(parts) + "\n"
 
 
@@ -286,20 +330,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="short lengths and few tokens, for a smoke run")
+    parser.add_argument(
+        "--chunked-lengths", type=int, nargs="+", help="prompt lengths of the chunked section (default 16384 32768)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json")
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    settings = QUICK_RUN if args.quick else FULL_RUN
-    print(f"settings: {settings}", flush=True)
-    model, tokenizer = small_model(args.device, getattr(torch, args.dtype)), build_byte_tokenizer()
-    start = time.perf_counter()
+def run_sections(model, tokenizer, settings: Settings, args: argparse.Namespace) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
     if "decode" in args.sections:
         results["decode"] = run_decode(model, tokenizer, settings, args.device)
@@ -308,14 +349,29 @@ def main() -> None:
     plan = timing_plan(settings, args.sections)
     if plan:
         results["timing"] = run_timing(model, tokenizer, plan, settings.repeats, args.device)
-    print(f"wall time: {time.perf_counter() - start:.0f}s", flush=True)
-    text = report(args, settings, results)
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    settings = QUICK_RUN if args.quick else FULL_RUN
+    if args.chunked_lengths:
+        settings = replace(settings, chunked_lengths=tuple(args.chunked_lengths))
+    print(f"settings: {settings}", flush=True)
+    model, tokenizer = small_model(args.device, getattr(torch, args.dtype)), build_byte_tokenizer()
+    run = {"date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "load_start": os.getloadavg()[0]}
+    start = time.perf_counter()
+    results = run_sections(model, tokenizer, settings, args)
+    run |= {"wall_s": time.perf_counter() - start, "load_end": os.getloadavg()[0]}
+    text = report(args, settings, results, run)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"core_v2_{args.device.split(':')[0]}{'_quick' if args.quick else ''}"
-    (RESULTS / f"{stem}.md").write_text(text)
-    payload = {"settings": asdict(settings), "threads": torch.get_num_threads(), "results": results}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"core_v2_{args.device.split(':')[0]}"
+    (args.out / f"{stem}.md").write_text(text)
+    payload = {"settings": asdict(settings), "threads": torch.get_num_threads(), "run": run, "results": results}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

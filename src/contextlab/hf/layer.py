@@ -54,7 +54,7 @@ class ContextlabLayer(DynamicLayer):
         self.state = state or CacheState()
         self.store = DenseStore(self.state.tracker)
         self.seen = 0  # logical columns fed so far
-        self.row_tokens: torch.Tensor | None = None  # [B] real tokens per row so far
+        self.row_tokens: torch.Tensor | None = None  # [B, 1] real tokens per row so far
         self.waiting = 0  # tokens appended but not attended yet
 
     # -- transformers' Cache layer interface ---------------------------------------------------------
@@ -102,7 +102,7 @@ class ContextlabLayer(DynamicLayer):
             return
         n = -tokens_to_remove
         g = self.store.groups[0]
-        removed = n if g.valid is None else g.valid[:, 0, g.length - n : g.length].sum(-1)
+        removed = n if g.valid is None else g.valid[:, 0, g.length - n : g.length].sum(-1, keepdim=True)
         self.row_tokens = self.row_tokens - removed
         self.store.crop(n)
         self.seen -= n
@@ -172,14 +172,19 @@ class ContextlabLayer(DynamicLayer):
             return "decode"
         return "prompt_end" if self.seen == end else "prefill"
 
-    def _advance_rows(self, valid: torch.Tensor | None, tq: int, batch: int, device) -> torch.Tensor:
-        """``[B, Tq]`` positions of the new tokens in their rows (a padding token repeats the last one)."""
+    def _advance_rows(self, valid: torch.Tensor | None, tq: int, batch: int, device) -> torch.Tensor | None:
+        """Count the new real tokens of each row; returns their positions ``[B, Tq]`` (a padding token
+        repeats the last one) only when the store keeps positions (after an eviction)."""
         if self.row_tokens is None:
-            self.row_tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        steps = torch.arange(1, tq + 1, device=device).expand(batch, tq) if valid is None else valid.long().cumsum(-1)
-        positions = (self.row_tokens[:, None] + steps - 1).clamp(min=0)
-        self.row_tokens = self.row_tokens + steps[:, -1]
-        return positions
+            self.row_tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        before = self.row_tokens
+        if valid is None:
+            self.row_tokens = before + tq
+            steps = torch.arange(1, tq + 1, device=device) if self.store.keeps_positions else None
+        else:
+            steps = valid.long().cumsum(-1)  # [B, Tq]
+            self.row_tokens = before + steps[:, -1:]
+        return None if steps is None else (before + steps - 1).clamp(min=0)
 
     def _attend_groups(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         groups = self.store.groups

@@ -127,6 +127,11 @@ class DenseStore:
         """True when heads are stored in more than one group."""
         return len(self.groups) > 1
 
+    @property
+    def keeps_positions(self) -> bool:
+        """True once slots carry explicit positions (after an eviction)."""
+        return any(g.positions is not None for g in self.groups)
+
     def nbytes(self) -> int:
         """Bytes held: every buffer at its capacity, metadata included."""
         return sum(g.nbytes() for g in self.groups)
@@ -165,8 +170,9 @@ class DenseStore:
             g.length = need
         self.fresh += t
 
-    def mark_new(self, count: int, valid: torch.Tensor | None, positions: torch.Tensor) -> None:
-        """Validity ``[B, count]`` (None = all valid) and positions ``[B, count]`` of the newest slots."""
+    def mark_new(self, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        """Validity ``[B, count]`` (None = all valid) and positions ``[B, count]`` of the newest slots
+        (needed once the store :attr:`keeps_positions`)."""
         for g in self.groups:
             span = slice(g.length - count, g.length)
             if valid is not None:
