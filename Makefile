@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# The report test renders the page in headless Chromium (Debian's package); without root/apt it is skipped.
+# The report test renders the page in headless Chromium (Debian's package). `make test` installs it only on CI
+# (CI=true); elsewhere run `make browser` once to enable that test, which otherwise skips with a one-line reason.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "note: chromium is not installed; the report-rendering test will be skipped"
 
-test: setup browser
+test: setup
+	@if [ "$${CI:-}" = "true" ]; then $(MAKE) --no-print-directory browser; fi
 	$(BIN)/python -m pytest
 
 bench: setup

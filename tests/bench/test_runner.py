@@ -172,7 +172,7 @@ def test_report_renders_offline(finished_run, tmp_path):
 
 @pytest.mark.skipif(
     not any(Path(p).exists() for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")),
-    reason="Debian's chromium is not installed (make test installs it where apt is usable)",
+    reason="Debian's chromium is not installed: run `make browser` once to enable this test (CI installs it)",
 )
 def test_report_page_renders_in_headless_chromium(finished_run, tmp_path):
     page = write_report(finished_run.run_dir, tmp_path / "report")
