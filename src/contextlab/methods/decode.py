@@ -57,8 +57,14 @@ class DecodeEviction(Method):
             )
 
     @cached_property
+    def scorer_method(self) -> PrefillMethod:
+        """The scorer as given, resolved and checked (no budget)."""
+        return resolve_scorer(self.scorer, "decode", DECODE_SCORERS)
+
+    @cached_property
     def scoring(self) -> PrefillMethod:
-        return with_budget(resolve_scorer(self.scorer, "decode", DECODE_SCORERS), self.budget)
+        """The scorer with this method's budget."""
+        return with_budget(self.scorer_method, self.budget)
 
     @property
     def compresses(self) -> bool:
@@ -66,7 +72,7 @@ class DecodeEviction(Method):
 
     def params(self) -> list[str]:
         out = [p for p in super().params() if not p.startswith("scorer=")]
-        return [f"scorer={resolve_scorer(self.scorer, 'decode', DECODE_SCORERS).nested()}", *out]
+        return [f"scorer={self.scorer_method.nested()}", *out]
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return DecodeEvictionPolicy(self, layer_idx, num_layers)

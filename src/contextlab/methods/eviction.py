@@ -319,11 +319,16 @@ class AdaKV(PrefillMethod):
     @cached_property
     def scoring(self) -> PrefillMethod:
         """The scorer, with this method's budget."""
-        return with_budget(resolve_scorer(self.scorer, "adakv"), self.budget)
+        return with_budget(self.scorer_method, self.budget)
+
+    @cached_property
+    def scorer_method(self) -> PrefillMethod:
+        """The scorer as given, resolved and checked (no budget)."""
+        return resolve_scorer(self.scorer, "adakv")
 
     def params(self) -> list[str]:
         out = [p for p in super().params() if not p.startswith("scorer=")]
-        nested = resolve_scorer(self.scorer, "adakv").nested()
+        nested = self.scorer_method.nested()
         return out if nested == "snapkv" else [*out, f"scorer={nested}"]
 
     @property
