@@ -32,7 +32,12 @@ def _csv(text: str) -> list[str]:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder or hub id (default: the bundled reference model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="named model (smollm2-135m-instruct, gemma3-270m, reference), a .gguf file, a model folder or a hub "
+        "id (default: smollm2-135m-instruct)",
+    )
     p.add_argument("--methods", default=None, help="comma-separated method specs, e.g. full,snapkv:0.5")
     p.add_argument("--tasks", default=None, help="comma-separated task specs, e.g. niah_single_2,vt:num_hops=2")
     p.add_argument("--lengths", default=None, help="comma-separated lengths, e.g. 1k,2k,4k")

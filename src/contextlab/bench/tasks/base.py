@@ -15,6 +15,7 @@ import numpy as np
 
 from contextlab.bench.metrics import METRIC_FUNCTIONS
 from contextlab.bench.tasks.text import TokenizedHaystack
+from contextlab.chat import chat_frame
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,25 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def prefix_ids(tokenizer) -> list[int]:
-    """The tokens a tokenizer puts before a sequence (usually just BOS), found by encoding one word."""
+    """The tokens before the context: a chat model's template head (BOS, system turn, user header), else
+    what the tokenizer puts before a sequence (usually just BOS), found by encoding one word."""
+    frame = chat_frame(tokenizer)
+    if frame is not None:
+        return list(frame.head)
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     n = len(with_special) - len(without)
     return list(with_special[:n]) if n > 0 and with_special[n:] == without else []
 
 
-def question_ids(tokenizer, question: str) -> list[int]:
-    """The question block that follows the context; the model answers right after it."""
-    return encode(tokenizer, f"\n\nQuestion: {question}\nAnswer:")
+def question_ids(tokenizer, question: str, answer_prefix: str = "Answer:") -> list[int]:
+    """The question block that follows the context; the model answers right after it. For a chat model the
+    block closes the user turn and opens the assistant's, which starts with ``answer_prefix`` (RULER's
+    practice for chat models)."""
+    frame = chat_frame(tokenizer)
+    if frame is None:
+        return encode(tokenizer, f"\n\nQuestion: {question}\n{answer_prefix}")
+    return encode(tokenizer, f"\n\nQuestion: {question}") + list(frame.tail) + encode(tokenizer, answer_prefix)
 
 
 def depth_grid(num_samples: int, depths: Sequence[float] | None, rng: random.Random | None) -> list[float]:
