@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list every method with its parameters and paper")
     p.add_argument("--width", type=int, default=None, help="table width (default: terminal width)")
     p = sub.add_parser("generate", help="answer a question about a long context with a method")
-    p.add_argument("--model", default="reference", help="local folder, hub id, or 'reference' (bundled)")
+    p.add_argument(
+        "--model",
+        default="reference",
+        help="named model (smollm2-135m-instruct, gemma3-270m, reference), a .gguf file, a folder or a hub id",
+    )
     p.add_argument("--method", default="full", help="method spec, e.g. snapkv:0.5 or streaming:sink=4,window=1020")
     p.add_argument("--context-file", required=True, help="UTF-8 text file holding the context")
     p.add_argument("--question", default=None, help="question asked after the context")

@@ -36,6 +36,7 @@ def generate(
     max_new_tokens: int = 32,
     question_aware: bool = True,
     allow_beyond_window: bool = False,
+    chat_template: bool = True,
 ) -> GenerationResult:
     """Answer ``question`` about ``context`` (text or token ids; one or a list) under ``method``.
 
@@ -44,10 +45,12 @@ def generate(
     Greedy decoding stops at the end-of-sequence token or after ``max_new_tokens``.
     ``allow_beyond_window`` lets a prompt run past the model's ``max_position_embeddings`` (to measure
     how a model fails there); otherwise that is an error.
+    ``chat_template``: when the context and question are text and the tokenizer has a chat template, put
+    them in one user turn of that template, the answer starting the assistant turn (False: plain text).
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    method, plan, batched = prepare(model, tokenizer, context, question, method, question_aware)
+    method, plan, batched = prepare(model, tokenizer, context, question, method, question_aware, chat_template)
     check_window(model, plan, max_new_tokens, allow_beyond_window)
     with torch.inference_mode(), contextlab_attention_enabled(model):
         done = run_prefill(model, tokenizer, plan, method, max_new_tokens)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from contextlab.chat import ChatFrame, chat_frame
+
 TextOrIds = str | Sequence[int]
 
 
@@ -31,28 +33,49 @@ def to_ids(tokenizer, value: TextOrIds, *, special: bool, what: str) -> list[int
     return ids
 
 
-def normalise(tokenizer, context, question) -> tuple[list[list[int]], list[list[int]] | None, bool]:
-    """(context rows, question rows or None, whether the input was a batch); raises on empty input."""
+def normalise(
+    tokenizer, context, question, *, chat_template: bool = True
+) -> tuple[list[list[int]], list[list[int]] | None, bool]:
+    """(context rows, question rows or None, whether the input was a batch); raises on empty input.
+
+    When the context and question are both text and the tokenizer has a chat template (and
+    ``chat_template`` is True), each row becomes one user turn: the template's head + context, then
+    two newlines, the question and the template's tail (the assistant header). Token ids are always taken
+    as given.
+    """
     batched = is_batch(context)
     contexts = list(context) if batched else [context]
+    questions = None
     if question is not None:
         questions = list(question) if is_batch(question) else [question]
         if len(questions) == 1 and len(contexts) > 1:
             questions = questions * len(contexts)
         if len(questions) != len(contexts):
             raise ValueError(f"got {len(contexts)} contexts but {len(questions)} questions")
+    frame = _frame_for(tokenizer, contexts, questions) if chat_template else None
     ctx_ids = []
     for i, c in enumerate(contexts):
-        ids = to_ids(tokenizer, c, special=True, what="context")
+        ids = to_ids(tokenizer, c, special=frame is None, what="context")
         if not ids or (isinstance(c, str) and not c.strip()):
             raise ValueError(f"context {i} is empty" if batched else "the context is empty")
-        ctx_ids.append(ids)
+        ctx_ids.append(list(frame.head) + ids if frame else ids)
     q_ids = None
-    if question is not None:
+    if questions is not None:
         q_ids = [to_ids(tokenizer, q, special=False, what="question") for q in questions]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("a question is empty; pass question=None to continue the context instead")
+        if frame is not None:
+            q_ids = [
+                to_ids(tokenizer, "\n\n" + q, special=False, what="question") + list(frame.tail) for q in questions
+            ]
     return ctx_ids, q_ids, batched
+
+
+def _frame_for(tokenizer, contexts: list, questions: list | None) -> ChatFrame | None:
+    """The chat frame to wrap text rows in: only when every context and question is text."""
+    if questions is None or not all(isinstance(v, str) for v in (*contexts, *questions)):
+        return None
+    return chat_frame(tokenizer)
 
 
 @dataclass

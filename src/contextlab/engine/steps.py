@@ -55,11 +55,13 @@ class Decoded:
     pending: torch.Tensor
 
 
-def prepare(model, tokenizer, context, question, method, question_aware: bool) -> tuple[Method, Plan, bool]:
+def prepare(
+    model, tokenizer, context, question, method, question_aware: bool, chat_template: bool = True
+) -> tuple[Method, Plan, bool]:
     """Check the model, build the method and lay out what is prefilled (see :class:`Plan`)."""
     check_supported(model.config)
     method = build_method(method)
-    contexts, questions, batched = normalise(tokenizer, context, question)
+    contexts, questions, batched = normalise(tokenizer, context, question, chat_template=chat_template)
     if questions is None:
         plan = Plan(prompt=contexts, after=None, questions=None)
     elif question_aware:
