@@ -1,0 +1,71 @@
+"""Shared by the accuracy benchmarks on real models: run a method over task samples, score, summarise.
+
+Each sample is one ``cl.generate`` call at batch size 1 (the answer, not the speed, is measured here), so
+results do not depend on padding or batch composition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import contextlab as cl
+from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.report import interval
+from contextlab.bench.tasks import TASKS
+from contextlab.bench.tasks.base import Sample
+
+
+@dataclass
+class Cell:
+    """Scores of one (model, method, setting) cell."""
+
+    label: str
+    scores: list[float]
+    seconds: float
+
+    def row(self) -> list[str]:
+        stat = interval(self.scores)
+        return [self.label, f"{stat.mean:.2f}", f"[{stat.low:.2f}, {stat.high:.2f}]", str(len(self.scores))]
+
+
+def samples(
+    tokenizer, task: str, length: int, n: int, seed: int, depths: Sequence[float] | None = None
+) -> list[Sample]:
+    params = {"num_samples": n}
+    if depths is not None:
+        params["depths"] = list(depths)
+    return TASKS.get(task)(tokenizer, length, seed, **params)
+
+
+def run_cell(
+    model,
+    tokenizer,
+    label: str,
+    method: str,
+    items: Sequence[Sample],
+    *,
+    question_aware: bool = True,
+    max_new_tokens: int = 12,
+    allow_beyond_window: bool = False,
+) -> Cell:
+    start, scores = time.perf_counter(), []
+    for s in items:
+        out = cl.generate(
+            model,
+            tokenizer,
+            s.context_ids,
+            s.question_ids,
+            method=method,
+            max_new_tokens=max_new_tokens,
+            question_aware=question_aware,
+            allow_beyond_window=allow_beyond_window,
+        )
+        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+    return Cell(label, scores, time.perf_counter() - start)
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
