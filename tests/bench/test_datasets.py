@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -122,8 +123,16 @@ def test_dataset_errors_name_the_problem(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
         TASKS.get("longbench")(tokenizer, 1000, 0, path=str(broken))
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q"}])
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="lacks") as err:
         TASKS.get("longbench")(tokenizer, 1000, 0, path=wrong)
+    # The fix named is a real task spec (there is no format flag): the task and its parameters.
+    assert "longbench:path=FILE.jsonl[,subset=DATASET]" in str(err.value) and "--dataset-format" not in str(err.value)
+    v2 = {"question": "q", "choice_A": "a", "choice_B": "b", "answer": "A", "context": DOC}
+    other = write_jsonl(tmp_path / "v2.jsonl", [v2])
+    hint = f"looks like a longbench_v2 record: use the task spec longbench_v2:path={other}"
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        TASKS.get("longbench")(tokenizer, 1000, 0, path=other)
+    assert TASKS.get("longbench_v2")(tokenizer, 1000, 0, path=other)  # and that spec reads it
 
 
 def test_dataset_samples_run_through_generate(tmp_path, tokenizer, llama):

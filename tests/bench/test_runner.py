@@ -33,7 +33,7 @@ COMPARED = (
 
 
 def small_spec(model_dir, **overrides) -> RunSpec:
-    spec = RunSpec(
+    settings = dict(
         model=str(model_dir),
         methods=["full", "snapkv:0.5", "streaming:0.5"],
         tasks=["niah_single_1", "scbench_kv:num_turns=2,num_needles=3"],
@@ -42,9 +42,7 @@ def small_spec(model_dir, **overrides) -> RunSpec:
         batch_size=2,
         max_new_tokens=8,
     )
-    for key, value in overrides.items():
-        setattr(spec, key, value)
-    return spec
+    return RunSpec(**{**settings, **overrides})
 
 
 def compared(rows: list[dict], columns: tuple[str, ...] = COMPARED) -> list[tuple]:

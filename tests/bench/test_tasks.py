@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import random
 
 import pytest
 
@@ -98,3 +99,42 @@ def test_scbench_turns_ask_different_things(tokenizer):
     assert len(s.all_turns) == 3 and len({t.answers[0] for t in s.all_turns}) == 3
     with pytest.raises(ValueError, match="cannot exceed"):
         TASKS.get("scbench_kv")(tokenizer, 1500, 1, num_turns=6, num_needles=5)
+
+
+def test_needle_samples_builds_exact_samples_from_what_a_task_decides(tokenizer, kjv):
+    from contextlab.bench.tasks.base import Needles, encode, needle_samples
+
+    def make(rng, depth):
+        words = [f"needle{i}x{rng.randrange(1000)}" for i in range(3)]
+        return Needles(
+            ids=[encode(tokenizer, f" {w}.") for w in words],
+            depths=[depth, 0.9, 0.1],
+            question="Which words?",
+            answers=words[:2],
+            reported=[1, 0],
+        )
+
+    samples = needle_samples(tokenizer, kjv, make, task="t", length=700, seed=5, num_samples=3, params={"k": 1})
+    assert [s.depth for s in samples] == [0.0, 0.5, 1.0]
+    assert samples == needle_samples(tokenizer, kjv, make, task="t", length=700, seed=5, num_samples=3, params={"k": 1})
+    for s in samples:
+        assert len(s.context_ids) + len(s.question_ids) == s.length == 700
+        assert s.target == " " + ", ".join(s.answers) and s.metric == "string_match_all" and s.task == "t"
+        assert [tokenizer.decode(s.context_ids[a:b]).strip(" .") for a, b in s.needle_spans] == s.answers[::-1]
+    samples[0].params["k"] = 2
+    assert samples[1].params == {"k": 1}  # each sample owns its params
+
+
+def test_a_sample_may_bring_its_own_filler(tokenizer):
+    import numpy as np
+
+    from contextlab.bench.tasks.base import Needles, needle_sample
+
+    class Dots:
+        def filler(self, n_tokens, rng):
+            return np.full(n_tokens, tokenizer.convert_tokens_to_ids("."), dtype=np.int64), np.zeros(1, np.int64)
+
+    needles = Needles(ids=[[1, 2]], depths=[0.5], question="Q?", answers=["a"], target=" A", haystack=Dots())
+    s = needle_sample(tokenizer, None, needles, task="t", length=200, seed=0, depth=0.5, rng=random.Random(0))
+    assert s.target == " A" and s.length == 200
+    assert set(s.context_ids) - {1, 2} <= {tokenizer.convert_tokens_to_ids("."), *tokenizer.all_special_ids}

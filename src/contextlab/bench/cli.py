@@ -67,23 +67,22 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec_from(args: argparse.Namespace):
+    """The run spec of the flags given; a flag left out keeps the spec's default."""
     from contextlab.bench.spec import RunSpec
 
-    spec = RunSpec()
-    if args.model:
-        spec.model = args.model
-    if args.methods:
-        spec.methods = _csv(args.methods)
-    if args.tasks:
-        spec.tasks = _csv(args.tasks)
-    if args.lengths:
-        spec.lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
-    for name in ("samples", "batch_size", "max_new_tokens", "seed", "device", "shared_mode"):
-        if getattr(args, name) is not None:
-            setattr(spec, name, getattr(args, name))
-    spec.question_aware = not args.context_only_compression
-    spec.allow_beyond_window = args.allow_beyond_window
-    return spec
+    given = {
+        "model": args.model or None,
+        "methods": _csv(args.methods) if args.methods else None,
+        "tasks": _csv(args.tasks) if args.tasks else None,
+        "lengths": [parse_length(x) for x in args.lengths.split(",") if x.strip()] if args.lengths else None,
+        **{name: getattr(args, name) for name in ("samples", "batch_size", "max_new_tokens", "seed", "device")},
+        "shared_mode": args.shared_mode,
+    }
+    return RunSpec(
+        **{name: value for name, value in given.items() if value is not None},
+        question_aware=not args.context_only_compression,
+        allow_beyond_window=args.allow_beyond_window,
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

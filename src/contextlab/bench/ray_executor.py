@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from contextlab.bench.row import ResultRow
 from contextlab.bench.runner import Cell, RunContext, run_cell
 from contextlab.bench.spec import RunSpec
 
@@ -26,14 +27,14 @@ class CellWorker:
         model, tokenizer = load(spec.model, device=device)
         self.ctx = RunContext(model=model, tokenizer=tokenizer, spec=spec, device_name=device_name, versions=versions)
 
-    def run(self, cell: Cell, indices: list[int]) -> list[dict]:
+    def run(self, cell: Cell, indices: list[int]) -> list[ResultRow]:
         return [row for rows in run_cell(self.ctx, cell, indices) for row in rows]
 
 
 def execute_ray(
     spec: RunSpec,
     work: list[tuple[Cell, list[int]]],
-    write: Callable[[list[dict]], None],
+    write: Callable[[list[ResultRow]], None],
     advance: Callable[[int], None],
     *,
     workers: int = 1,
@@ -57,7 +58,7 @@ def execute_ray(
         todo = [(cell, indices) for cell, indices in work if indices]
         for rows in pool.map_unordered(lambda a, item: a.run.remote(*item), todo):
             write(rows)
-            advance(len({r["sample_index"] for r in rows}))
+            advance(len({r.sample_index for r in rows}))
     finally:
         if started_here:
             ray.shutdown()

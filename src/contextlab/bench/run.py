@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from contextlab.bench.row import ResultRow
 from contextlab.bench.runner import (
     RunContext,
     RunSummary,
@@ -60,8 +61,7 @@ def run_benchmark(
         store = RunStore.open(resume)
         spec = store.spec()
     else:
-        spec = spec or RunSpec()
-        spec.validate()
+        spec = spec or RunSpec()  # a RunSpec is checked when built
         store = None
     model, tokenizer = load(spec.model, device=spec.device or ("cuda" if torch.cuda.is_available() else None))
     device = next(model.parameters()).device
@@ -85,7 +85,7 @@ def run_benchmark(
         store = RunStore.create(run_dir, spec, env)
         _link_latest(run_dir)
 
-    def write(rows: list[dict]) -> None:
+    def write(rows: list[ResultRow]) -> None:
         nonlocal written
         store.add_rows(rows)
         written += len(rows)

@@ -13,11 +13,12 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from contextlab.bench.metrics import score
+from contextlab.bench.row import ResultRow
 from contextlab.bench.spec import RunSpec, TaskSpec
 from contextlab.bench.tasks import TASKS, Sample
 from contextlab.engine.generate import generate
@@ -115,7 +116,7 @@ def pending_indices(cell: Cell, samples: list[Sample], done: set[tuple]) -> list
     ]
 
 
-def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[dict]]:
+def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[ResultRow]]:
     """Rows of the given samples of a cell, one list per finished batch."""
     samples = ctx.task_samples(cell.task, cell.length)
     size = ctx.spec.batch_size
@@ -128,7 +129,31 @@ def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[d
         yield rows
 
 
-def _plain_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[dict]:
+@dataclass(frozen=True)
+class BatchCost:
+    """A batch's cost as each of its rows records it: bytes and seconds divided by the batch size, the peak
+    memory the batch's."""
+
+    kv_bytes: int
+    kv_bytes_full: int
+    peak_memory_bytes: int
+    prefill_seconds: float
+    decode_seconds: float
+    batch_size: int
+
+    @classmethod
+    def of(cls, out, n: int, prefill_seconds: float, decode_seconds: float) -> BatchCost:
+        return cls(
+            kv_bytes=out.kv_bytes // n,
+            kv_bytes_full=out.kv_bytes_full // n,
+            peak_memory_bytes=out.peak_memory_bytes,
+            prefill_seconds=prefill_seconds / n,
+            decode_seconds=decode_seconds / n,
+            batch_size=n,
+        )
+
+
+def _plain_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[ResultRow]:
     spec, n = ctx.spec, len(samples)
     out = generate(
         ctx.model,
@@ -140,21 +165,14 @@ def _plain_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: li
         question_aware=spec.question_aware,
         allow_beyond_window=spec.allow_beyond_window,
     )
-    costs = {
-        "kv_bytes": out.kv_bytes // n,
-        "kv_bytes_full": out.kv_bytes_full // n,
-        "peak_memory_bytes": out.peak_memory_bytes,
-        "prefill_seconds": out.prefill_seconds / n,
-        "decode_seconds": out.decode_seconds / n,
-        "batch_size": n,
-    }
+    cost = BatchCost.of(out, n, out.prefill_seconds, out.decode_seconds)
     return [
-        _row(ctx, cell, s, i, 0, s.all_turns[0], text, len(tokens), costs)
+        _row(ctx, cell, s, i, 0, text, len(tokens), cost)
         for s, i, text, tokens in zip(samples, indices, out.texts, out.token_ids, strict=True)
     ]
 
 
-def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[dict]:
+def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[ResultRow]:
     spec, n = ctx.spec, len(samples)
     session = Session(
         ctx.model,
@@ -169,46 +187,41 @@ def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: l
     )
     rows = []
     for turn in range(len(samples[0].all_turns)):
-        asked = [s.all_turns[turn] for s in samples]
-        result = session.ask([t.question_ids for t in asked], spec.max_new_tokens)
-        costs = {
-            "kv_bytes": result.kv_bytes // n,
-            "kv_bytes_full": result.kv_bytes_full // n,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "prefill_seconds": session.prefill_seconds / n if turn == 0 else 0.0,
-            "decode_seconds": result.seconds / n,
-            "batch_size": n,
-        }
+        result = session.ask([s.all_turns[turn].question_ids for s in samples], spec.max_new_tokens)
+        cost = BatchCost.of(result, n, session.prefill_seconds if turn == 0 else 0.0, result.seconds)
         rows += [
-            _row(ctx, cell, s, i, turn, t, text, len(tokens), costs)
-            for s, i, t, text, tokens in zip(samples, indices, asked, result.texts, result.token_ids, strict=True)
+            _row(ctx, cell, s, i, turn, text, len(tokens), cost)
+            for s, i, text, tokens in zip(samples, indices, result.texts, result.token_ids, strict=True)
         ]
     return rows
 
 
-def _row(ctx, cell, sample, index, turn, asked, text, new_tokens, costs) -> dict:
-    return {
-        "method": cell.method,
-        "task": cell.task.key,
-        "length": cell.length,
-        "sample_index": index,
-        "turn": turn,
-        "task_name": cell.task.name,
-        "task_params": json.dumps(cell.task.params, sort_keys=True),
-        "seed": sample.seed,
-        "depth": sample.depth,
-        "metric": asked.metric,
-        "score": score(asked.metric, text, asked.answers),
-        "prediction": text,
-        "answers": json.dumps(asked.answers),
-        "prompt_tokens": sample.length,
-        "prompt_chars": len(ctx.tokenizer.decode(sample.context_ids + asked.question_ids)),
-        "new_tokens": new_tokens,
-        **costs,
-        "model": ctx.spec.model,
-        "device": ctx.device_name,
-        "versions": ctx.versions,
-    }
+def _row(
+    ctx: RunContext, cell: Cell, sample: Sample, index: int, turn: int, text: str, new_tokens: int, cost: BatchCost
+) -> ResultRow:
+    asked = sample.all_turns[turn]
+    return ResultRow(
+        method=cell.method,
+        task=cell.task.key,
+        length=cell.length,
+        sample_index=index,
+        turn=turn,
+        task_name=cell.task.name,
+        task_params=json.dumps(cell.task.params, sort_keys=True),
+        seed=sample.seed,
+        depth=sample.depth,
+        metric=asked.metric,
+        score=score(asked.metric, text, asked.answers),
+        prediction=text,
+        answers=json.dumps(asked.answers),
+        prompt_tokens=sample.length,
+        prompt_chars=len(ctx.tokenizer.decode(sample.context_ids + asked.question_ids)),
+        new_tokens=new_tokens,
+        **asdict(cost),
+        model=ctx.spec.model,
+        device=ctx.device_name,
+        versions=ctx.versions,
+    )
 
 
 @dataclass
@@ -227,11 +240,11 @@ class RunSummary:
 def execute_local(
     ctx: RunContext,
     work: list[tuple[Cell, list[int]]],
-    write: Callable[[list[dict]], None],
+    write: Callable[[list[ResultRow]], None],
     advance: Callable[[int], None],
 ) -> None:
     """Run each cell's pending samples in this process, storing every batch as it finishes."""
     for cell, indices in work:
         for rows in run_cell(ctx, cell, indices):
             write(rows)
-            advance(len({r["sample_index"] for r in rows}))
+            advance(len({r.sample_index for r in rows}))

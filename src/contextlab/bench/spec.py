@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from contextlab.bench.tasks import SHARED_CONTEXT_TASKS, TASKS
 from contextlab.methods.spec import build_method
@@ -52,8 +52,11 @@ class TaskSpec:
         return self.name in SHARED_CONTEXT_TASKS
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSpec:
+    """One benchmark run's settings, checked when built (a bad method, task or length fails here, before any
+    model loads). Frozen: change a setting with ``dataclasses.replace(spec, samples=4)``."""
+
     model: str = DEFAULT_MODEL
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
@@ -67,8 +70,8 @@ class RunSpec:
     shared_mode: str = "turns"
     allow_beyond_window: bool = False
 
-    def validate(self) -> None:
-        """Raise ValueError naming every problem with the spec."""
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the first problem with the spec."""
         if not self.methods or not self.tasks or not self.lengths:
             raise ValueError("a run needs at least one method, one task and one length")
         for spec in self.methods:
@@ -96,4 +99,14 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, text: str) -> RunSpec:
-        return cls(**json.loads(text))
+        """The spec :meth:`to_json` wrote; a spec from another contextlab version (keys this one does not know,
+        or lacks) is refused with both lists named rather than half-read."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a run spec is a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+        problems = [f"{kind} keys {keys}" for kind, keys in (("unknown", unknown), ("missing", missing)) if keys]
+        if problems:
+            raise ValueError(f"run spec from another contextlab version: {'; '.join(problems)}")
+        return cls(**data)

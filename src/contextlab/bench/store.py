@@ -2,49 +2,23 @@
 
 Rows are written in a transaction as soon as their batch finishes, so a run killed at any point loses at
 most the batch in flight and resumes without redoing anything. The file is marked with an application id,
-so a foreign or corrupt file is refused instead of being appended to.
+so a foreign or corrupt file is refused instead of being appended to. The ``samples`` table's columns are
+the fields of :class:`~contextlab.bench.row.ResultRow`.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from contextlab.bench.row import COLUMNS, INSERTED, ResultRow
 from contextlab.bench.spec import RunSpec
 
 APPLICATION_ID = 0x434C4142  # "CLAB"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.sqlite"
-
-COLUMNS = {
-    "method": "TEXT NOT NULL",
-    "task": "TEXT NOT NULL",
-    "length": "INTEGER NOT NULL",
-    "sample_index": "INTEGER NOT NULL",
-    "turn": "INTEGER NOT NULL DEFAULT 0",
-    "task_name": "TEXT NOT NULL",
-    "task_params": "TEXT NOT NULL",
-    "seed": "INTEGER NOT NULL",
-    "depth": "REAL",
-    "metric": "TEXT NOT NULL",
-    "score": "REAL NOT NULL",
-    "prediction": "TEXT NOT NULL",
-    "answers": "TEXT NOT NULL",
-    "prompt_tokens": "INTEGER NOT NULL",
-    "prompt_chars": "INTEGER NOT NULL",
-    "new_tokens": "INTEGER NOT NULL",
-    "kv_bytes": "INTEGER NOT NULL",
-    "kv_bytes_full": "INTEGER NOT NULL",
-    "peak_memory_bytes": "INTEGER NOT NULL",
-    "prefill_seconds": "REAL NOT NULL",
-    "decode_seconds": "REAL NOT NULL",
-    "batch_size": "INTEGER NOT NULL",
-    "model": "TEXT NOT NULL",
-    "device": "TEXT NOT NULL",
-    "versions": "TEXT NOT NULL",
-    "created_at": "TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP",
-}
 KEY = ("method", "task", "length", "sample_index", "turn")
 
 
@@ -103,7 +77,10 @@ class RunStore:
         return self.path.parent
 
     def spec(self) -> RunSpec:
-        return RunSpec.from_json(self._meta("spec"))
+        try:
+            return RunSpec.from_json(self._meta("spec"))
+        except ValueError as err:
+            raise StoreError(f"{self.path}: cannot read its run spec: {err}") from None
 
     def environment(self) -> dict:
         return json.loads(self._meta("environment"))
@@ -111,17 +88,15 @@ class RunStore:
     def done_keys(self) -> set[tuple]:
         return set(self.conn.execute(f"SELECT {', '.join(KEY)} FROM samples"))
 
-    def add_rows(self, rows: list[dict]) -> None:
-        """Insert finished rows in one transaction (all or nothing)."""
+    def add_rows(self, rows: Sequence[ResultRow | Mapping[str, object]]) -> None:
+        """Insert finished rows (or ``{column: value}`` mappings, checked against the columns) in one
+        transaction (all or nothing)."""
         if not rows:
             return
-        names = list(rows[0])
-        unknown = set(names) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown result columns {sorted(unknown)}")
-        sql = f"INSERT OR REPLACE INTO samples ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        rows = [r if isinstance(r, ResultRow) else ResultRow.from_mapping(r) for r in rows]
+        sql = f"INSERT OR REPLACE INTO samples ({', '.join(INSERTED)}) VALUES ({', '.join('?' * len(INSERTED))})"
         with self.conn:
-            self.conn.executemany(sql, [tuple(r[n] for n in names) for r in rows])
+            self.conn.executemany(sql, [tuple(getattr(r, name) for name in INSERTED) for r in rows])
 
     def rows(self) -> list[dict]:
         cursor = self.conn.execute("SELECT * FROM samples ORDER BY method, task, length, sample_index, turn")

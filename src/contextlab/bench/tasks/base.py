@@ -3,19 +3,30 @@
 A task generator has the signature ``generator(tokenizer, length, seed, **params) -> list[Sample]``.
 ``length`` is the number of prompt tokens in the model's own tokenizer: ``len(context_ids) +
 len(question_ids) == length`` exactly. Needles go in at sentence starts nearest to the requested depth.
+A needle task only decides each sample's :class:`Needles`; :func:`needle_samples` does the rest.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.tasks.haystack import resolve_haystack
 from contextlab.bench.tasks.text import TokenizedHaystack
 from contextlab.chat import chat_frame
+
+
+class Filler(Protocol):
+    """Where filler tokens come from (a :class:`TokenizedHaystack`, or a sample's own distractors)."""
+
+    def filler(self, n_tokens: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        """``n_tokens`` ids [n_tokens] and the sentence starts inside them [num_starts]."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ def depth_grid(num_samples: int, depths: Sequence[float] | None, rng: random.Ran
 
 def build_context(
     tokenizer,
-    haystack: TokenizedHaystack,
+    haystack: Filler,
     n_tokens: int,
     needles: Sequence[list[int]],
     depths: Sequence[float],
@@ -161,3 +172,78 @@ def pack_items(tokenizer, n_tokens: int, items: Sequence[list[int]]) -> tuple[li
         count += 1
     newline = encode(tokenizer, "\n")[-1:]
     return ids + newline * (n_tokens - len(ids)), count
+
+
+@dataclass(frozen=True)
+class Needles:
+    """What a needle task decides for one sample: the needles, where they go, and what is asked about them."""
+
+    ids: list[list[int]]  # each needle's tokens
+    depths: list[float]  # each needle's relative depth in the context (0 = start, 1 = end)
+    question: str
+    answers: list[str]
+    metric: str = "string_match_all"
+    target: str | None = None  # what a model should answer; default: the answers joined by ", "
+    reported: list[int] | None = None  # needles whose spans the sample records, asked ones first; default all
+    haystack: Filler | None = None  # this sample's own filler (RULER's distractor needles); default the task's
+    turns: list[Turn] = field(default_factory=list)  # later questions on the same context
+
+
+def needle_sample(
+    tokenizer,
+    haystack: Filler | None,
+    needles: Needles,
+    *,
+    task: str,
+    length: int,
+    seed: int,
+    depth: float,
+    rng: random.Random,
+    params: dict | None = None,
+) -> Sample:
+    """A sample of exactly ``length`` tokens: ``needles`` at their depths in filler from ``haystack`` (or the
+    needles' own), then the question block."""
+    q_ids = question_ids(tokenizer, needles.question)
+    hay = needles.haystack if needles.haystack is not None else haystack
+    context, spans = build_context(tokenizer, hay, length - len(q_ids), needles.ids, needles.depths, rng)
+    return Sample(
+        task=task,
+        context_ids=context,
+        question_ids=q_ids,
+        answers=needles.answers,
+        metric=needles.metric,
+        target=" " + ", ".join(needles.answers) if needles.target is None else needles.target,
+        length=length,
+        seed=seed,
+        depth=depth,
+        needle_spans=spans if needles.reported is None else [spans[i] for i in needles.reported],
+        params=dict(params or {}),
+        turns=list(needles.turns),
+    )
+
+
+def needle_samples(
+    tokenizer,
+    haystack: str | TokenizedHaystack | None,
+    make: Callable[[random.Random, float], Needles],
+    *,
+    task: str,
+    length: int,
+    seed: int,
+    num_samples: int,
+    depths: Sequence[float] | None = None,
+    random_depths: bool = False,
+    params: dict | None = None,
+) -> list[Sample]:
+    """``num_samples`` samples of a needle task: ``make(rng, depth)`` decides each sample's needles, at depths
+    from :func:`depth_grid`. One random stream seeded by ``seed`` runs through every sample in order (depths,
+    then each sample's needles and filler), so a seed gives the same samples everywhere."""
+    hay = None if haystack is None else resolve_haystack(tokenizer, haystack)
+    rng = random.Random(seed)
+    grid = depth_grid(num_samples, depths, rng if random_depths else None)
+    return [
+        needle_sample(
+            tokenizer, hay, make(rng, depth), task=task, length=length, seed=seed, depth=depth, rng=rng, params=params
+        )
+        for depth in grid
+    ]

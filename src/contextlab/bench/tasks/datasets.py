@@ -45,6 +45,19 @@ INFINITEBENCH_METRICS = {
     "math_calc": "string_match_part",
 }
 LETTERS = "ABCDEFGHIJ"
+# The fields each adapter reads from every record, and its task parameters (see each function's signature).
+RECORD_FIELDS = {
+    "longbench": ("input", "context", "answers"),
+    "longbench_v2": ("question", "choice_A", "choice_B", "answer", "context"),
+    "infinitebench": ("context", "input", "answer"),
+    "loogle": ("input", "qa_pairs"),
+}
+TASK_PARAMETERS = {
+    "longbench": "path=FILE.jsonl[,subset=DATASET]",
+    "longbench_v2": "path=FILE.jsonl[,subset=DOMAIN]",
+    "infinitebench": "path=FILE.jsonl[,subset=TASK]",
+    "loogle": "path=FILE.jsonl[,metric=f1]",
+}
 
 
 def read_json(path: str | Path):
@@ -76,10 +89,17 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def _require(record: dict, keys: tuple[str, ...], path, index: int) -> None:
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise ValueError(f"{path}: record {index} lacks {missing}; is this the right --dataset-format?")
+def _require(record: dict, task: str, path, index: int) -> None:
+    """Refuse a record that lacks a field ``task`` reads, naming the task whose format it has, if any."""
+    missing = [k for k in RECORD_FIELDS[task] if k not in record]
+    if not missing:
+        return
+    fits = [t for t, keys in RECORD_FIELDS.items() if t != task and all(k in record for k in keys)]
+    if fits:
+        hint = f"it looks like a {fits[0]} record: use the task spec {fits[0]}:path={path}"
+    else:
+        hint = f"give a file in {task}'s published format as the task spec {task}:{TASK_PARAMETERS[task]}"
+    raise ValueError(f"{path}: record {index} lacks {missing}, which the {task} task reads; {hint}")
 
 
 def _fit(tokenizer, context: str, question: str, length: int) -> tuple[list[int], list[int]]:
@@ -118,7 +138,7 @@ def longbench(tokenizer, length: int, seed: int, *, path: str, num_samples: int 
     records = read_records(path)
     out = []
     for i, r in enumerate(records):
-        _require(r, ("input", "context", "answers"), path, i)
+        _require(r, "longbench", path, i)
         name = r.get("dataset") or subset or Path(path).stem.removesuffix("_e")
         if subset and name != subset:
             continue
@@ -148,7 +168,7 @@ def longbench(tokenizer, length: int, seed: int, *, path: str, num_samples: int 
 def longbench_v2(tokenizer, length: int, seed: int, *, path: str, num_samples: int = 10, subset: str | None = None):
     out = []
     for i, r in enumerate(read_records(path)):
-        _require(r, ("question", "choice_A", "choice_B", "answer", "context"), path, i)
+        _require(r, "longbench_v2", path, i)
         if subset and r.get("domain") != subset:
             continue
         options = [r[f"choice_{c}"] for c in "ABCD" if f"choice_{c}" in r]
@@ -181,7 +201,7 @@ def infinitebench(tokenizer, length: int, seed: int, *, path: str, num_samples: 
         )
     metric, out = INFINITEBENCH_METRICS[name], []
     for i, r in enumerate(read_records(path)):
-        _require(r, ("context", "input", "answer"), path, i)
+        _require(r, "infinitebench", path, i)
         answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
         options = r.get("options") or []
         if metric == "choice":
@@ -210,7 +230,7 @@ def infinitebench(tokenizer, length: int, seed: int, *, path: str, num_samples: 
 def loogle(tokenizer, length: int, seed: int, *, path: str, num_samples: int = 10, metric: str = "f1"):
     out = []
     for i, r in enumerate(read_records(path)):
-        _require(r, ("input", "qa_pairs"), path, i)
+        _require(r, "loogle", path, i)
         pairs = r["qa_pairs"]
         if isinstance(pairs, str):
             pairs = ast.literal_eval(pairs)

@@ -14,15 +14,15 @@ import itertools
 import random
 
 from contextlab.bench.tasks.base import (
+    Needles,
     Sample,
-    build_context,
     depth_grid,
     encode,
+    needle_samples,
     pack_items,
     prefix_ids,
     question_ids,
 )
-from contextlab.bench.tasks.ruler import resolve_haystack
 from contextlab.bench.tasks.text import TokenizedHaystack, distinct, invented_name
 
 ITEMS = "lantern compass crown chalice mirror harp scroll amulet key shield".split()
@@ -73,36 +73,33 @@ def needlebench_multi_retrieval(
     task: str = "needlebench_multi_retrieval",
 ) -> list[Sample]:
     """``num_needles`` treasures on different places, spread from the sample's depth to the end; all asked."""
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, rng if random_depths else None):
+
+    def make(rng: random.Random, depth: float) -> Needles:
         places = distinct(_place, rng, num_needles)
         treasures = distinct(_treasure, rng, num_needles)
-        needles = [encode(tokenizer, f" The {t} is hidden on {p}.") for p, t in zip(places, treasures, strict=True)]
-        needle_depths = [depth + (1 - depth) * i / num_needles for i in range(num_needles)]
         if num_needles == 1:
             question = f"What is hidden on {places[0]}?"
         else:
             question = f"For each of {', '.join(places)}, what is hidden there?"
-        q_ids = question_ids(tokenizer, question)
-        context, spans = build_context(tokenizer, hay, length - len(q_ids), needles, needle_depths, rng)
-        samples.append(
-            Sample(
-                task=task,
-                context_ids=context,
-                question_ids=q_ids,
-                answers=treasures,
-                metric="string_match_all",
-                target=" " + ", ".join(treasures),
-                length=length,
-                seed=seed,
-                depth=depth,
-                needle_spans=spans,
-                params={"num_needles": num_needles},
-            )
+        return Needles(
+            ids=[encode(tokenizer, f" The {t} is hidden on {p}.") for p, t in zip(places, treasures, strict=True)],
+            depths=[depth + (1 - depth) * i / num_needles for i in range(num_needles)],
+            question=question,
+            answers=treasures,
         )
-    return samples
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task=task,
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+        params={"num_needles": num_needles},
+    )
 
 
 def needlebench_multi_reasoning(
@@ -118,33 +115,30 @@ def needlebench_multi_reasoning(
 ) -> list[Sample]:
     """A chain ``{A} sent a letter to {B}.``, ``{B} sent a letter to {C}.`` ... placed in shuffled order;
     asked who received the letter after ``num_hops`` forwards starting from A."""
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, rng if random_depths else None):
+
+    def make(rng: random.Random, depth: float) -> Needles:
         people = distinct(invented_name, rng, num_hops + 1)
         needles = [encode(tokenizer, f" {a} forwarded the letter to {b}.") for a, b in itertools.pairwise(people)]
-        needle_depths = [depth] + [rng.random() for _ in needles[1:]]
-        q_ids = question_ids(
-            tokenizer, f"{people[0]} wrote a letter and it was forwarded as described. Who received it last?"
+        return Needles(
+            ids=needles,
+            depths=[depth] + [rng.random() for _ in needles[1:]],
+            question=f"{people[0]} wrote a letter and it was forwarded as described. Who received it last?",
+            answers=[people[-1]],
+            metric="string_match_part",
         )
-        context, spans = build_context(tokenizer, hay, length - len(q_ids), needles, needle_depths, rng)
-        samples.append(
-            Sample(
-                task="needlebench_multi_reasoning",
-                context_ids=context,
-                question_ids=q_ids,
-                answers=[people[-1]],
-                metric="string_match_part",
-                target=" " + people[-1],
-                length=length,
-                seed=seed,
-                depth=depth,
-                needle_spans=spans,
-                params={"num_hops": num_hops},
-            )
-        )
-    return samples
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="needlebench_multi_reasoning",
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+        params={"num_hops": num_hops},
+    )
 
 
 def ancestral_trace(

@@ -11,16 +11,16 @@ from __future__ import annotations
 import random
 
 from contextlab.bench.tasks.base import (
+    Needles,
     Sample,
-    build_context,
     depth_grid,
     encode,
+    needle_samples,
     pack_items,
     prefix_ids,
     question_ids,
 )
 from contextlab.bench.tasks.datasets import read_json
-from contextlab.bench.tasks.ruler import resolve_haystack
 from contextlab.bench.tasks.text import TokenizedHaystack, distinct, invented_name
 
 
@@ -43,31 +43,30 @@ def qa_single_hop(
     """``{person} lives in the town of {town}.`` facts; the question asks for one person's town."""
     if dataset_file:
         return _document_qa(tokenizer, length, seed, "qa_1", _squad_items(dataset_file), num_samples, depths)
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, rng if random_depths else None):
+
+    def make(rng: random.Random, depth: float) -> Needles:
         people = distinct(_person, rng, num_distractors + 1)
         towns = [invented_name(rng, 3) for _ in people]
-        needles = [encode(tokenizer, f" {p} lives in the town of {t}.") for p, t in zip(people, towns, strict=True)]
-        needle_depths = [depth] + [rng.random() for _ in people[1:]]
-        q_ids = question_ids(tokenizer, f"In which town does {people[0]} live?")
-        context, spans = build_context(tokenizer, hay, length - len(q_ids), needles, needle_depths, rng)
-        samples.append(
-            Sample(
-                task="qa_1",
-                context_ids=context,
-                question_ids=q_ids,
-                answers=[towns[0]],
-                metric="string_match_part",
-                target=" " + towns[0],
-                length=length,
-                seed=seed,
-                depth=depth,
-                needle_spans=spans[:1],
-            )
+        return Needles(
+            ids=[encode(tokenizer, f" {p} lives in the town of {t}.") for p, t in zip(people, towns, strict=True)],
+            depths=[depth] + [rng.random() for _ in people[1:]],
+            question=f"In which town does {people[0]} live?",
+            answers=[towns[0]],
+            metric="string_match_part",
+            reported=[0],
         )
-    return samples
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="qa_1",
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+    )
 
 
 def qa_two_hop(
@@ -86,10 +85,8 @@ def qa_two_hop(
     question asks where the person's guild gathers."""
     if dataset_file:
         return _document_qa(tokenizer, length, seed, "qa_2", _hotpot_items(dataset_file), num_samples, depths)
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, rng if random_depths else None):
+
+    def make(rng: random.Random, depth: float) -> Needles:
         people = distinct(_person, rng, num_distractors + 1)
         guilds = distinct(invented_name, rng, len(people))
         towns = [invented_name(rng, 3) for _ in people]
@@ -100,23 +97,26 @@ def qa_two_hop(
                 encode(tokenizer, f" The {g} guild gathers in the town of {t}."),
             ]
             needle_depths += [depth, rng.random()] if i == 0 else [rng.random(), rng.random()]
-        q_ids = question_ids(tokenizer, f"In which town does the guild of {people[0]} gather?")
-        context, spans = build_context(tokenizer, hay, length - len(q_ids), needles, needle_depths, rng)
-        samples.append(
-            Sample(
-                task="qa_2",
-                context_ids=context,
-                question_ids=q_ids,
-                answers=[towns[0]],
-                metric="string_match_part",
-                target=" " + towns[0],
-                length=length,
-                seed=seed,
-                depth=depth,
-                needle_spans=spans[:2],
-            )
+        return Needles(
+            ids=needles,
+            depths=needle_depths,
+            question=f"In which town does the guild of {people[0]} gather?",
+            answers=[towns[0]],
+            metric="string_match_part",
+            reported=[0, 1],
         )
-    return samples
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="qa_2",
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+    )
 
 
 def _squad_items(path: str) -> list[tuple[str, list[str], list[str]]]:

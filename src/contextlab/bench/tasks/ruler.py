@@ -9,20 +9,20 @@ over generated facts (``qa_1``, ``qa_2``). The wording of needles and questions 
 from __future__ import annotations
 
 import random
-import weakref
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+
+import numpy as np
 
 from contextlab.bench.tasks.base import (
+    Needles,
     Sample,
-    build_context,
-    depth_grid,
     encode,
+    needle_samples,
     pack_items,
-    prefix_ids,
     question_ids,
 )
+from contextlab.bench.tasks.haystack import resolve_haystack  # noqa: F401  (its former home; still importable)
 from contextlab.bench.tasks.text import (
     ADJECTIVES,
     NOUNS,
@@ -33,19 +33,6 @@ from contextlab.bench.tasks.text import (
     variable_name,
     word_key,
 )
-
-_HAYSTACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {source: TokenizedHaystack}
-
-
-def resolve_haystack(tokenizer, haystack: str | TokenizedHaystack) -> TokenizedHaystack:
-    """A tokenized haystack; named ones are tokenized once per tokenizer (a memo, not state: the result
-    depends only on the tokenizer and the source, and dies with the tokenizer)."""
-    if isinstance(haystack, TokenizedHaystack):
-        return haystack
-    per_tokenizer = _HAYSTACKS.setdefault(tokenizer, {})
-    if haystack not in per_tokenizer or Path(haystack).exists():  # files may change: re-read them
-        per_tokenizer[haystack] = TokenizedHaystack.build(tokenizer, haystack)
-    return per_tokenizer[haystack]
 
 
 @dataclass(frozen=True)
@@ -104,77 +91,54 @@ def niah(
     """Needle-in-a-haystack samples; ``spec`` is a :class:`NeedleSpec` or the name of a RULER preset."""
     task = spec if isinstance(spec, str) else "niah"
     spec = NIAH_PRESETS[spec] if isinstance(spec, str) else spec
-    hay = None if spec.needle_haystack else resolve_haystack(tokenizer, haystack or spec.haystack)
-    rng = random.Random(seed)
-    grid = depth_grid(num_samples, depths, rng if random_depths else None)
-    return [_niah_sample(tokenizer, length, seed, task, spec, hay, depth, rng) for depth in grid]
+    return needle_samples(
+        tokenizer,
+        None if spec.needle_haystack else haystack or spec.haystack,
+        lambda rng, depth: _niah_needles(tokenizer, spec, depth, rng),
+        task=task,
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+        params={"num_keys": spec.num_keys, "num_values": spec.num_values, "num_queries": spec.num_queries},
+    )
 
 
-def _niah_sample(tokenizer, length, seed, task, spec, hay, depth, rng) -> Sample:
+def _niah_needles(tokenizer, spec: NeedleSpec, depth: float, rng: random.Random) -> Needles:
     keys = distinct(lambda r: _make(spec.key_kind, r), rng, spec.num_keys)
     asked = keys[: spec.num_queries] if spec.num_queries > 1 else [keys[0]]
     values = {k: [_make(spec.value_kind, rng) for _ in range(spec.num_values if k == keys[0] else 1)] for k in keys}
     texts = [(k, v) for k in keys for v in values[k]]
     rng.shuffle(texts)
-    needles = [encode(tokenizer, " " + needle_text(k, v, spec.value_kind)) for k, v in texts]
     # The first asked needle sits at `depth`; the others are spread at random depths.
     first = next(i for i, (k, _) in enumerate(texts) if k == asked[0])
-    needle_depths = [depth if i == first else rng.random() for i in range(len(texts))]
-    q_ids = question_ids(tokenizer, niah_question(asked, spec.value_kind, spec.num_values))
-    n_context = length - len(q_ids)
-    if spec.needle_haystack:
-        context, spans = _needle_filled_context(tokenizer, n_context, needles, needle_depths, spec, set(keys), rng)
-    else:
-        context, spans = build_context(tokenizer, hay, n_context, needles, needle_depths, rng)
-    answers = [v for k in asked for v in values[k]]
-    return Sample(
-        task=task,
-        context_ids=context,
-        question_ids=q_ids,
-        answers=answers,
-        metric="string_match_all",
-        target=" " + ", ".join(answers),
-        length=length,
-        seed=seed,
-        depth=depth,
-        needle_spans=[spans[first]] + [s for i, s in enumerate(spans) if i != first],
-        params={"num_keys": spec.num_keys, "num_values": spec.num_values, "num_queries": spec.num_queries},
+    return Needles(
+        ids=[encode(tokenizer, " " + needle_text(k, v, spec.value_kind)) for k, v in texts],
+        depths=[depth if i == first else rng.random() for i in range(len(texts))],
+        question=niah_question(asked, spec.value_kind, spec.num_values),
+        answers=[v for k in asked for v in values[k]],
+        reported=[first, *(i for i in range(len(texts)) if i != first)],
+        haystack=_DistractorNeedles(tokenizer, spec, set(keys)) if spec.needle_haystack else None,
     )
 
 
-def _needle_filled_context(tokenizer, n_tokens, needles, depths, spec, used_keys, rng):
-    """RULER's multikey 2/3: the haystack is itself made of needles with other keys."""
-    budget = n_tokens - len(prefix_ids(tokenizer)) - sum(len(n) for n in needles)
-    distractors: list[list[int]] = []
-    while budget > 0:
-        key = distinct(lambda r: _make(spec.key_kind, r), rng, 1, avoid=used_keys)[0]
-        used_keys.add(key)
-        ids = encode(tokenizer, " " + needle_text(key, _make(spec.value_kind, rng), spec.value_kind))
-        distractors.append(ids[:budget])
-        budget -= len(distractors[-1])
-    flat = [t for d in distractors for t in d]
-    starts, offset = [], 0
-    for d in distractors:
-        starts.append(offset)
-        offset += len(d)
-    hay = TokenizedHaystack(source="needles", ids=_as_array(flat), starts=_as_array(starts or [0]))
-    return build_context(tokenizer, _NoLoop(hay), n_tokens, needles, depths, rng)
+class _DistractorNeedles:
+    """RULER's multikey 2/3 filler: needles with keys other than ``used_keys``, drawn for one sample."""
 
+    def __init__(self, tokenizer, spec: NeedleSpec, used_keys: set[str]) -> None:
+        self.tokenizer, self.spec, self.used_keys = tokenizer, spec, used_keys
 
-class _NoLoop:
-    """A haystack used exactly once from its start (the distractor needles built for one sample)."""
-
-    def __init__(self, hay: TokenizedHaystack) -> None:
-        self.hay = hay
-
-    def filler(self, n_tokens: int, rng: random.Random):
-        return self.hay.ids[:n_tokens], self.hay.starts[self.hay.starts < max(n_tokens, 1)]
-
-
-def _as_array(values):
-    import numpy as np
-
-    return np.asarray(values, dtype=np.int64)
+    def filler(self, n_tokens: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        kind = self.spec.value_kind
+        ids: list[int] = []
+        starts: list[int] = []
+        while len(ids) < n_tokens:
+            key = distinct(lambda r: _make(self.spec.key_kind, r), rng, 1, avoid=self.used_keys)[0]
+            self.used_keys.add(key)
+            starts.append(len(ids))
+            ids += encode(self.tokenizer, " " + needle_text(key, _make(kind, rng), kind))[: n_tokens - len(ids)]
+        return np.asarray(ids, dtype=np.int64), np.asarray(starts or [0], dtype=np.int64)
 
 
 def variable_tracking(
@@ -191,11 +155,8 @@ def variable_tracking(
 ) -> list[Sample]:
     """Variable tracking: ``VAR A = 12345``, ``VAR B = VAR A``, ... (``num_hops`` assignments after the
     first); the question asks for every variable that ends up holding the first chain's value."""
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    grid = depth_grid(num_samples, depths, rng if random_depths else None)
-    samples = []
-    for depth in grid:
+
+    def make(rng: random.Random, depth: float) -> Needles:
         names = distinct(variable_name, rng, num_chains * (num_hops + 1))
         chains = [names[c * (num_hops + 1) : (c + 1) * (num_hops + 1)] for c in range(num_chains)]
         values = distinct(lambda r: number_value(r, 5), rng, num_chains)
@@ -207,26 +168,27 @@ def variable_tracking(
                 rhs = values[c] if hop == 0 else f"VAR {chain[hop - 1]}"
                 needles.append(encode(tokenizer, f" VAR {name} = {rhs}."))
                 needle_depths.append(min(1.0, start + hop * spread))
-        q_ids = question_ids(
-            tokenizer, f"Find all variables that are assigned the value {values[0]} in the text above."
+        return Needles(
+            ids=needles,
+            depths=needle_depths,
+            question=f"Find all variables that are assigned the value {values[0]} in the text above.",
+            answers=list(chains[0]),
+            target=" " + " ".join(chains[0]),
+            reported=list(range(num_hops + 1)),
         )
-        context, spans = build_context(tokenizer, hay, length - len(q_ids), needles, needle_depths, rng)
-        samples.append(
-            Sample(
-                task="vt",
-                context_ids=context,
-                question_ids=q_ids,
-                answers=list(chains[0]),
-                metric="string_match_all",
-                target=" " + " ".join(chains[0]),
-                length=length,
-                seed=seed,
-                depth=depth,
-                needle_spans=spans[: num_hops + 1],
-                params={"num_chains": num_chains, "num_hops": num_hops},
-            )
-        )
-    return samples
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="vt",
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        random_depths=random_depths,
+        params={"num_chains": num_chains, "num_hops": num_hops},
+    )
 
 
 def common_words(

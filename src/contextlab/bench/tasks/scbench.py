@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-from contextlab.bench.tasks.base import Sample, Turn, build_context, depth_grid, encode, question_ids
-from contextlab.bench.tasks.ruler import needle_text, niah_question, resolve_haystack
+from contextlab.bench.tasks.base import Needles, Sample, Turn, encode, needle_samples, question_ids
+from contextlab.bench.tasks.ruler import needle_text, niah_question
 from contextlab.bench.tasks.text import (
     TokenizedHaystack,
     distinct,
@@ -21,9 +21,7 @@ from contextlab.bench.tasks.text import (
     word_key,
 )
 
-
-def _turn(tokenizer, question: str, answers: list[str], metric: str = "string_match_all") -> Turn:
-    return Turn(question_ids(tokenizer, question), answers, metric, " " + ", ".join(answers))
+Asked = tuple[str, list[str], str]  # question, answers, metric
 
 
 def scbench_kv(
@@ -39,16 +37,25 @@ def scbench_kv(
 ) -> list[Sample]:
     if num_turns > num_needles:
         raise ValueError(f"num_turns ({num_turns}) cannot exceed num_needles ({num_needles})")
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, None):
+
+    def make(rng: random.Random, depth: float) -> Needles:
         keys = distinct(word_key, rng, num_needles)
         values = [number_value(rng) for _ in keys]
         needles = [encode(tokenizer, " " + needle_text(k, v, "number")) for k, v in zip(keys, values, strict=True)]
-        turns = [_turn(tokenizer, niah_question([keys[i]], "number", 1), [values[i]]) for i in range(num_turns)]
-        samples.append(_shared(tokenizer, hay, length, seed, depth, rng, "scbench_kv", needles, turns))
-    return samples
+        asked = [(niah_question([keys[i]], "number", 1), [values[i]], "string_match_all") for i in range(num_turns)]
+        return _shared(tokenizer, needles, depth, rng, asked)
+
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="scbench_kv",
+        length=length,
+        seed=seed,
+        num_samples=num_samples,
+        depths=depths,
+        params={"num_turns": num_turns},
+    )
 
 
 def scbench_multitask(
@@ -61,10 +68,7 @@ def scbench_multitask(
     haystack: str | TokenizedHaystack = "kjv",
     depths: list[float] | None = None,
 ) -> list[Sample]:
-    hay = resolve_haystack(tokenizer, haystack)
-    rng = random.Random(seed)
-    samples = []
-    for depth in depth_grid(num_samples, depths, None):
+    def make(rng: random.Random, depth: float) -> Needles:
         key, value = word_key(rng), number_value(rng)
         chain = distinct(variable_name, rng, 3)
         start = number_value(rng, 5)
@@ -76,33 +80,36 @@ def scbench_multitask(
             f"VAR {chain[2]} = VAR {chain[1]}.",
             f"{person} lives in the town of {town}.",
         ]
-        needles = [encode(tokenizer, " " + t) for t in texts]
         kinds = [
-            _turn(tokenizer, niah_question([key], "number", 1), [value]),
-            _turn(tokenizer, f"Find all variables that are assigned the value {start} in the text above.", chain),
-            _turn(tokenizer, f"In which town does {person} live?", [town], "string_match_part"),
+            (niah_question([key], "number", 1), [value], "string_match_all"),
+            (f"Find all variables that are assigned the value {start} in the text above.", chain, "string_match_all"),
+            (f"In which town does {person} live?", [town], "string_match_part"),
         ]
-        turns = [kinds[i % len(kinds)] for i in range(num_turns)]
-        samples.append(_shared(tokenizer, hay, length, seed, depth, rng, "scbench_multitask", needles, turns))
-    return samples
+        asked = [kinds[i % len(kinds)] for i in range(num_turns)]
+        return _shared(tokenizer, [encode(tokenizer, " " + t) for t in texts], depth, rng, asked)
 
-
-def _shared(tokenizer, hay, length, seed, depth, rng, task, needles, turns) -> Sample:
-    """Context of ``length - len(first question)`` tokens; the first needle at ``depth``."""
-    first = turns[0]
-    needle_depths = [depth] + [rng.random() for _ in needles[1:]]
-    context, spans = build_context(tokenizer, hay, length - len(first.question_ids), needles, needle_depths, rng)
-    return Sample(
-        task=task,
-        context_ids=context,
-        question_ids=first.question_ids,
-        answers=first.answers,
-        metric=first.metric,
-        target=first.target,
+    return needle_samples(
+        tokenizer,
+        haystack,
+        make,
+        task="scbench_multitask",
         length=length,
         seed=seed,
-        depth=depth,
-        needle_spans=spans,
-        turns=turns[1:],
-        params={"num_turns": len(turns)},
+        num_samples=num_samples,
+        depths=depths,
+        params={"num_turns": num_turns},
+    )
+
+
+def _shared(tokenizer, needles: list[list[int]], depth: float, rng: random.Random, asked: list[Asked]) -> Needles:
+    """The first needle at ``depth``, the others at random depths; the first question asked with the context,
+    the others as later turns."""
+    (question, answers, metric), later = asked[0], asked[1:]
+    return Needles(
+        ids=needles,
+        depths=[depth] + [rng.random() for _ in needles[1:]],
+        question=question,
+        answers=answers,
+        metric=metric,
+        turns=[Turn(question_ids(tokenizer, q), a, m, " " + ", ".join(a)) for q, a, m in later],
     )
