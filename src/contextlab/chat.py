@@ -14,7 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 _MARKER = "\x00contextlab-user-text\x00"
-_FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ChatFrame | None
+_FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, ChatFrame | None)
 
 
 class ChatTemplateError(ValueError):
@@ -31,14 +31,16 @@ class ChatFrame:
 
 def chat_frame(tokenizer) -> ChatFrame | None:
     """The tokenizer's chat frame, or None when it has no chat template (a base model). Memoized per
-    tokenizer (the result depends only on the tokenizer and dies with it)."""
-    try:
-        return _FRAMES[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    frame = _build_frame(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    tokenizer and template (setting ``tokenizer.chat_template`` afterwards is seen; the memo dies with the
+    tokenizer)."""
+    template = getattr(tokenizer, "chat_template", None)
+    with suppress(KeyError, TypeError):
+        memo_template, frame = _FRAMES[tokenizer]
+        if memo_template == template:
+            return frame
+    frame = _build_frame(tokenizer) if template else None
     with suppress(TypeError):  # a tokenizer that is not weak-referenceable is just re-read next time
-        _FRAMES[tokenizer] = frame
+        _FRAMES[tokenizer] = (template, frame)
     return frame
 
 

@@ -146,9 +146,15 @@ def _convert(path: Path, folder: Path, digest: str, *, keep_chat_template: bool,
         manifest = {"source": str(path), "sha256": digest, "dtype": "float32", "chat_template": keep_chat_template}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         tmp.chmod(0o755)
-        if folder.exists():  # a concurrent conversion finished first: keep it
-            return
-        tmp.rename(folder)
+        if folder.exists() and not (folder / MANIFEST).is_file():
+            # Incomplete (copied in part, or written in place by an older version); a finished folder appears
+            # at once with its manifest, by the rename below.
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / MANIFEST).is_file():  # else a concurrent conversion finished first: keep it
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
