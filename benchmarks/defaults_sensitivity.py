@@ -27,11 +27,11 @@ import contextlab as cl
 RESULTS = Path(__file__).parent / "results"
 
 
-def grid(ratio: float) -> list[str]:
-    specs = [f"snapkv:{ratio},kernel={k},window={w}" for k in (7, 15, 31) for w in (16, 32, 64)]
-    specs += [f"pyramidkv:{ratio},kernel={k}" for k in (7, 15, 31)]
-    specs += [f"adakv:{ratio},scorer=snapkv(kernel={k})" for k in (7, 15, 31)]
-    specs += [f"h2o:{ratio},recent={r}" for r in (0.1, 0.25, 0.5, 0.75)]
+def grid(ratio: float, kernels=(7, 15, 31), windows=(16, 32, 64), recents=(0.1, 0.25, 0.5, 0.75)) -> list[str]:
+    specs = [f"snapkv:{ratio},kernel={k},window={w}" for k in kernels for w in windows]
+    specs += [f"pyramidkv:{ratio},kernel={k}" for k in kernels]
+    specs += [f"adakv:{ratio},scorer=snapkv(kernel={k})" for k in kernels]
+    specs += [f"h2o:{ratio},recent={r}" for r in recents]
     specs += [f"tova:{ratio}", f"streaming:{ratio}"]
     return specs
 
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--kernels", nargs="+", type=int, default=[7, 15, 31])
+    parser.add_argument("--windows", nargs="+", type=int, default=[16, 32, 64])
+    parser.add_argument("--recents", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75])
     parser.add_argument("--extra", nargs="*", default=[], help="more method specs to add to the grid")
     parser.add_argument("--out", default=str(RESULTS / "defaults_sensitivity"))
     args = parser.parse_args()
@@ -51,7 +54,8 @@ def main() -> None:
     for name in args.models:
         model, tok = cl.load(name)
         items = samples(tok, "niah_single_2", args.length, args.samples, seed=0)
-        specs = ["full", *(s for r in args.ratios for s in grid(r)), *args.extra]
+        grids = (grid(r, args.kernels, args.windows, args.recents) for r in args.ratios)
+        specs = ["full", *(s for g in grids for s in g), *args.extra]
         cells = []
         for spec in specs:
             cell = run_cell(model, tok, spec, spec, items)

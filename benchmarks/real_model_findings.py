@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--beyond-samples", type=int, default=10)
     parser.add_argument("--ratio", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--snapkv-params", default="", help="extra SnapKV parameters, e.g. kernel=31")
     parser.add_argument("--out", default=str(RESULTS / "real_model_findings"))
     args = parser.parse_args()
     if args.threads:
@@ -69,13 +70,12 @@ def main() -> None:
     window = model.config.max_position_embeddings
     items = mid_depth_samples(tok, args.lengths, args.samples, seed=0)
     r = args.ratio
+    snap_spec = cl.method(f"snapkv:{r}" + (f",{args.snapkv_params}" if args.snapkv_params else "")).describe()
     cells = {
         "full": run_cell(model, tok, "full", "full", items),
-        "snapkv (question-aware)": run_cell(model, tok, "snapkv aware", f"snapkv:{r}", items),
+        "snapkv (question-aware)": run_cell(model, tok, "snapkv aware", snap_spec, items),
         "streaming": run_cell(model, tok, "streaming", f"streaming:{r}", items),
-        "snapkv (question-agnostic)": run_cell(
-            model, tok, "snapkv agnostic", f"snapkv:{r}", items, question_aware=False
-        ),
+        "snapkv (question-agnostic)": run_cell(model, tok, "snapkv agnostic", snap_spec, items, question_aware=False),
     }
     for name, cell in cells.items():
         print(f"{name}: {sum(cell.scores):.0f}/{len(cell.scores)} ({cell.seconds:.0f}s)", flush=True)

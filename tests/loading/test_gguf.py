@@ -170,3 +170,16 @@ def test_conversion_finished_elsewhere_first_is_kept(tiny_gguf, cache):
     gguf_module._convert(gguf, target, digest, keep_chat_template=True, progress=False)
     assert (target / MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temp folder left behind
+
+
+def test_converted_config_is_plain_and_old_formats_are_converted_again(tiny_gguf, cache, capsys):
+    folder, original = tiny_gguf
+    target = Path(resolve(str(folder), gguf_file="tiny.gguf"))
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    manifest = json.loads((target / MANIFEST).read_text())
+    (target / MANIFEST).write_text(json.dumps({**manifest, "format": manifest["format"] - 1}))
+    capsys.readouterr()
+    model, _ = load(str(folder), gguf_file="tiny.gguf")
+    assert CONVERTING in capsys.readouterr().out
+    assert json.loads((target / MANIFEST).read_text())["format"] == manifest["format"]
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)

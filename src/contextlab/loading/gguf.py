@@ -30,6 +30,7 @@ GGUF_ARCHITECTURES = {
     "gemma3": "gemma3_text",
 }
 MANIFEST = "contextlab-gguf.json"
+FORMAT = 2  # bump when the converted folder's contents change; older folders are converted again
 MODELS_EXTRA = "pip install 'contextlab[models]'  (installs gguf and accelerate)"
 
 
@@ -119,7 +120,7 @@ def converted_folder(source: GGUFSource, *, root: Path | None = None, progress: 
     check_gguf_architecture(path, gguf_architecture(path))
     base = root or cache_root()
     folder = base / "models" / f"{source.name or path.stem}-{digest[:16]}"
-    if (folder / MANIFEST).is_file():
+    if _complete(folder):
         return folder
     _convert(path, folder, digest, keep_chat_template=source.keep_chat_template, progress=progress)
     return folder
@@ -138,25 +139,47 @@ def _convert(path: Path, folder: Path, digest: str, *, keep_chat_template: bool,
         plain = type(loaded)(loaded.config)  # a model transformers will serialise, same weights
         plain.load_state_dict(loaded.state_dict())
         plain.save_pretrained(tmp)
+        _drop_gguf_quantization(tmp / "config.json")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         if not keep_chat_template:
             tokenizer.chat_template = None
         tokenizer.save_pretrained(tmp)
         _generation_config(loaded, tokenizer).save_pretrained(tmp)
-        manifest = {"source": str(path), "sha256": digest, "dtype": "float32", "chat_template": keep_chat_template}
+        manifest = {
+            "format": FORMAT,
+            "source": str(path),
+            "sha256": digest,
+            "dtype": "float32",
+            "chat_template": keep_chat_template,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         tmp.chmod(0o755)
-        if folder.exists() and not (folder / MANIFEST).is_file():
+        if folder.exists() and not _complete(folder):
             # Incomplete (copied in part, or written in place by an older version); a finished folder appears
             # at once with its manifest, by the rename below.
             shutil.rmtree(folder, ignore_errors=True)
         try:
             tmp.rename(folder)
         except OSError:
-            if not (folder / MANIFEST).is_file():  # else a concurrent conversion finished first: keep it
+            if not _complete(folder):  # else a concurrent conversion finished first: keep it
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(folder: Path) -> bool:
+    """A converted folder is complete when its manifest (written last, then renamed in) has this FORMAT."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """The saved weights are plain fp32: the config must not say they are GGUF-quantized."""
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _generation_config(model, tokenizer):
