@@ -72,7 +72,6 @@ def main() -> None:
     r = args.ratio
     snap_spec = cl.method(f"snapkv:{r}" + (f",{args.snapkv_params}" if args.snapkv_params else "")).describe()
     cells = {
-        "full": run_cell(model, tok, "full", "full", items),
         "snapkv (question-aware)": run_cell(model, tok, "snapkv aware", snap_spec, items),
         "streaming": run_cell(model, tok, "streaming", f"streaming:{r}", items),
         "snapkv (question-agnostic)": run_cell(model, tok, "snapkv agnostic", snap_spec, items, question_aware=False),
@@ -80,14 +79,9 @@ def main() -> None:
     for name, cell in cells.items():
         print(f"{name}: {sum(cell.scores):.0f}/{len(cell.scores)} ({cell.seconds:.0f}s)", flush=True)
     by_length = []
-    for length in [*args.lengths, *args.beyond]:
-        part = [s for s in items if s.length == length]
-        if not part:
-            part = mid_depth_samples(tok, [length], args.beyond_samples, seed=1)
-            cell = run_cell(model, tok, f"full @ {length}", "full", part, allow_beyond_window=True)
-        else:
-            scores = [sc for s, sc in zip(items, cells["full"].scores, strict=True) if s.length == length]
-            cell = Cell(f"full @ {length}", scores, 0.0)
+    for length in [args.lengths[0], *args.beyond]:  # full attention inside the window, then beyond it
+        part = mid_depth_samples(tok, [length], args.beyond_samples, seed=1)
+        cell = run_cell(model, tok, f"full @ {length}", "full", part, allow_beyond_window=length > window)
         by_length.append(cell)
         print(f"{cell.label}: {sum(cell.scores):.0f}/{len(cell.scores)}", flush=True)
     write(args, cells, by_length, window, time.perf_counter() - start)
