@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The seeds' qualitative findings, reproduced on a real model (SmolLM2-135M-Instruct, 8K window).
 
-1. Question-aware SnapKV beats StreamingLLM on single-needle retrieval at 4K-8K tokens with needles at
-   25-75% depth and ratio 0.75 (SnapKV, Li et al. 2024; StreamingLLM keeps only sinks + the recent window,
-   so a needle in the middle is evicted).
+1. Question-aware SnapKV beats StreamingLLM on single-needle retrieval at 4K tokens (default; any lengths
+   up to the 8K window with ``--lengths``) with needles at 25-75% depth and ratio 0.75 (SnapKV, Li et
+   al. 2024; StreamingLLM keeps only sinks + the recent window, so a needle in the middle is evicted).
 2. Question-agnostic compression (the context compressed before the question is seen: kvpress's protocol)
    loses to question-aware compression at the same budget (SnapKV's observation window holds the question).
 3. Accuracy falls beyond the trained window with plain full attention (``allow_beyond_window``): the
@@ -12,7 +12,7 @@
 Cells are scored with 95% Wilson intervals; "separated" means the intervals do not overlap.
 
     python benchmarks/real_model_findings.py [--model smollm2-135m-instruct] [--samples 20]
-        [--lengths 4096 6144] [--beyond 12288] [--threads N]
+        [--lengths 4096] [--beyond 10240] [--threads N]
 
 Writes benchmarks/results/real_model_findings.md (and .json).
 """
@@ -54,9 +54,9 @@ def separated(a: Cell, b: Cell) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--samples", type=int, default=20, help="needles per length")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 6144])
-    parser.add_argument("--beyond", nargs="*", type=int, default=[12288], help="lengths past the window")
+    parser.add_argument("--samples", type=int, default=40, help="needles per length")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096])
+    parser.add_argument("--beyond", nargs="*", type=int, default=[10240], help="lengths past the window")
     parser.add_argument("--beyond-samples", type=int, default=10)
     parser.add_argument("--ratio", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=None)
