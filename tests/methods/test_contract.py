@@ -19,6 +19,7 @@ from contextlab.hf.compat import cache_kwarg
 from contextlab.methods.base import PrefillMethod
 from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
+from contextlab.methods.extension import LMInfinite
 from tests.conftest import ARCHS, tiny_model
 
 CONTEXT = "In the beginning was the word, and the word was long. " * 4  # 220 bytes
@@ -35,15 +36,30 @@ COMPOSITES = {
     ),
 }
 CHUNKED = {"snapkv chunked": ("snapkv:0.0,prefill_chunk=16", "snapkv:0.5,prefill_chunk=64")}
+# Window extension: defaults are full attention inside the window (STRING only with its offset past the
+# prompt); the lossy settings remap positions inside the tiny models' window, so every architecture runs
+# the remapped path (LM-Infinite also evicts down to sink + window - 1).
+EXTENSION = {
+    "selfextend": ("selfextend", "selfextend:group=2,window=32"),
+    "string": ("string:shift=1.0", "string:offset=64,local=8"),
+    "lminfinite": ("lminfinite", "lminfinite:sink=4,window=64"),
+    "ntk": ("ntk", "ntk:factor=2"),
+    "yarn": ("yarn", "yarn:factor=2"),
+    "linear": ("linear", "linear:factor=2"),
+}
 
 
 def _lossless(name: str) -> str:
+    if name in EXTENSION:
+        return EXTENSION[name][0]
     if name in COMPOSITES or name in CHUNKED:
         return {**COMPOSITES, **CHUNKED}[name][0]
     return {"full": "full", "decode": f"decode(h2o,{NEVER})"}.get(name, f"{name}:0.0")
 
 
 def _lossy(name: str, budget: str) -> str:
+    if name in EXTENSION:
+        return EXTENSION[name][1]
     if name in COMPOSITES or name in CHUNKED:
         return {**COMPOSITES, **CHUNKED}[name][1]
     return {"full": "full", "decode": f"decode(snapkv,{budget.replace('0.5', 'budget=60')},every=4)"}.get(
@@ -101,6 +117,8 @@ def _prefill_part(method) -> PrefillMethod | None:
 
 def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torch.Tensor | None:
     """[H] expected kept counts of a layer after the prompt, or None where AdaKV's rule is checked instead."""
+    if isinstance(method, LMInfinite):
+        return torch.full((heads,), min(n, method.sink + method.window - 1))
     prefill = _prefill_part(method)
     if prefill is None or not prefill.compresses:
         return torch.full((heads,), n)
@@ -123,7 +141,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     cache_layers = ContextlabCache(model.config).layers
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     itemsize = next(model.parameters()).element_size()
-    evicted = _prefill_part(method) is not None and _prefill_part(method).compresses
+    evicted = (_prefill_part(method) is not None and _prefill_part(method).compresses) or isinstance(method, LMInfinite)
     expected_bytes = 0
     for layer, kept in zip(cache_layers, out.kept_positions, strict=True):
         assert kept.shape[:2] == (1, model.config.num_key_value_heads)

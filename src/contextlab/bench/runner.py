@@ -23,6 +23,7 @@ from contextlab.bench.spec import RunSpec, TaskSpec
 from contextlab.bench.tasks import TASKS, Sample
 from contextlab.engine.generate import generate
 from contextlab.engine.session import Session
+from contextlab.engine.steps import check_window as engine_check_window
 from contextlab.methods.spec import build_method
 
 
@@ -86,14 +87,23 @@ def environment(model, device: torch.device) -> dict:
 
 
 def check_window(model, spec: RunSpec) -> None:
-    window = getattr(model.config, "max_position_embeddings", None)
-    too_long = [n for n in spec.lengths if window and n + spec.max_new_tokens > window]
-    if too_long and not spec.allow_beyond_window:
-        raise ValueError(
-            f"lengths {too_long} (+{spec.max_new_tokens} new tokens) exceed the model's window of {window} "
-            "positions, and no registered method extends positions, so no method can serve them; pass "
-            "--allow-beyond-window to measure how the model fails there"
-        )
+    """Every (method, length) of the run must fit what the method serves on this model (the engine's
+    check); ``--allow-beyond-window`` runs them anyway."""
+    for text in spec.methods:
+        method = build_method(text)
+        for n in spec.lengths:
+            try:
+                engine_check_window(
+                    model,
+                    method,
+                    n + spec.max_new_tokens,
+                    spec.allow_beyond_window,
+                    f"length {n} (+{spec.max_new_tokens} new tokens)",
+                )
+            except ValueError as err:
+                raise ValueError(
+                    f"{text}: {err}".replace("allow_beyond_window=True", "--allow-beyond-window")
+                ) from None
 
 
 def check_budgets(spec: RunSpec) -> None:

@@ -21,6 +21,8 @@ from contextlab.engine.steps import (
     sync,
 )
 from contextlab.hf.attention import contextlab_attention_enabled
+from contextlab.hf.compat import text_config
+from contextlab.hf.rope import scaled_rope
 from contextlab.methods.base import Method
 
 __all__ = ["Prefilled", "generate", "prefill"]
@@ -51,8 +53,9 @@ def generate(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     method, plan, batched = prepare(model, tokenizer, context, question, method, question_aware, chat_template)
-    check_window(model, plan, max_new_tokens, allow_beyond_window)
-    with torch.inference_mode(), contextlab_attention_enabled(model):
+    needed = max(plan.total_tokens) + max_new_tokens
+    check_window(model, method, needed, allow_beyond_window)
+    with torch.inference_mode(), contextlab_attention_enabled(model), scaled_rope(model, method, needed):
         done = run_prefill(model, tokenizer, plan, method, max_new_tokens)
         kv_bytes = done.cache.kv_bytes()
         kept = kept_positions(done.cache, done.attention_mask)
@@ -95,6 +98,13 @@ def prefill(model, tokenizer, context, *, method: str | Method = "full") -> Pref
             model.generate(input_ids=ids, attention_mask=mask, cache=done.cache, ...)
     """
     method, plan, _ = prepare(model, tokenizer, context, None, method, True)
-    check_window(model, plan, 0, False)
+    needed = max(plan.total_tokens)
+    check_window(model, method, needed, False)
+    native = getattr(text_config(model.config), "max_position_embeddings", None)
+    if native and method.rope_scaling(needed, native) is not None:
+        raise ValueError(
+            f"{method.describe()} rescales the model's RoPE for one call; a cache it prefills cannot be continued "
+            "by model.generate() at the original RoPE. Use contextlab.generate or a Session"
+        )
     with torch.inference_mode(), contextlab_attention_enabled(model):
         return run_prefill(model, tokenizer, plan, method)

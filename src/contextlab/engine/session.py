@@ -29,6 +29,7 @@ from contextlab.engine.steps import (
     sync,
 )
 from contextlab.hf.attention import contextlab_attention_enabled
+from contextlab.hf.rope import scaled_rope
 
 MODES = ("turns", "requests")
 
@@ -66,8 +67,9 @@ class Session:
         self.pad_id = pad_token_id(tokenizer, model)
         compress_with = first_question if question_aware else None
         self.method, plan, _ = prepare(model, tokenizer, context, compress_with, method, True)
-        check_window(model, plan, max_total_tokens, allow_beyond_window)
-        with torch.inference_mode(), contextlab_attention_enabled(model):
+        self.needed = max(plan.total_tokens) + max_total_tokens
+        check_window(model, self.method, self.needed, allow_beyond_window)
+        with torch.inference_mode(), contextlab_attention_enabled(model), self._rope():
             self.state: Prefilled = run_prefill(model, tokenizer, plan, self.method, max_total_tokens)
         self.first_question_in_cache = compress_with is not None
         self.turn = 0
@@ -82,7 +84,7 @@ class Session:
         state = self.state if self.mode == "turns" or self.snapshot is None else copy.deepcopy(self.snapshot)
         rows = state.input_ids.shape[0]
         device = state.input_ids.device
-        with torch.inference_mode(), contextlab_attention_enabled(self.model):
+        with torch.inference_mode(), contextlab_attention_enabled(self.model), self._rope():
             sync(device)
             start = time.perf_counter()
             if self.first_question_in_cache and self.turn == 0:
@@ -109,6 +111,10 @@ class Session:
             kv_bytes_full=full,
             peak_memory_bytes=int(peak),
         )
+
+    def _rope(self):
+        """RoPE scaling methods scale the model's RoPE for every call of the session, at one planned length."""
+        return scaled_rope(self.model, self.method, self.needed)
 
     def _question_ids(self, question, rows: int) -> list[list[int]]:
         questions = question if is_batch(question) else [question]

@@ -13,7 +13,7 @@ from contextlab.engine.inputs import left_pad, normalise, positions_from_mask
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg, text_config
 from contextlab.hf.support import check_supported
-from contextlab.methods.base import Method
+from contextlab.methods.base import POSITIONS, Method
 from contextlab.methods.spec import build_method
 
 SYNC_EVERY = 8  # decoding checks "has every row finished?" (a host sync) once per this many tokens
@@ -88,15 +88,28 @@ def check_budget(method: Method, plan: Plan) -> None:
             )
 
 
-def check_window(model, plan: Plan, max_new_tokens: int, allow_beyond_window: bool) -> None:
-    window = getattr(text_config(model.config), "max_position_embeddings", None)
-    longest = max(plan.total_tokens)
-    if window and longest + max_new_tokens > window and not allow_beyond_window:
+def check_window(model, method: Method, total: int, allow_beyond_window: bool, what: str = "") -> None:
+    """The one window check: ``total`` positions (prompt + tokens to follow) must fit what ``method`` serves
+    on this model (:meth:`Method.window_for`): the native window, unless the method extends positions.
+    ``allow_beyond_window`` lets a longer sequence run anyway (to measure how a model fails there)."""
+    native = getattr(text_config(model.config), "max_position_embeddings", None)
+    if not native:
+        return
+    limit = method.window_for(native)  # also validates the method's parameters against this window
+    if limit is None or total <= limit or allow_beyond_window:
+        return
+    what = what or f"{total} tokens (prompt + new tokens)"
+    if POSITIONS in method.roles:
         raise ValueError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's window of {window} "
-            "positions (max_position_embeddings); eviction methods do not change positions, so this would run "
-            "the model out of its trained range. Pass allow_beyond_window=True to measure that on purpose."
+            f"{what} exceed the {limit} positions {method.describe()} serves on this model (native window "
+            f"{native}); raise its group or factor, or leave them unset to fit the length"
         )
+    raise ValueError(
+        f"{what} exceed the model's window of {native} positions (max_position_embeddings); "
+        f"{method.describe()} does not change positions, so this would run the model out of its trained range. "
+        "Add a position-extending method (selfextend, string, lminfinite, ntk, yarn, linear; e.g. "
+        "'selfextend+snapkv:0.5'), or pass allow_beyond_window=True to measure how the model fails there."
+    )
 
 
 def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 0) -> Prefilled:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlab.hf.compat import Cache, DynamicSlidingWindowLayer, layer_types, text_config
 from contextlab.hf.layer import LAYER_ATTRIBUTE, CacheState, ContextlabLayer
+from contextlab.hf.rope import rope_of
 from contextlab.methods.base import Method
 from contextlab.methods.eviction import Full
 from contextlab.store import MemoryTracker
@@ -21,7 +22,9 @@ class ContextlabCache(Cache):
         types = layer_types(cfg)
         method = method or Full()
         self.method = method
-        self.state = CacheState()
+        self.state = CacheState(native=getattr(cfg, "max_position_embeddings", None))
+        if _remaps(method):
+            self.state.rope = rope_of(cfg, method)
         full = [i for i, kind in enumerate(types) if kind == "full_attention"]
         layers = []
         for idx, kind in enumerate(types):
@@ -71,3 +74,8 @@ class ContextlabCache(Cache):
         sliding layers."""
         sliding = self.kv_bytes() - sum(layer.nbytes() for layer in self.compressible)
         return self.tracker.peak + sliding
+
+
+def _remaps(method: Method) -> bool:
+    parts = getattr(method, "parts", (method,))
+    return any(getattr(p, "remaps_positions", False) for p in parts)

@@ -22,6 +22,7 @@ import torch
 from contextlab.hf import compat
 from contextlab.hf.compat import DynamicLayer
 from contextlab.methods.policy import LayerPolicy, Phase, ReadPlan, Step
+from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker, SlotGroup
 
 LAYER_ATTRIBUTE = "contextlab_layer"  # set on the key tensor handed to the attention function
@@ -35,6 +36,13 @@ class CacheState:
     prompt_columns: int | None = None  # padded width of the prompt (phase boundary)
     prompt_lengths: list[int] | None = None  # real tokens of each row's prompt
     new_tokens: int = 0  # tokens expected after the prompt (room is planned for them)
+    rope: Rope | None = None  # rotary frequencies of full-attention layers (only when the method remaps)
+    native: int | None = None  # the model's trained positions
+
+    @property
+    def planned(self) -> int | None:
+        """Positions the longest row plans to reach: its prompt plus the tokens announced to follow."""
+        return None if self.prompt_lengths is None else max(self.prompt_lengths) + self.new_tokens
 
 
 class ContextlabLayer(DynamicLayer):
@@ -151,6 +159,9 @@ class ContextlabLayer(DynamicLayer):
             self.layer_idx,
             self.num_layers,
             self._answer_room(),
+            self.state.rope,
+            self.state.native,
+            self.state.planned,
         )
         plan = self.policy.before_attend(self.store, step)
         if plan is not None:

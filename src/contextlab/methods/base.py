@@ -23,6 +23,7 @@ PROTECTED = 1e12  # score of a token that must be kept (sinks, window); scores t
 # Roles a method takes in a composition; two parts may not take the same role.
 PREFILL_EVICTION = "prefill eviction"
 DECODE_EVICTION = "decode eviction"
+POSITIONS = "position remapping"
 
 
 def param(text: str, default):
@@ -102,6 +103,16 @@ class Method:
 
     def prompt_keep(self, length: int) -> int | None:
         """Tokens a prompt of ``length`` keeps after prefill eviction (None = no prefill eviction)."""
+        return None
+
+    def window_for(self, native: int) -> int | None:
+        """Longest sequence (prompt + generated tokens) the method serves on a model trained on ``native``
+        positions (None = no limit). Methods that do not touch positions serve the native window; ValueError
+        when the method's parameters do not suit that window."""
+        return native
+
+    def rope_scaling(self, needed: int, native: int) -> dict | None:
+        """transformers rope parameters to use for a call reaching ``needed`` positions (None = the model's)."""
         return None
 
     # -- identity --------------------------------------------------------------------------------------

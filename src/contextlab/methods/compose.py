@@ -1,16 +1,16 @@
 """Composition: ``a+b`` runs methods of different families on one cache, in order.
 
 ``snapkv:0.5+decode(h2o,budget=512)`` evicts the prompt with SnapKV, then keeps generation bounded with
-H2O. Each part takes roles (prefill eviction, decode eviction; later: storage, position remapping, read
-selection); two parts taking the same role make no sense together and are refused at construction, with
-both parts named.
+H2O; ``selfextend+snapkv:0.5`` evicts at true positions and attends at Self-Extend's. Each part takes roles
+(prefill eviction, decode eviction, position remapping; later: storage, read selection); two parts taking
+the same role make no sense together and are refused at construction, with both parts named.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contextlab.methods.base import Method
+from contextlab.methods.base import POSITIONS, Method
 from contextlab.methods.policy import CompositePolicy, LayerPolicy
 
 
@@ -52,6 +52,13 @@ class Composite(Method):
 
     def prompt_keep(self, length: int) -> int | None:
         return next((k for k in (p.prompt_keep(length) for p in self.parts) if k is not None), None)
+
+    def window_for(self, native: int) -> int | None:
+        extenders = [p for p in self.parts if POSITIONS in p.roles]
+        return extenders[0].window_for(native) if extenders else native
+
+    def rope_scaling(self, needed: int, native: int) -> dict | None:
+        return next((r for r in (p.rope_scaling(needed, native) for p in self.parts) if r is not None), None)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return CompositePolicy([p.build(layer_idx, num_layers) for p in self.parts])

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore
 
 Phase = Literal["prefill", "prompt_end", "decode"]
@@ -38,6 +39,8 @@ class Step:
     prompt) or ``"decode"`` (tokens after the prompt: generated tokens, or a question fed later).
     ``prompt_lengths``: real tokens of each row's prompt (None when no prompt was announced).
     ``answer_room``: free slots to keep after the prompt's eviction for the tokens that will follow.
+    ``rope``: the layer's rotary frequencies (for position remaps; None when no part of the method remaps);
+    ``native``: the model's trained positions; ``planned``: the longest row's prompt + tokens to follow.
     """
 
     queries: torch.Tensor
@@ -47,6 +50,9 @@ class Step:
     layer_idx: int
     num_layers: int
     answer_room: int = 0
+    rope: Rope | None = None
+    native: int | None = None
+    planned: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -106,7 +112,9 @@ class CompositePolicy(LayerPolicy):
         return None
 
     def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
-        for part in self.parts:
+        # A position remap attends first: another part's attention (H2O's one-pass column sums) would use
+        # the true positions; that part then scores from its own fallback.
+        for part in sorted(self.parts, key=lambda p: not getattr(p, "remaps_positions", False)):
             out = part.attend(store, step)
             if out is not None:
                 return out

@@ -28,6 +28,12 @@ for _name, _target in [
     ("random", "eviction:Random"),
     ("adakv", "eviction:AdaKV"),
     ("decode", "decode:DecodeEviction"),
+    ("selfextend", "extension:SelfExtend"),
+    ("string", "extension:String"),
+    ("lminfinite", "extension:LMInfinite"),
+    ("ntk", "extension:NTK"),
+    ("yarn", "extension:YaRN"),
+    ("linear", "extension:Linear"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 

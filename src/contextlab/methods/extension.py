@@ -1,0 +1,364 @@
+"""Training-free window extension: run a RoPE model past the positions it was trained on.
+
+Two mechanisms, one role (``position remapping``; two remaps in one spec are refused):
+
+- *Remaps* (:class:`SelfExtend`, :class:`String`, :class:`LMInfinite`) keep the model's RoPE and change the
+  relative distance each (query, key) pair sees, per layer, through the shared branch machinery of
+  :mod:`contextlab.methods.positions` (keys stay cached post-RoPE at their true positions; far pairs are
+  rotated for one forward). When every distance of a forward is below the method's exact neighbourhood
+  the layer attends with plain SDPA, so within that neighbourhood a remap is exactly full attention.
+- *RoPE scaling* (:class:`NTK`, :class:`YaRN`, :class:`Linear`) changes the model's rotary frequencies for
+  the call (transformers' own rope-parameter formulas), so every position fits the trained range of
+  angles; the original frequencies are restored afterwards (:mod:`contextlab.hf.rope`).
+
+Each method states the longest sequence it serves on a model with ``native`` trained positions
+(:meth:`Method.window`); the engine checks prompts against it in one place. Parameters left at ``None``
+are derived from the planned length (prompt + tokens to generate) when the call starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from contextlab.methods.base import (
+    DECODE_EVICTION,
+    POSITIONS,
+    PREFILL_EVICTION,
+    PROTECTED,
+    Method,
+    check_int,
+    check_number,
+    param,
+    select_tokens,
+)
+from contextlab.methods.policy import LayerPolicy, Step
+from contextlab.methods.positions import Branch, Far, Near, remapped_attention
+from contextlab.store import DenseStore
+
+
+class RemapPolicy(LayerPolicy):
+    """Attends at a remap method's positions whenever a forward reaches beyond its exact neighbourhood."""
+
+    remaps_positions = True
+
+    def __init__(self, method: Remap) -> None:
+        self.method = method
+        self.track = False  # set True to record the largest relative distance attended (costs O(Tq * S))
+        self.max_distance = -1  # of the last forward that remapped, when tracked
+
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        if step.rope is None or step.native is None:
+            raise RuntimeError(
+                f"{self.method.describe()} needs the model's rotary frequencies and native window; build the "
+                "cache with ContextlabCache(config, method) so the layer can pass them"
+            )
+        view = store.view()
+        q_pos = view.positions[:, 0, -step.tokens :]  # [B, Tq]: the newest slots are this forward's tokens
+        last = int(q_pos.max())
+        reached = q_pos.amax(-1) + 1
+        planned = reached if step.planned is None else torch.tensor(step.planned, device=reached.device)
+        needed = torch.maximum(planned, reached).tolist()  # per row, so a row's remap ignores its batch
+        branches = self.method.branches(q_pos, view.positions, last, needed, step.native)
+        if branches is None:
+            return None  # every distance is exact: the layer's SDPA is full attention
+        stats = {} if self.track else None
+        out = remapped_attention(
+            step.queries,
+            view.keys,
+            view.values,
+            view.valid,
+            q_pos,
+            view.positions,
+            branches,
+            step.rope,
+            step.scaling,
+            stats=stats,
+        )
+        if stats is not None:
+            self.max_distance = stats["max_distance"]
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Remap(Method):
+    """Base of position remaps (see module docstring)."""
+
+    roles: ClassVar[frozenset[str]] = frozenset({POSITIONS})
+    remaps_positions: ClassVar[bool] = True
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return RemapPolicy(self)
+
+    def branches(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, last: int, needed: list[int], native: int
+    ) -> list[Branch] | None:
+        """The branches of one forward (None = every pair is at its true distance). ``q_pos [B, Tq]``,
+        ``k_pos [B, Hv, S]``, ``last``: the largest query position, ``needed``: positions each row plans
+        to reach (its prompt + tokens to follow), ``native``: the model's trained positions."""
+        raise NotImplementedError
+
+
+def _check_window(name: str, window: int, native: int) -> None:
+    if window >= native:
+        raise ValueError(
+            f"{name} window of {window} positions must be smaller than the model's native window of {native}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SelfExtend(Remap):
+    """Self-Extend: exact attention to the ``window`` nearest tokens, grouped positions for the rest.
+
+    A key at position ``k`` farther than ``window`` from the query at ``q`` is seen at distance
+    ``(q // G + window - window // G) - k // G``: floor division by the group size ``G`` maps ``G``
+    neighbouring positions to one, and the shift makes the grouped distances continue where the exact
+    ones stop. Both logits come from the model's own attention and are merged in one softmax per query
+    (Jin et al., 2024, Sec. 3). The largest position used is ``(n - 1) // G + window - window // G``, so a
+    sequence of ``n`` tokens fits when that is below the native window; ``group=None`` takes the smallest
+    ``G`` that fits the planned length (``G = 1`` within the native window: exactly full attention).
+    """
+
+    name = "selfextend"
+    paper = "Jin et al., 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning, https://arxiv.org/abs/2401.01325"
+    group: int | None = param("group size G (positions per grouped position); None = smallest that fits", None)
+    window: int | None = param(
+        "neighbour window W kept at exact distances; None = a quarter of the native window", None
+    )
+
+    def __post_init__(self) -> None:
+        check_int("group", self.group, 1, allow_none=True)
+        check_int("window", self.window, 1, allow_none=True)
+
+    def neighbours(self, native: int) -> int:
+        w = self.window if self.window is not None else native // 4
+        _check_window("selfextend", w, native)
+        return w
+
+    def window_for(self, native: int) -> int | None:
+        w = self.neighbours(native)
+        if self.group is None:
+            return None
+        return (native - w + w // self.group) * self.group
+
+    def group_for(self, needed: int, native: int) -> int:
+        """The group size used for a call that reaches ``needed`` positions."""
+        w = self.neighbours(native)
+        if self.group is not None:
+            return self.group
+        g = 1
+        while (needed - 1) // g + w - w // g > native - 1:
+            g += 1
+        return g
+
+    def branches(self, q_pos, k_pos, last, needed, native):
+        w = self.neighbours(native)
+        groups = [self.group_for(n, native) for n in needed]
+        if last < w or max(groups) == 1:
+            return None
+        g = torch.tensor(groups, device=q_pos.device)
+        gq, gk = g.view(-1, 1), g.view(-1, 1, 1)
+        grouped_q = q_pos // gq + (w - w // gq)
+        return [Branch(Near(w)), Branch(Far(w), q_shift=grouped_q - q_pos, k_shift=k_pos // gk - k_pos)]
+
+
+@dataclass(frozen=True, eq=False)
+class String(Remap):
+    """STRING: distances of at least ``S`` are shifted down to start at ``local``, so the model uses only its
+    frequently trained small distances (An et al., 2024: the left-skewed frequency of relative positions in
+    training leaves the largest ones undertrained). A pair at distance ``d >= S`` is seen at
+    ``d - S + local``; nearer pairs are exact. The paper sets ``S`` to 0.25-0.4 of the length (0.33 by
+    default) and ``local`` to 128. Past the native window ``L``, ``S`` is raised so the largest shifted
+    distance stays inside it, and it may not exceed ``L`` (the exact pairs must stay inside too), so one
+    shift serves at most ``2 L - local`` positions. STRING changes attention within the native window too
+    (that is its purpose), so it is not full attention there.
+    """
+
+    name = "string"
+    paper = (
+        "An et al., 2024, Why Does the Effective Context Length of LLMs Fall Short?, https://arxiv.org/abs/2410.18745"
+    )
+    shift: float = param("offset S as a fraction of the planned length (paper: 0.25-0.4)", 0.33)
+    offset: int | None = param("offset S in positions (overrides shift)", None)
+    local: int | None = param(
+        "distance the shifted pairs start from (paper: 128; 256-512 if results degrade); None = 128, or a "
+        "sixteenth of a native window shorter than 2048",
+        None,
+    )
+
+    def __post_init__(self) -> None:
+        check_number("shift", self.shift, 0.0, 1.0)
+        check_int("offset", self.offset, 1, allow_none=True)
+        check_int("local", self.local, 1, allow_none=True)
+        if self.offset is not None and self.local is not None and self.offset <= self.local:
+            raise ValueError(f"offset ({self.offset}) must be larger than local ({self.local})")
+
+    def local_for(self, native: int) -> int:
+        local = self.local if self.local is not None else min(128, max(1, native // 16))
+        _check_window("string local", local, native)
+        if self.offset is not None and self.offset <= local:
+            raise ValueError(f"offset ({self.offset}) must be larger than local ({local})")
+        if self.offset is not None and self.offset > native:
+            raise ValueError(
+                f"string offset of {self.offset} exceeds the model's native window of {native}: pairs nearer than "
+                "the offset keep their distance, which must stay inside the window"
+            )
+        return local
+
+    def window_for(self, native: int) -> int | None:
+        local = self.local_for(native)
+        return native + (self.offset if self.offset is not None else native) - local
+
+    def offset_for(self, needed: int, native: int) -> int:
+        local = self.local_for(native)
+        if self.offset is not None:
+            return self.offset
+        return min(native, max(round(self.shift * needed), needed - native + local, local + 1))
+
+    def branches(self, q_pos, k_pos, last, needed, native):
+        local = self.local_for(native)
+        offsets = [self.offset_for(n, native) for n in needed]
+        if last < min(offsets):
+            return None
+        s = torch.tensor(offsets, device=q_pos.device)
+        return [Branch(Near(s)), Branch(Far(s), q_shift=(local - s).view(-1, 1).expand_as(q_pos))]
+
+
+@dataclass(frozen=True, eq=False)
+class LMInfinite(Remap):
+    """LM-Infinite: a Lambda-shaped mask (the first ``sink`` tokens plus the ``window`` nearest) and a
+    distance cap: a sink farther than the window is seen at distance ``window - 1``. Tokens outside the
+    Lambda are never read again, so after the prompt the cache keeps only sink + window tokens (O(n) time
+    and memory for decoding; Han et al., 2023, Sec. 4). Within ``window`` tokens it is full attention.
+    """
+
+    name = "lminfinite"
+    paper = "Han et al., 2023, LM-Infinite: Zero-Shot Extreme Length Generalization for LLMs, https://arxiv.org/abs/2308.16137"
+    roles: ClassVar[frozenset[str]] = frozenset({POSITIONS, PREFILL_EVICTION, DECODE_EVICTION})
+    sink: int = param("starting tokens every query attends to (paper: 10)", 10)
+    window: int | None = param("nearest tokens attended at exact distance; None = the native window", None)
+    slack: int = param("tokens decoded between two cuts of the cache back to sink + window", 64)
+
+    def __post_init__(self) -> None:
+        check_int("sink", self.sink, 0)
+        check_int("window", self.window, 2, allow_none=True)
+        check_int("slack", self.slack, 1)
+
+    def local(self, native: int) -> int:
+        if self.window is None:
+            return native
+        if self.window > native:
+            raise ValueError(f"lminfinite window of {self.window} exceeds the model's native window of {native}")
+        return self.window
+
+    def window_for(self, native: int) -> int | None:
+        self.local(native)
+        return None
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return LMInfinitePolicy(self)
+
+    def branches(self, q_pos, k_pos, last, needed, native):
+        w = self.local(native)
+        if last < w:
+            return None
+        return [Branch(Near(w)), Branch(Far(w, below=self.sink), q_shift=(w - 1) - q_pos, k_shift=-k_pos)]
+
+
+class LMInfinitePolicy(RemapPolicy):
+    """LM-Infinite's attention plus its eviction: once the prompt is in, slots outside every later query's
+    Lambda are dropped (cut back to sink + window - 1 whenever ``slack`` more tokens arrived)."""
+
+    method: LMInfinite
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        if step.phase == "prefill" or step.native is None:
+            return
+        keep = self.method.sink + self.method.local(step.native) - 1
+        if store.length < keep + (self.method.slack if step.phase == "decode" else 1):
+            return
+        view = store.view()
+        positions, valid = view.positions, view.valid
+        last = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)  # [B, Hv, 1]
+        # The next query sits at last + 1 and reads distances below the window: positions > last + 1 - window.
+        seen = (positions < self.method.sink) | (positions > last + 1 - self.method.local(step.native))
+        h = store.num_heads
+        scores = torch.where(seen & valid, PROTECTED + positions.double(), positions.double()).expand(-1, h, -1)
+        counts = (seen & valid).sum(-1).expand(-1, h)
+        indices, kept = select_tokens(scores, counts, valid)
+        store.keep(indices, kept, headroom=self.method.slack + step.answer_room)
+
+    def capacity_hint(self, columns: int) -> int:
+        return columns
+
+    def decode_reserve(self, tokens: int) -> int:
+        return min(tokens, self.method.slack)
+
+
+# -- RoPE scaling ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RopeScaling(Method):
+    """Base of RoPE-scaling methods: a transformers rope type with a scale factor for the call."""
+
+    roles: ClassVar[frozenset[str]] = frozenset({POSITIONS})
+    rope_type: ClassVar[str] = ""
+    factor: float | None = param("scale factor; None = planned length / native window (at least 1)", None)
+
+    def __post_init__(self) -> None:
+        if self.factor is not None:
+            check_number("factor", self.factor, 1.0, 1e6)
+
+    def window_for(self, native: int) -> int | None:
+        return None if self.factor is None else int(native * self.factor)
+
+    def factor_for(self, needed: int, native: int) -> float:
+        return float(self.factor) if self.factor is not None else max(1.0, needed / native)
+
+    def rope_scaling(self, needed: int, native: int) -> dict | None:
+        factor = self.factor_for(needed, native)
+        if factor == 1.0:
+            return None  # the model's own RoPE
+        return {"rope_type": self.rope_type, "factor": factor, "original_max_position_embeddings": native}
+
+
+@dataclass(frozen=True, eq=False)
+class NTK(RopeScaling):
+    """NTK-aware RoPE scaling: the rotary base grows by ``s ** (d / (d - 2))`` so the slowest frequencies
+    stretch by ``s`` while the fastest stay (bloc97, 2023; dynamic NTK, emozilla, 2023). Evaluated once at
+    the planned length (transformers' ``dynamic`` formula at that length), not per step, so cached keys
+    and later queries share one set of frequencies. One rotary module serves the whole batch, so with
+    ``factor`` unset a batch takes its longest row's factor; set ``factor`` for answers that do not depend on
+    the batch."""
+
+    name = "ntk"
+    paper = "bloc97, 2023, NTK-Aware Scaled RoPE; Peng et al., 2023, YaRN (Sec. 3.2), https://arxiv.org/abs/2309.00071"
+    rope_type = "dynamic"
+
+
+@dataclass(frozen=True, eq=False)
+class YaRN(RopeScaling):
+    """YaRN: per-frequency interpolation (high frequencies kept, low ones divided by the factor, a ramp in
+    between) plus an attention temperature ``0.1 ln s + 1`` (Peng et al., 2023), through transformers'
+    ``yarn`` rope parameters."""
+
+    name = "yarn"
+    paper = "Peng et al., 2023, YaRN: Efficient Context Window Extension of Large Language Models, https://arxiv.org/abs/2309.00071"
+    rope_type = "yarn"
+
+
+@dataclass(frozen=True, eq=False)
+class Linear(RopeScaling):
+    """Linear position interpolation: positions divided by the factor (Chen et al., 2023), through
+    transformers' ``linear`` rope parameters."""
+
+    name = "linear"
+    paper = "Chen et al., 2023, Extending Context Window of Large Language Models via Positional Interpolation, https://arxiv.org/abs/2306.15595"
+    rope_type = "linear"

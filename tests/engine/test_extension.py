@@ -1,0 +1,159 @@
+"""Window extension through the engine: identity inside the window, runs past it, batches, memory, RoPE
+restored, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import contextlab as cl
+from contextlab.engine.steps import forward
+from contextlab.hf.cache import ContextlabCache
+from contextlab.hf.rope import scaled_rope
+from contextlab.methods.extension import RemapPolicy
+from tests.conftest import COMMON
+
+NATIVE = 64
+REMAPS = ["selfextend", "string", "lminfinite"]
+SCALINGS = ["ntk", "yarn", "linear"]
+EXTENDERS = REMAPS + SCALINGS
+
+
+def short_model(rope_parameters: dict | None = None, seed: int = 0):
+    """A tiny Llama trained (randomly) on 64 positions, so going past its window is cheap."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(COMMON | {"max_position_embeddings": NATIVE}))
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return short_model()
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 250, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("spec", ["selfextend", "lminfinite", *SCALINGS])
+def test_inside_the_window_defaults_are_full_attention(model, tokenizer, spec):
+    context = ids(40, 0)
+    full = cl.generate(model, tokenizer, context, method="full", max_new_tokens=6)
+    out = cl.generate(model, tokenizer, context, method=spec, max_new_tokens=6)
+    assert out.token_ids == full.token_ids
+    if spec in REMAPS:
+        a = cl.prefill(model, tokenizer, context, method="full").last_logits
+        b = cl.prefill(model, tokenizer, context, method=spec).last_logits
+        torch.testing.assert_close(a, b)
+
+
+def test_string_changes_attention_inside_the_window_by_design(model, tokenizer):
+    context = ids(60, 0)
+    a = cl.prefill(model, tokenizer, context, method="full").last_logits
+    b = cl.prefill(model, tokenizer, context, method="string:offset=20,local=4").last_logits
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("spec", EXTENDERS)
+def test_generation_runs_past_the_native_window(model, tokenizer, spec):
+    n = 110 if spec == "string" else 200  # one STRING shift serves 2 * 64 - 4 positions
+    out = cl.generate(model, tokenizer, ids(n, 1), method=spec, max_new_tokens=8)
+    assert out.prompt_tokens[0] == n and len(out.token_ids[0]) >= 1
+    assert torch.isfinite(torch.tensor(out.kv_bytes, dtype=torch.float))
+
+
+@pytest.mark.parametrize("spec", ["selfextend", "string", "lminfinite", "selfextend:group=4,window=16"])
+def test_remaps_never_attend_beyond_the_trained_distances(model, tokenizer, spec):
+    method = cl.method(spec)
+    cache = ContextlabCache(model.config, method)
+    for layer in cache.compressible:
+        layer.policy.track = True
+    prompt = torch.tensor([ids(120, 2)])  # within string's 2 * 64 - 4 and selfextend:group=4,window=16's 208
+    cache.begin_prompt(120, [120], 0)
+    with torch.inference_mode(), cl.attention_enabled(model):
+        logits = forward(model, cache, prompt, torch.ones_like(prompt))
+    assert torch.isfinite(logits).all()
+    for layer in cache.compressible:
+        assert isinstance(layer.policy, RemapPolicy)
+        assert 0 < layer.policy.max_distance <= NATIVE - 1
+
+
+@pytest.mark.parametrize(
+    "spec", ["selfextend", "string", "lminfinite", "selfextend+snapkv:0.5", "yarn:factor=2", "ntk:factor=2"]
+)
+def test_a_batch_of_different_lengths_equals_one_by_one(model, tokenizer, spec):
+    # remaps derive their parameters per row (Self-Extend's group: 2 for 110 tokens, 4 for 118 + 5)
+    contexts = [ids(n, 10 + n) for n in (110, 70, 118)]
+    batch = cl.generate(model, tokenizer, contexts, method=spec, max_new_tokens=5)
+    for i, c in enumerate(contexts):
+        alone = cl.generate(model, tokenizer, c, method=spec, max_new_tokens=5)
+        assert batch.token_ids[i] == alone.token_ids[0], (spec, i)
+
+
+def test_lminfinite_keeps_only_the_lambda_after_the_prompt(model, tokenizer):
+    out = cl.generate(model, tokenizer, ids(300, 3), method="lminfinite:sink=4,window=32,slack=8", max_new_tokens=20)
+    full = cl.generate(model, tokenizer, ids(300, 3), method="selfextend", max_new_tokens=1)
+    layers = model.config.num_hidden_layers
+    per_slot = full.kv_bytes // (300 * layers)  # keys + values of one token in one layer
+    meta = 4 * model.config.num_key_value_heads  # each slot's int32 position, per KV head
+    assert out.kv_bytes == layers * (4 + 32 - 1) * (per_slot + meta)
+    assert out.kv_bytes_end <= layers * (4 + 32 - 1 + 8) * (per_slot + meta)
+
+
+def test_rope_scaling_is_restored_after_the_call_even_on_error(model, tokenizer):
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+    method = cl.method("linear")
+    with scaled_rope(model, method, 4 * NATIVE):
+        torch.testing.assert_close(rotary.inv_freq, before / 4)
+    assert torch.equal(rotary.inv_freq, before)
+    with pytest.raises(RuntimeError), scaled_rope(model, method, 4 * NATIVE):
+        raise RuntimeError("boom")
+    assert torch.equal(rotary.inv_freq, before)
+    cl.generate(model, tokenizer, ids(200, 4), method="yarn", max_new_tokens=2)
+    assert torch.equal(rotary.inv_freq, before) and rotary.attention_scaling == 1.0
+
+
+def test_ntk_grows_the_base_as_the_papers_formula_says(model):
+    rotary = model.model.rotary_emb
+    d = model.config.head_dim
+    with scaled_rope(model, cl.method("ntk:factor=4"), 4 * NATIVE):
+        base = 10000.0 * 4 ** (d / (d - 2))
+        expected = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        torch.testing.assert_close(rotary.inv_freq, expected)
+
+
+@pytest.mark.parametrize(
+    "spec,kwargs,error",
+    [
+        ("full", {}, "Add a position-extending method"),
+        ("snapkv:0.5", {}, "snapkv:ratio=0.5 does not change positions"),
+        ("selfextend:group=2,window=16", {}, "serves on this model"),
+        ("selfextend:window=64", {}, "must be smaller than the model's native window of 64"),
+        ("yarn:factor=2", {}, "serves on this model"),
+        ("string", {}, "124 positions string serves"),
+    ],
+)
+def test_bad_input_is_named(model, tokenizer, spec, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        cl.generate(model, tokenizer, ids(200, 5), method=spec, max_new_tokens=2, **kwargs)
+
+
+def test_rope_types_a_remap_cannot_handle_are_named(tokenizer):
+    dynamic = short_model({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="rope type is 'dynamic'"):
+        cl.generate(dynamic, tokenizer, ids(100, 6), method="selfextend", max_new_tokens=2)
+    scaled = short_model({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="already use rope type 'linear'"):
+        cl.generate(scaled, tokenizer, ids(100, 6), method="ntk", max_new_tokens=2)
+
+
+def test_prefill_refuses_rope_scaling_it_cannot_hand_over(model, tokenizer):
+    with pytest.raises(ValueError, match="cannot be continued"):
+        cl.prefill(model, tokenizer, ids(100, 7), method="yarn")
