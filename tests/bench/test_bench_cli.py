@@ -28,6 +28,9 @@ def bench(*args: str) -> subprocess.CompletedProcess:
         (["--methods", "snapkv:budget=100000"], "larger than the context"),
         (["--methods", "snapky:0.5"], "did you mean 'snapkv'"),
         (["--lengths", "4000"], "exceed the model's window"),
+        (["--lengths", "4000"], "--allow-beyond-window"),
+        (["--methods", "selfextend:group=1,window=512", "--lengths", "4000"], "serves on this model"),
+        (["--methods", "selfextend:window=4096"], "must be smaller than the model's native window of 2048"),
         (["--lengths", "abc"], "cannot read length"),
         (["--tasks", "longbench:path=/no/such.jsonl"], "dataset file not found"),
     ],
@@ -77,3 +80,26 @@ def test_csv_keeps_spec_parameters_together():
         "snapkv:0.5+decode(h2o,budget=512,every=64)",
         "adakv:0.5,scorer=snapkv(window=8,kernel=3)",
     ]
+
+
+def test_a_position_method_runs_past_the_window_without_the_escape_hatch(model_dir, tmp_path):
+    out = bench(
+        "bench",
+        "--model",
+        str(model_dir),
+        "--methods",
+        "selfextend,string+snapkv:0.5",
+        "--tasks",
+        "niah_single_1",
+        "--lengths",
+        "2500",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "latest" / "results.sqlite").exists()

@@ -13,11 +13,13 @@ def test_selfextend_picks_the_smallest_group_that_fits():
     m = SelfExtend()
     assert m.group_for(4000, 4096) == 1  # inside the window: exactly full attention
     assert m.branches(None, None, 3999, [4000], 4096) is None
-    for needed in (8000, 16000, 33000):
+    assert m.group_for(4096, 4096) == 1
+    for needed in (4097, 8000, 16000, 33000):
         g = m.group_for(needed, 4096)
         w = 1024
-        assert (needed - 1) // g + w - w // g <= 4095
-        assert g == 1 or (needed - 1) // (g - 1) + w - w // (g - 1) > 4095
+        assert (needed - 1) // g + w - w // g <= 2047  # below reach (0.5) x the native window
+        assert g == 1 or (needed - 1) // (g - 1) + w - w // (g - 1) > 2047
+    assert SelfExtend(reach=1.0).group_for(8000, 4096) == 3
     assert m.window_for(4096) is None  # an unset group grows with the length
 
 
@@ -54,6 +56,7 @@ def test_branches_are_disjoint_and_cover_every_pair():
     "spec,error",
     [
         ("selfextend:group=0", "group must be an integer >= 1"),
+        ("selfextend:reach=2", "reach must be a number in [0.0, 1.0]"),
         ("string:offset=100,local=128", "offset (100) must be larger than local (128)"),
         ("string:shift=1.5", "shift must be a number in [0.0, 1.0]"),
         ("ntk:factor=0.5", "factor must be a number in [1.0"),
@@ -74,6 +77,7 @@ def test_bad_specs_are_refused(spec, error):
     [
         (SelfExtend(window=4096), "selfextend window of 4096 positions must be smaller than the model's native window"),
         (String(local=5000), "string local window of 5000"),
+        (SelfExtend(window=2048), "selfextend reach 0.5 x the native window (2048 positions) leaves no room"),
         (String(offset=5000), "string offset of 5000 exceeds the model's native window of 4096"),
         (LMInfinite(window=5000), "lminfinite window of 5000 exceeds the model's native window of 4096"),
     ],

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Window extension measured: identity inside the window, single-needle accuracy past it.
+
+1. Identity (reference model, prompts inside its 4K window): each extension method at its defaults
+   against full attention: greedy tokens equal, and the largest difference of the last position's logits
+   (remaps through ``cl.prefill``; RoPE scaling is the model's own RoPE when the factor is 1).
+2. Reference model (native 4K): single needle (``niah_single_2``) at 8K and 16K tokens, needles at
+   10-90% depth: full attention (``allow_beyond_window``) vs every method; Wilson 95% intervals, mean
+   prefill seconds and peak KV bytes per cell.
+3. SmolLM2-135M-Instruct (native 8K): the same at 16K tokens (``--smollm-lengths``) for the cheapest
+   informative set of methods (``--smollm-methods``).
+
+Each cell is written to ``benchmarks/results/extension.json`` as soon as it finishes, and a finished cell
+is not run again (delete the file to start over), so a long run can be stopped and continued.
+
+    PYTHONPATH=. python benchmarks/extension.py [--sections identity reference smollm]
+        [--samples 30] [--few 10] [--threads N]
+
+Writes benchmarks/results/extension.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from benchmarks._accuracy import markdown, samples
+
+import contextlab as cl
+from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.report import interval
+
+RESULTS = Path(__file__).parent / "results"
+STORE = RESULTS / "extension.json"
+EXTENDERS = ["selfextend", "string", "lminfinite", "ntk", "yarn", "linear"]
+# Fixed before this benchmark on a separate 6-8 needle sweep (other seeds): grouped positions below 2K.
+TUNED = "selfextend:group=16,window=1024"
+
+
+def depth_samples(tok, length: int, n: int, seed: int):
+    rng = random.Random(seed)
+    depths = [0.1 + 0.8 * rng.random() for _ in range(n)]
+    return samples(tok, "niah_single_2", length, n, seed=seed + length, depths=depths)
+
+
+def run(model, tok, method: str, items, allow: bool) -> dict:
+    scores, prefill, peak = [], [], 0
+    start = time.perf_counter()
+    for s in items:
+        out = cl.generate(
+            model, tok, s.context_ids, s.question_ids, method=method, max_new_tokens=12, allow_beyond_window=allow
+        )
+        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+        prefill.append(out.prefill_seconds)
+        peak = max(peak, out.peak_memory_bytes)
+    return {
+        "scores": scores,
+        "prefill_s": sum(prefill) / len(prefill),
+        "peak_kv_mib": peak / 2**20,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def identity(store: dict) -> None:
+    model, tok = cl.load("reference")
+    items = depth_samples(tok, 2000, 5, seed=7)
+    for spec in EXTENDERS:
+        key = f"identity|{spec}"
+        if key in store:
+            continue
+        same, diff = 0, 0.0
+        for s in items:
+            a = cl.generate(model, tok, s.context_ids, s.question_ids, method="full", max_new_tokens=12)
+            b = cl.generate(model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=12)
+            same += a.token_ids == b.token_ids
+            if spec in ("selfextend", "string", "lminfinite"):
+                ids = s.context_ids + s.question_ids
+                la = cl.prefill(model, tok, ids, method="full").last_logits
+                lb = cl.prefill(model, tok, ids, method=spec).last_logits
+                diff = max(diff, float((la - lb).abs().max()))
+        store[key] = {"same_tokens": same, "n": len(items), "max_logit_diff": diff}
+        save(store)
+        print(key, store[key], flush=True)
+
+
+def accuracy(store: dict, section: str, model_name: str, lengths: list[int], plan: dict[str, int]) -> None:
+    model, tok = cl.load(model_name)
+    native = model.config.max_position_embeddings
+    for length in lengths:
+        pool = depth_samples(tok, length, max(plan.values()), seed=11)
+        for spec, n in plan.items():
+            key = f"{section}|{length}|{spec}"
+            if key in store:
+                continue
+            method = cl.method(spec)
+            limit = method.window_for(native)
+            if spec != "full" and limit is not None and length + 12 > limit:
+                store[key] = {"skipped": f"serves at most {limit} tokens on this model"}
+            else:
+                store[key] = run(model, tok, spec, pool[:n], allow=spec == "full")
+            save(store)
+            print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
+
+
+def save(store: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    STORE.write_text(json.dumps(store, indent=1))
+
+
+def report(store: dict, args) -> str:
+    lines = [
+        "# Window extension (benchmarks/extension.py)",
+        "",
+        f"Machine: {platform.platform()}, {torch.get_num_threads()} threads, contextlab {cl.__version__}. "
+        "Single needle (`niah_single_2`, 7-digit value) at depths drawn uniformly from 10-90%, greedy, 12 new "
+        "tokens, batch size 1, question-aware. 95% Wilson intervals. `full` runs past the window with "
+        "`allow_beyond_window`. Prefill seconds are means per sample on this machine; peak KV is the largest "
+        "`peak_memory_bytes` of the cell (contextlab's own store accounting on CPU).",
+        "",
+        "## Identity inside the native window (reference model, 2000-token prompts, 5 samples)",
+        "",
+    ]
+    rows = []
+    for spec in EXTENDERS:
+        r = store.get(f"identity|{spec}")
+        if r:
+            diff = (
+                f"{r['max_logit_diff']:.2e}"
+                if spec in ("selfextend", "string", "lminfinite")
+                else "n/a (RoPE unchanged at factor 1)"
+            )
+            rows.append([spec, f"{r['same_tokens']}/{r['n']}", diff])
+    lines += [markdown(["method (defaults)", "same greedy tokens as full", "max abs logit diff"], rows), ""]
+    lines += [
+        "STRING moves distances >= 0.33 x the length inside the window too (its purpose), so it is not full "
+        "attention there; the other methods are exactly full attention inside the window (Self-Extend's group "
+        "is 1, LM-Infinite's window is the native one, RoPE scaling's factor is 1).",
+        "",
+    ]
+    for section, title in (
+        ("reference", "Reference model (native 4096)"),
+        ("smollm", "SmolLM2-135M-Instruct (native 8192)"),
+    ):
+        keys = [k for k in store if k.startswith(section + "|")]
+        if not keys:
+            continue
+        lines += [f"## {title}", ""]
+        rows = []
+        for key in keys:
+            _, length, spec = key.split("|")
+            r = store[key]
+            if "skipped" in r:
+                rows.append([length, spec, "—", "—", "0", "—", "—", r["skipped"]])
+                continue
+            stat = interval(r["scores"])
+            rows.append(
+                [
+                    length,
+                    spec,
+                    f"{stat.mean:.2f}",
+                    f"[{stat.low:.2f}, {stat.high:.2f}]",
+                    str(len(r["scores"])),
+                    f"{r['prefill_s']:.1f}",
+                    f"{r['peak_kv_mib']:.0f}",
+                    "",
+                ]
+            )
+        head = ["tokens", "method", "accuracy", "95% CI", "n", "prefill s", "peak KV MiB", "note"]
+        lines += [markdown(head, rows), ""]
+    lines += [
+        f"`{TUNED}` was fixed before this run from a separate 6-8 needle sweep on other samples (seed 1): on "
+        "this model larger groups (grouped positions below ~2K, where it answers 100% inside its window) found "
+        "more needles. Cells with fewer samples were run with `--few` to bound the run's time.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["identity", "reference", "smollm"])
+    parser.add_argument("--samples", type=int, default=30, help="needles per main cell")
+    parser.add_argument("--few", type=int, default=10, help="needles per secondary cell")
+    parser.add_argument("--reference-lengths", nargs="+", type=int, default=[8000, 16000])
+    parser.add_argument("--smollm-lengths", nargs="+", type=int, default=[16000])
+    parser.add_argument("--smollm-samples", type=int, default=5)
+    parser.add_argument("--smollm-methods", nargs="+", default=["full", "selfextend", "yarn"])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    if "identity" in args.sections:
+        identity(store)
+    if "reference" in args.sections:
+        plan = {"full": args.few, "selfextend": args.samples, TUNED: args.samples}
+        plan |= {spec: args.few for spec in EXTENDERS if spec != "selfextend"}
+        accuracy(store, "reference", "reference", args.reference_lengths, plan)
+    if "smollm" in args.sections:
+        plan = dict.fromkeys(args.smollm_methods, args.smollm_samples)
+        accuracy(store, "smollm", "smollm2-135m-instruct", args.smollm_lengths, plan)
+    text = report(store, args)
+    (RESULTS / "extension.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
