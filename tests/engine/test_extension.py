@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import contextlab as cl
+from contextlab.engine.session import Session
 from contextlab.engine.steps import forward
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.rope import scaled_rope
@@ -157,3 +158,14 @@ def test_rope_types_a_remap_cannot_handle_are_named(tokenizer):
 def test_prefill_refuses_rope_scaling_it_cannot_hand_over(model, tokenizer):
     with pytest.raises(ValueError, match="cannot be continued"):
         cl.prefill(model, tokenizer, ids(100, 7), method="yarn")
+
+
+@pytest.mark.parametrize("spec", ["yarn", "selfextend"])
+def test_a_session_keeps_one_extension_across_turns(model, tokenizer, spec):
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+    session = Session(model, tokenizer, ids(150, 8), ids(5, 9), method=spec, max_total_tokens=40)
+    first = session.ask(None, max_new_tokens=4)
+    second = session.ask(ids(5, 10), max_new_tokens=4)
+    assert first.token_ids[0] and second.token_ids[0]
+    assert torch.equal(rotary.inv_freq, before)

@@ -99,21 +99,23 @@ CASES = [
 ]
 
 
-def _setup(seed=0, b=2, h=2, g=2, s=30, tq=30):
+def _setup(seed=0, b=2, h=2, g=2, s=30, tq=30, per_head=False):
     torch.manual_seed(seed)
     q0, k0, v = torch.randn(b, h * g, tq, D), torch.randn(b, h, s, D), torch.randn(b, h, s, D)
-    valid = torch.ones(b, 1, s, dtype=torch.bool)
+    valid = torch.ones(b, h if per_head else 1, s, dtype=torch.bool)
     valid[1, :, :4] = False  # row 1 is left-padded by 4
-    k_pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    k_pos[0, 0, 10:] += 5  # row 0 had tokens evicted: positions jump (still non-decreasing)
+    if per_head:
+        valid[0, 1, :7] = False  # ragged heads: head 1 of row 0 holds fewer slots (padded view)
+    k_pos = (valid[:, :1].long().cumsum(-1) - 1).clamp(min=0).expand(-1, valid.shape[1], -1).clone()
+    k_pos[0, :, 10:] += 5  # row 0 had tokens evicted: positions jump (still non-decreasing)
     q_pos = k_pos[:, 0, -tq:]
     return q0, k0, v, valid, q_pos, k_pos
 
 
 @pytest.mark.parametrize("method,pair", CASES, ids=lambda c: getattr(c, "name", ""))
-@pytest.mark.parametrize("tq", [30, 1])
-def test_fused_and_reference_paths_match_the_paper_definition(method, pair, tq):
-    q0, k0, v, valid, q_pos, k_pos = _setup(tq=tq)
+@pytest.mark.parametrize("tq,per_head", [(30, False), (1, False), (30, True)])
+def test_fused_and_reference_paths_match_the_paper_definition(method, pair, tq, per_head):
+    q0, k0, v, valid, q_pos, k_pos = _setup(tq=tq, per_head=per_head)
     q = rope_at(q0, q_pos[:, None, :])
     k = rope_at(k0, k_pos)
     native, scaling = 12, 0.3

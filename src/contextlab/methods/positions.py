@@ -182,50 +182,41 @@ def _reference(queries, values, valid, q_pos, k_pos, branches, moved, scaling):
 
 
 def _fused(queries, values, valid, q_pos, k_pos, branches, moved, scaling):
+    """Per block of queries and per branch, the CPU flash kernel over the branch's slots only. The G query
+    heads of a KV head are folded into the kernel's query axis (``[B, H, G * c, D]``), so each KV head is
+    read once and keys and values are never repeated per query head."""
     b, hq, tq, d = queries.shape
     h, s = values.shape[1], values.shape[2]
     g = hq // h
-    out = queries.new_empty(b, hq, tq, d)
-    v32 = values.float().repeat_interleave(g, dim=1) if g > 1 else values.float()
-    keys_by_branch = [k_b.repeat_interleave(g, dim=1) if g > 1 else k_b for _, k_b in moved]
-    queries_by_branch = [q_b.reshape(b, hq, tq, d) for q_b, _ in moved]
+    out = queries.new_empty(b, h, g, tq, d)
+    v32 = values.float()
     slot = torch.arange(s, device=values.device)
     first_pos = k_pos.masked_fill(~valid, torch.iinfo(k_pos.dtype).max)
     last_pos = k_pos.masked_fill(~valid, -1)
-    chunk = FUSED_QUERIES
-    for start in range(0, tq, chunk):
-        stop = min(tq, start + chunk)
+    for start in range(0, tq, FUSED_QUERIES):
+        stop = min(tq, start + FUSED_QUERIES)
+        c = stop - start
         qp = q_pos[:, None, start:stop, None]
         qmin, qmax = int(q_pos[:, start:stop].min()), int(q_pos[:, start:stop].max())
-        q_slot_end = s - tq + stop  # keys beyond the chunk's last slot are in no query's past
+        q_slot_end = s - tq + stop  # keys beyond the block's last slot are in no query's past
         parts = []
-        for br, q_b, k_b in zip(branches, queries_by_branch, keys_by_branch, strict=True):
+        for br, (q_b, k_b) in zip(branches, moved, strict=True):
             lo_pos, hi_pos = br.region.span(qmin, qmax)
-            if hi_pos < lo_pos:
-                continue
-            lo, hi = _slot_range(first_pos, last_pos, lo_pos, hi_pos, q_slot_end)
+            lo, hi = (0, 0) if hi_pos < lo_pos else _slot_range(first_pos, last_pos, lo_pos, hi_pos, q_slot_end)
             if hi <= lo:
                 continue
             causal = slot[lo:hi].view(1, 1, 1, -1) <= slot[s - tq + start : q_slot_end].view(1, 1, -1, 1)
             region = br.region.contains(qp, k_pos[:, :, None, lo:hi]) & causal & valid[:, :, None, lo:hi]
-            if g > 1 and region.shape[1] > 1:
-                region = region.repeat_interleave(g, dim=1)
-            mask = torch.zeros(region.shape, dtype=torch.float32, device=region.device).masked_fill_(
-                ~region, float("-inf")
+            folded = region.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(b, region.shape[1], g * c, hi - lo)
+            mask = torch.zeros(folded.shape, dtype=torch.float32, device=folded.device).masked_fill_(
+                ~folded, float("-inf")
             )
-            o, lse = _CPU_FLASH(
-                q_b[:, :, start:stop].float(),
-                k_b[:, :, lo:hi],
-                v32[:, :, lo:hi],
-                0.0,
-                False,
-                attn_mask=mask,
-                scale=scaling,
-            )
-            lse = lse.masked_fill(~region.any(-1), float("-inf"))  # the kernel reports 0 for an empty row
+            q_fold = q_b[:, :, :, start:stop].reshape(b, h, g * c, d)
+            o, lse = _CPU_FLASH(q_fold, k_b[:, :, lo:hi], v32[:, :, lo:hi], 0.0, False, attn_mask=mask, scale=scaling)
+            lse = lse.masked_fill(~folded.any(-1), float("-inf"))  # the kernel reports 0 for an empty row
             parts.append((o, lse))
-        out[:, :, start:stop] = _merge(parts, (b, hq, stop - start, d), queries.device).to(out.dtype)
-    return out
+        out[:, :, :, start:stop] = _merge(parts, (b, h, g * c, d), queries.device).view(b, h, g, c, d).to(out.dtype)
+    return out.view(b, hq, tq, d)
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], shape, device) -> torch.Tensor:
