@@ -18,7 +18,8 @@ from tests.conftest import COMMON
 NATIVE = 64
 REMAPS = ["selfextend", "string", "lminfinite"]
 SCALINGS = ["ntk", "yarn", "linear"]
-EXTENDERS = REMAPS + SCALINGS
+RETRIEVAL = "infiniretri:budget=16,chunk=24"
+EXTENDERS = [*REMAPS, *SCALINGS, RETRIEVAL]
 
 
 def short_model(rope_parameters: dict | None = None, seed: int = 0):
@@ -86,7 +87,7 @@ def test_remaps_never_attend_beyond_the_trained_distances(model, tokenizer, spec
 
 
 @pytest.mark.parametrize(
-    "spec", ["selfextend", "string", "lminfinite", "selfextend+snapkv:0.5", "yarn:factor=2", "ntk:factor=2"]
+    "spec", ["selfextend", "string", "lminfinite", "selfextend+snapkv:0.5", "yarn:factor=2", "ntk:factor=2", RETRIEVAL]
 )
 def test_a_batch_of_different_lengths_equals_one_by_one(model, tokenizer, spec):
     # remaps derive their parameters per row (Self-Extend's group: 2 for 110 tokens, 4 for 118 + 5)
@@ -139,6 +140,8 @@ def test_ntk_grows_the_base_as_the_papers_formula_says(model):
         ("selfextend:window=64", {}, "must be smaller than the model's native window of 64"),
         ("yarn:factor=2", {}, "serves on this model"),
         ("string", {}, "124 positions string serves"),
+        ("infiniretri:budget=32,chunk=32", {}, "budget \\+ chunk = 64 tokens at once, which must stay below"),
+        ("infiniretri:0.5", {}, "infiniretri needs a token budget"),
     ],
 )
 def test_bad_input_is_named(model, tokenizer, spec, kwargs, error):
@@ -169,3 +172,15 @@ def test_a_session_keeps_one_extension_across_turns(model, tokenizer, spec):
     second = session.ask(ids(5, 10), max_new_tokens=4)
     assert first.token_ids[0] and second.token_ids[0]
     assert torch.equal(rotary.inv_freq, before)
+
+
+def test_infiniretri_reads_segments_keeps_its_budget_and_drops_the_question_copies(model, tokenizer):
+    context, question = ids(200, 11), ids(6, 12)
+    out = cl.generate(model, tokenizer, context, question, method=RETRIEVAL, max_new_tokens=3)
+    layers = model.config.num_hidden_layers
+    meta = 4 * model.config.num_key_value_heads
+    per_slot = 2 * model.config.head_dim * 4 * model.config.num_key_value_heads
+    assert out.kv_bytes == layers * 16 * (per_slot + meta)  # budget per layer, no question copy left
+    for kept in out.kept_positions:  # positions are the prompt's own: copies took none
+        assert int(kept.max()) == 205 and int(kept.min()) >= 0
+        assert bool((kept[..., -6:] == torch.arange(200, 206)).all())  # the real question, kept at the end

@@ -19,7 +19,7 @@ from contextlab.hf.compat import cache_kwarg
 from contextlab.methods.base import PrefillMethod
 from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
-from contextlab.methods.extension import LMInfinite
+from contextlab.methods.extension import InfiniRetri, LMInfinite
 from tests.conftest import ARCHS, tiny_model
 
 CONTEXT = "In the beginning was the word, and the word was long. " * 4  # 220 bytes
@@ -46,6 +46,7 @@ EXTENSION = {
     "ntk": ("ntk", "ntk:factor=2"),
     "yarn": ("yarn", "yarn:factor=2"),
     "linear": ("linear", "linear:factor=2"),
+    "infiniretri": ("infiniretri:budget=1000,chunk=1000", "infiniretri:budget=40,chunk=64"),
 }
 
 
@@ -119,6 +120,8 @@ def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torc
     """[H] expected kept counts of a layer after the prompt, or None where AdaKV's rule is checked instead."""
     if isinstance(method, LMInfinite):
         return torch.full((heads,), min(n, method.sink + method.window - 1))
+    if isinstance(method, InfiniRetri):
+        return torch.full((heads,), min(n, method.keep))
     prefill = _prefill_part(method)
     if prefill is None or not prefill.compresses:
         return torch.full((heads,), n)
@@ -141,7 +144,9 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     cache_layers = ContextlabCache(model.config).layers
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     itemsize = next(model.parameters()).element_size()
-    evicted = (_prefill_part(method) is not None and _prefill_part(method).compresses) or isinstance(method, LMInfinite)
+    evicted = (_prefill_part(method) is not None and _prefill_part(method).compresses) or isinstance(
+        method, (LMInfinite, InfiniRetri)
+    )
     expected_bytes = 0
     for layer, kept in zip(cache_layers, out.kept_positions, strict=True):
         assert kept.shape[:2] == (1, model.config.num_key_value_heads)

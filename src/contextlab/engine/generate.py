@@ -76,7 +76,7 @@ def generate(
         method=method.describe(),
         kv_bytes=kv_bytes,
         kv_bytes_end=kv_bytes_end,
-        kv_bytes_full=full_cache_bytes(model, len(plan.prompt), done.attention_mask.shape[1]),
+        kv_bytes_full=full_cache_bytes(model, len(plan.prompt), done.columns),
         peak_memory_bytes=int(peak),
         prefill_seconds=done.seconds,
         decode_seconds=decode_seconds,

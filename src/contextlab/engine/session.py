@@ -102,7 +102,7 @@ class Session:
         self.turn += 1
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else state.cache.peak_bytes
-        full = full_cache_bytes(self.model, rows, state.attention_mask.shape[1])
+        full = full_cache_bytes(self.model, rows, state.columns)
         return TurnResult(
             texts=texts,
             token_ids=tokens,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from contextlab.engine.inputs import left_pad, normalise, positions_from_mask
+from contextlab.engine.inputs import Block, left_pad, normalise, positions_from_mask
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg, text_config
 from contextlab.hf.support import check_supported
@@ -43,6 +43,12 @@ class Prefilled:
     attention_mask: torch.Tensor  # [B, S]
     last_logits: torch.Tensor  # [B, V] fp32
     seconds: float
+    copies: int = 0  # columns of question copies fed between prompt chunks (see Method.repeats_question)
+
+    @property
+    def columns(self) -> int:
+        """Columns of real input (prompt, question, answer so far): what a full cache would hold per row."""
+        return self.attention_mask.shape[1] - self.copies
 
 
 @dataclass
@@ -127,20 +133,50 @@ def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 
     prompt = left_pad(plan.prompt, pad_id, device)
     width = prompt.ids.shape[1]
     after_width = max(len(a) for a in plan.after) if plan.after else 0
-    cache.begin_prompt(width, [len(p) for p in plan.prompt], after_width + new_tokens)
+    bounds = chunk_bounds(width, method.prefill_chunk_size())
+    repeat = left_pad(plan.questions, pad_id, device) if _repeats_question(method, plan, len(bounds)) else None
+    copies = len(bounds) - 1 if repeat is not None else 0  # question copies fed after every chunk but the last
+    extra = [copies * len(q) for q in plan.questions] if repeat is not None else [0] * len(plan.prompt)
+    q_width = repeat.ids.shape[1] if repeat is not None else 0
+    cache.begin_prompt(
+        width + copies * q_width,
+        [len(p) + e for p, e in zip(plan.prompt, extra, strict=True)],
+        after_width + new_tokens,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    for first, stop in chunk_bounds(width, method.prefill_chunk_size()):
-        logits = forward(model, cache, prompt.ids[:, first:stop], prompt.mask[:, :stop])
+    id_parts, mask_parts = [], []
+    for i, (first, stop) in enumerate(bounds):
+        id_parts.append(prompt.ids[:, first:stop])
+        mask_parts.append(prompt.mask[:, first:stop])
+        fed = id_parts[-1]
+        cache.state.transient = 0
+        if repeat is not None and i < len(bounds) - 1:
+            id_parts.append(repeat.ids)
+            mask_parts.append(repeat.mask)
+            fed = torch.cat([fed, repeat.ids], dim=1)
+            cache.state.transient = q_width
+        logits = forward(model, cache, fed, torch.cat(mask_parts, dim=1))
+        if cache.state.transient:
+            # The copy was read and evicted: it takes no position (later tokens continue the prompt's count).
+            mask_parts[-1] = torch.zeros_like(mask_parts[-1])
+    cache.state.transient = 0
+    prompt = Block(torch.cat(id_parts, dim=1), torch.cat(mask_parts, dim=1))
     ids, mask = prompt.ids, prompt.mask
     if plan.after is not None:
         after = left_pad(plan.after, pad_id, device)
         ids, mask = torch.cat([ids, after.ids], dim=1), torch.cat([mask, after.mask], dim=1)
         logits = forward(model, cache, after.ids, mask)
     sync(device)
-    return Prefilled(cache, ids, mask, logits, time.perf_counter() - start)
+    return Prefilled(cache, ids, mask, logits, time.perf_counter() - start, copies * q_width)
+
+
+def _repeats_question(method: Method, plan: Plan, chunks: int) -> bool:
+    """The question is fed after every chunk when the method asks for it, the prompt is chunked and ends
+    with the question (question-aware)."""
+    return method.repeats_question() and chunks > 1 and plan.questions is not None and plan.after is None
 
 
 def chunk_bounds(width: int, chunk: int | None) -> list[tuple[int, int]]:

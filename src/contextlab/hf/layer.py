@@ -39,10 +39,12 @@ class CacheState:
     rope: Rope | None = None  # rotary frequencies of full-attention layers (only when the method remaps)
     native: int | None = None  # the model's trained positions
 
+    transient: int = 0  # trailing tokens of the next forward that are not context (see InfiniRetri)
+
     @property
-    def planned(self) -> int | None:
-        """Positions the longest row plans to reach: its prompt plus the tokens announced to follow."""
-        return None if self.prompt_lengths is None else max(self.prompt_lengths) + self.new_tokens
+    def planned(self) -> list[int] | None:
+        """Positions each row plans to reach: its prompt plus the tokens announced to follow."""
+        return None if self.prompt_lengths is None else [n + self.new_tokens for n in self.prompt_lengths]
 
 
 class ContextlabLayer(DynamicLayer):
@@ -162,6 +164,7 @@ class ContextlabLayer(DynamicLayer):
             self.state.rope,
             self.state.native,
             self.state.planned,
+            self.state.transient,
         )
         plan = self.policy.before_attend(self.store, step)
         if plan is not None:
@@ -170,6 +173,11 @@ class ContextlabLayer(DynamicLayer):
             out = self.policy.attend(self.store, step)
             out = self._attend_groups(query, scaling) if out is None else out
         self.policy.after_forward(self.store, step)
+        if self.state.transient:  # trailing tokens that were not context (read, then evicted) take no position
+            tail = self.state.transient
+            self.row_tokens = self.row_tokens - (
+                tail if new_valid is None else new_valid[:, -tail:].sum(-1, keepdim=True)
+            )
         self._publish()
         return out.transpose(1, 2).contiguous()
 

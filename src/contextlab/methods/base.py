@@ -105,6 +105,10 @@ class Method:
         """Tokens a prompt of ``length`` keeps after prefill eviction (None = no prefill eviction)."""
         return None
 
+    def repeats_question(self) -> bool:
+        """True when the question is appended to every prompt chunk (question-aware, chunked prefill only)."""
+        return False
+
     def window_for(self, native: int) -> int | None:
         """Longest sequence (prompt + generated tokens) the method serves on a model trained on ``native``
         positions (None = no limit). Methods that do not touch positions serve the native window; ValueError

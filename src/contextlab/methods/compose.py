@@ -53,6 +53,9 @@ class Composite(Method):
     def prompt_keep(self, length: int) -> int | None:
         return next((k for k in (p.prompt_keep(length) for p in self.parts) if k is not None), None)
 
+    def repeats_question(self) -> bool:
+        return any(p.repeats_question() for p in self.parts)
+
     def window_for(self, native: int) -> int | None:
         extenders = [p for p in self.parts if POSITIONS in p.roles]
         return extenders[0].window_for(native) if extenders else native

@@ -28,6 +28,7 @@ from contextlab.methods.base import (
     POSITIONS,
     PREFILL_EVICTION,
     PROTECTED,
+    Budget,
     Method,
     check_int,
     check_number,
@@ -35,7 +36,7 @@ from contextlab.methods.base import (
     select_tokens,
 )
 from contextlab.methods.policy import LayerPolicy, Step
-from contextlab.methods.positions import Branch, Far, Near, remapped_attention
+from contextlab.methods.positions import Branch, Far, Near, Region, remapped_attention, rotate
 from contextlab.store import DenseStore
 
 
@@ -381,3 +382,152 @@ class Linear(RopeScaling):
     name = "linear"
     paper = "Chen et al., 2023, Extending Context Window of Large Language Models via Positional Interpolation, https://arxiv.org/abs/2306.15595"
     rope_type = "linear"
+
+
+# -- retrieval with position reset ------------------------------------------------------------------------------
+
+
+class All(Region):
+    """Every causal pair."""
+
+    def contains(self, qp, kp):
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=qp.device)
+
+    def span(self, qmin, qmax):
+        return 0, qmax
+
+
+@dataclass(frozen=True, eq=False)
+class InfiniRetri(Method):
+    """Read a long input segment by segment inside the native window, keep what the question attends to,
+    and re-number what is kept contiguously (InfiniRetri, Ye et al., 2025; LongCache, Liu et al., 2024).
+
+    The prompt is fed ``chunk`` tokens at a time and the question is appended to every chunk (InfiniRetri's
+    per-segment question), so each layer scores its cache with the question's own attention (SnapKV's
+    observation-window votes, pooled over neighbouring tokens as InfiniRetri's phrase-level pooling) and
+    keeps ``budget`` tokens; the question copies are dropped, the real question stays at the end of the
+    last chunk. Every forward attends at *ranks*: a kept token's position is its index in the cache, so
+    distances never exceed budget + chunk + question + answer, which must fit the native window.
+
+    Differs from the paper: InfiniRetri keeps token ids (selected from one layer's attention) and re-encodes
+    them with the next segment; here each layer keeps its own KV entries (as LongCache selects cache entries),
+    so nothing is encoded twice and the cost is one pass over the input plus the repeated questions.
+    """
+
+    name = "infiniretri"
+    paper = (
+        "Ye et al., 2025, Infinite Retrieval: Attention Enhanced LLMs in Long-Context Processing, "
+        "https://arxiv.org/abs/2502.12962; Liu et al., 2024, Farewell to Length Extrapolation, a Training-Free "
+        "Infinite Context with Finite Attention Scope (LongCache)"
+    )
+    roles: ClassVar[frozenset[str]] = frozenset({POSITIONS, PREFILL_EVICTION})
+    remaps_positions: ClassVar[bool] = True
+    budget: Budget = param("tokens each layer keeps between segments (budget=N)", Budget(tokens=1024))  # noqa: RUF009
+    chunk: int = param("prompt tokens per segment", 2048)
+    window: int = param("observation window: the last queries (the question) whose attention scores tokens", 32)
+    kernel: int = param("pooling kernel over neighbouring tokens (phrase-level selection; odd)", 31)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget) or self.budget.tokens is None:
+            raise ValueError(
+                f"infiniretri needs a token budget (budget=N; the input has no fixed length), got {self.budget!r}"
+            )
+        check_int("chunk", self.chunk, 1)
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def prefill_chunk_size(self) -> int | None:
+        return self.chunk
+
+    def repeats_question(self) -> bool:
+        return True
+
+    @property
+    def keep(self) -> int:
+        return self.budget.tokens
+
+    def prompt_keep(self, length: int) -> int | None:
+        return min(length, self.keep)
+
+    def window_for(self, native: int) -> int | None:
+        if self.keep + self.chunk >= native:
+            raise ValueError(
+                f"infiniretri holds budget + chunk = {self.keep + self.chunk} tokens at once, which must stay "
+                f"below the model's native window of {native} (with room for the question and the answer)"
+            )
+        return None
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return InfiniRetriPolicy(self)
+
+    def branches(self, q_pos, k_pos, last, needed, native):  # not used: the policy remaps by rank
+        return None
+
+
+class InfiniRetriPolicy(LayerPolicy):
+    """Attention at ranks (see :class:`InfiniRetri`) and eviction after every segment."""
+
+    remaps_positions = True
+
+    def __init__(self, method: InfiniRetri) -> None:
+        from contextlab.methods.eviction import SnapKV
+
+        self.method = method
+        self.scorer = SnapKV(budget=method.budget, window=method.window, kernel=method.kernel)
+        self.reranked = False  # True once an eviction made ranks differ from positions
+
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        view = store.view()
+        valid = view.valid
+        ranks = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, Hv, S]: index among the kept slots
+        if int(ranks.max()) >= (step.native or 1 << 62):
+            raise ValueError(
+                f"infiniretri holds {int(ranks.max()) + 1} tokens in one layer, more than the model's native window "
+                f"of {step.native}; lower its budget or chunk (the question and the answer need room too)"
+            )
+        if not self.reranked and bool((ranks == view.positions).all()):
+            return None  # ranks are the true positions: plain attention
+        q_pos = view.positions[:, 0, -step.tokens :]
+        q_rank = ranks[:, 0, -step.tokens :]
+        branch = Branch(All(), q_shift=q_rank - q_pos, k_shift=ranks - view.positions)
+        return remapped_attention(
+            step.queries, view.keys, view.values, valid, q_pos, view.positions, [branch], step.rope, step.scaling
+        )
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        if step.phase == "decode" or step.prompt_lengths is None:
+            return
+        transient = step.transient
+        if store.length - transient <= self.method.keep and not transient:
+            return
+        from contextlab.methods.prefill import score_inputs
+
+        view = store.view()
+        b, h = view.keys.shape[0], view.keys.shape[1]
+        device = view.keys.device
+        keep = torch.full((b,), self.method.keep, device=device)
+        lengths = torch.tensor(step.prompt_lengths, device=device)
+        inputs = score_inputs(view, step, keep, lengths)
+        # Score at ranks too: the question's attention at true distances would leave the trained range.
+        ranks = (view.valid.long().cumsum(-1) - 1).clamp(min=0)
+        tq = step.tokens
+        inputs.queries = rotate(step.queries, (ranks[:, 0, -tq:] - view.positions[:, 0, -tq:])[:, None, :], step.rope)
+        inputs.keys = rotate(view.keys, (ranks - view.positions).expand(b, h, -1), step.rope)
+        scores = self.scorer.score(inputs)  # [B, H, S]
+        valid = view.valid.expand(b, h, -1).clone()
+        if transient:
+            valid[:, :, -transient:] = False  # the question copy scored this segment; it is not context
+        counts = torch.minimum(keep.view(b, 1).expand(b, h), valid.sum(-1))
+        indices, kept = select_tokens(scores, counts, valid)
+        more = step.phase == "prefill"
+        store.keep(indices, kept, self.method.chunk + transient if more else step.answer_room, shrink=not more)
+        self.reranked = True
+
+    def capacity_hint(self, columns: int) -> int:
+        return min(columns, self.method.keep + self.method.chunk)

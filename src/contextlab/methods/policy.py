@@ -40,7 +40,7 @@ class Step:
     ``prompt_lengths``: real tokens of each row's prompt (None when no prompt was announced).
     ``answer_room``: free slots to keep after the prompt's eviction for the tokens that will follow.
     ``rope``: the layer's rotary frequencies (for position remaps; None when no part of the method remaps);
-    ``native``: the model's trained positions; ``planned``: the longest row's prompt + tokens to follow.
+    ``native``: the model's trained positions; ``planned``: each row's prompt + tokens to follow.
     """
 
     queries: torch.Tensor
@@ -52,7 +52,8 @@ class Step:
     answer_room: int = 0
     rope: Rope | None = None
     native: int | None = None
-    planned: int | None = None
+    planned: list[int] | None = None
+    transient: int = 0  # trailing tokens of this forward that are not context (a repeated question)
 
     @property
     def tokens(self) -> int:

@@ -34,6 +34,7 @@ for _name, _target in [
     ("ntk", "extension:NTK"),
     ("yarn", "extension:YaRN"),
     ("linear", "extension:Linear"),
+    ("infiniretri", "extension:InfiniRetri"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
