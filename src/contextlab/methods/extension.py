@@ -466,9 +466,6 @@ class InfiniRetri(Method):
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return InfiniRetriPolicy(self)
 
-    def branches(self, q_pos, k_pos, last, needed, native):  # not used: the policy remaps by rank
-        return None
-
 
 class InfiniRetriPolicy(LayerPolicy):
     """Attention at ranks (see :class:`InfiniRetri`) and eviction after every segment."""
