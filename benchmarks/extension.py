@@ -9,6 +9,9 @@
    prefill seconds and peak KV bytes per cell.
 3. SmolLM2-135M-Instruct (native 8K): the same at 16K tokens (``--smollm-lengths``) for the cheapest
    informative set of methods (``--smollm-methods``).
+4. Speed (``--sections speed``): one layer's remapped attention (Self-Extend, two branches) on SmolLM2's
+   shapes (9 query / 3 KV heads, head dim 64) against causal SDPA, side by side in one run, best of 3:
+   the fused path and the reference path, at 4K/8K/16K tokens.
 
 Each cell is written to ``benchmarks/results/extension.json`` as soon as it finishes, and a finished cell
 is not run again (delete the file to start over), so a long run can be stopped and continued.
@@ -107,6 +110,49 @@ def accuracy(store: dict, section: str, model_name: str, lengths: list[int], pla
             print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
 
 
+def speed(store: dict) -> None:
+    for n in (4096, 8192, 16384):
+        key = f"speed|{n}"
+        if key not in store:
+            store[key] = _layer_times(n)
+            save(store)
+            print(key, store[key], flush=True)
+
+
+def _layer_times(n: int) -> dict:
+    """Best-of-3 seconds of one layer's attention at ``n`` tokens: causal SDPA, fused and reference paths."""
+    from functools import partial
+
+    from contextlab.methods.extension import SelfExtend
+    from contextlab.methods.positions import Rope, remapped_attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, d, native = 9, 3, 64, 8192
+    rope = Rope(1.0 / (100000.0 ** (torch.arange(0, d, 2, dtype=torch.float) / d)))
+    q, k, v = torch.randn(1, heads, n, d), torch.randn(1, kv_heads, n, d), torch.randn(1, kv_heads, n, d)
+    valid = torch.ones(1, 1, n, dtype=torch.bool)
+    pos = torch.arange(n).view(1, 1, n)
+    branches = SelfExtend(group=4, window=1024).branches(pos[:, 0], pos, n - 1, [n], native)
+    remap = partial(remapped_attention, q, k, v, valid, pos[:, 0], pos, branches, rope, 0.125)
+    runs = {
+        "sdpa_causal": partial(
+            torch.nn.functional.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True
+        ),
+        "fused": partial(remap, backend="fused"),
+    }
+    if n <= 8192:  # the reference path materialises every logit: too slow beyond
+        runs["reference"] = partial(remap, backend="reference")
+    row = {}
+    for name, fn in runs.items():
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        row[name] = best
+    return row
+
+
 def save(store: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     STORE.write_text(json.dumps(store, indent=1))
@@ -172,6 +218,25 @@ def report(store: dict, args) -> str:
             )
         head = ["tokens", "method", "accuracy", "95% CI", "n", "prefill s", "peak KV MiB", "note"]
         lines += [markdown(head, rows), ""]
+    speed_keys = [k for k in store if k.startswith("speed|")]
+    if speed_keys:
+        lines += [
+            "## Speed: one layer's attention, Self-Extend (G=4, W=1024) vs causal SDPA (SmolLM2 shapes, CPU)",
+            "",
+        ]
+        rows = []
+        for key in speed_keys:
+            r = store[key]
+            ref = f"{r['reference']:.2f} ({r['reference'] / r['sdpa_causal']:.1f}x)" if "reference" in r else "—"
+            rows.append(
+                [
+                    key.split("|")[1],
+                    f"{r['sdpa_causal']:.2f}",
+                    f"{r['fused']:.2f} ({r['fused'] / r['sdpa_causal']:.1f}x)",
+                    ref,
+                ]
+            )
+        lines += [markdown(["tokens", "SDPA causal s", "fused s (ratio)", "reference s (ratio)"], rows), ""]
     lines += [
         f"`{TUNED}` was fixed before this run from a separate 6-8 needle sweep on other samples (seed 1): on "
         "this model larger groups (grouped positions below ~2K, where it answers 100% inside its window) found "
@@ -201,6 +266,8 @@ def main() -> None:
         plan = {"full": args.few, "selfextend": args.samples, TUNED: args.samples}
         plan |= {spec: args.few for spec in EXTENDERS if spec != "selfextend"}
         accuracy(store, "reference", "reference", args.reference_lengths, plan)
+    if "speed" in args.sections:
+        speed(store)
     if "smollm" in args.sections:
         plan = dict.fromkeys(args.smollm_methods, args.smollm_samples)
         accuracy(store, "smollm", "smollm2-135m-instruct", args.smollm_lengths, plan)
