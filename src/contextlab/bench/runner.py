@@ -99,11 +99,10 @@ def check_window(model, spec: RunSpec) -> None:
                     n + spec.max_new_tokens,
                     spec.allow_beyond_window,
                     f"length {n} (+{spec.max_new_tokens} new tokens)",
+                    "pass --allow-beyond-window",
                 )
             except ValueError as err:
-                raise ValueError(
-                    f"{text}: {err}".replace("allow_beyond_window=True", "--allow-beyond-window")
-                ) from None
+                raise ValueError(f"{text}: {err}") from None
 
 
 def check_budgets(spec: RunSpec) -> None:

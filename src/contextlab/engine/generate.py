@@ -21,8 +21,7 @@ from contextlab.engine.steps import (
     sync,
 )
 from contextlab.hf.attention import contextlab_attention_enabled
-from contextlab.hf.compat import text_config
-from contextlab.hf.rope import scaled_rope
+from contextlab.hf.rope import native_window, scaled_rope
 from contextlab.methods.base import Method
 
 __all__ = ["Prefilled", "generate", "prefill"]
@@ -100,7 +99,7 @@ def prefill(model, tokenizer, context, *, method: str | Method = "full") -> Pref
     method, plan, _ = prepare(model, tokenizer, context, None, method, True)
     needed = max(plan.total_tokens)
     check_window(model, method, needed, False)
-    native = getattr(text_config(model.config), "max_position_embeddings", None)
+    native = native_window(model.config)
     if native and method.rope_scaling(needed, native) is not None:
         raise ValueError(
             f"{method.describe()} rescales the model's RoPE for one call; a cache it prefills cannot be continued "

@@ -11,7 +11,8 @@ import torch
 
 from contextlab.engine.inputs import Block, left_pad, normalise, positions_from_mask
 from contextlab.hf.cache import ContextlabCache
-from contextlab.hf.compat import cache_kwarg, text_config
+from contextlab.hf.compat import cache_kwarg
+from contextlab.hf.rope import native_window
 from contextlab.hf.support import check_supported
 from contextlab.methods.base import POSITIONS, Method
 from contextlab.methods.spec import build_method
@@ -94,11 +95,19 @@ def check_budget(method: Method, plan: Plan) -> None:
             )
 
 
-def check_window(model, method: Method, total: int, allow_beyond_window: bool, what: str = "") -> None:
+def check_window(
+    model,
+    method: Method,
+    total: int,
+    allow_beyond_window: bool,
+    what: str = "",
+    escape: str = "pass allow_beyond_window=True",
+) -> None:
     """The one window check: ``total`` positions (prompt + tokens to follow) must fit what ``method`` serves
     on this model (:meth:`Method.window_for`): the native window, unless the method extends positions.
-    ``allow_beyond_window`` lets a longer sequence run anyway (to measure how a model fails there)."""
-    native = getattr(text_config(model.config), "max_position_embeddings", None)
+    ``allow_beyond_window`` lets a longer sequence run anyway (to measure how a model fails there);
+    ``escape`` says how a caller's user asks for that."""
+    native = native_window(model.config)
     if not native:
         return
     limit = method.window_for(native)  # also validates the method's parameters against this window
@@ -114,7 +123,7 @@ def check_window(model, method: Method, total: int, allow_beyond_window: bool, w
         f"{what} exceed the model's window of {native} positions (max_position_embeddings); "
         f"{method.describe()} does not change positions, so this would run the model out of its trained range. "
         "Add a position-extending method (selfextend, string, lminfinite, ntk, yarn, linear; e.g. "
-        "'selfextend+snapkv:0.5'), or pass allow_beyond_window=True to measure how the model fails there."
+        f"'selfextend+snapkv:0.5'), or {escape} to measure how the model fails there."
     )
 
 
