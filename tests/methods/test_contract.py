@@ -20,6 +20,8 @@ from contextlab.methods.base import PrefillMethod
 from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
+from contextlab.methods.quantization import KIVI
+from contextlab.store.codec import words
 from tests.conftest import ARCHS, tiny_model
 
 CONTEXT = "In the beginning was the word, and the word was long. " * 4  # 220 bytes
@@ -48,19 +50,31 @@ EXTENSION = {
     "linear": ("linear", "linear:factor=2"),
     "infiniretri": ("infiniretri:budget=1000,chunk=1000", "infiniretri:budget=40,chunk=64"),
 }
+# KV quantization (alone and under eviction): lossless = a full-precision window longer than every sequence
+# here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
+QUANTIZATION = {
+    "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=16,residual=16"),
+    "snapkv+kivi": ("snapkv:0.0+kivi:group=16,residual=512", "snapkv:0.5+kivi:bits=2,group=16,residual=8"),
+    "adakv+kivi": ("adakv:0.0+kivi:bits=2,group=16,residual=512", "adakv:0.5+kivi:bits=2,group=16,residual=8"),
+    "decode(h2o)+kivi": (
+        f"decode(h2o,{NEVER})+kivi:group=16,residual=512",
+        "decode(h2o,budget=24,every=8)+kivi:bits=3,group=16,residual=8",
+    ),
+}
+SPECIAL = {**EXTENSION, **QUANTIZATION}
 
 
 def _lossless(name: str) -> str:
-    if name in EXTENSION:
-        return EXTENSION[name][0]
+    if name in SPECIAL:
+        return SPECIAL[name][0]
     if name in COMPOSITES or name in CHUNKED:
         return {**COMPOSITES, **CHUNKED}[name][0]
     return {"full": "full", "decode": f"decode(h2o,{NEVER})"}.get(name, f"{name}:0.0")
 
 
 def _lossy(name: str, budget: str) -> str:
-    if name in EXTENSION:
-        return EXTENSION[name][1]
+    if name in SPECIAL:
+        return SPECIAL[name][1]
     if name in COMPOSITES or name in CHUNKED:
         return {**COMPOSITES, **CHUNKED}[name][1]
     return {"full": "full", "decode": f"decode(snapkv,{budget.replace('0.5', 'budget=60')},every=4)"}.get(
@@ -68,7 +82,7 @@ def _lossy(name: str, budget: str) -> str:
     )
 
 
-CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED]
+CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED, *(q for q in QUANTIZATION if q not in cl.METHODS)]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -159,13 +173,12 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             assert torch.all(counts == min(n, model.config.sliding_window - 1)), "sliding layers untouched"
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
-        # Each slot holds its key and value; once evicted, also its position (int32).
-        expected_bytes += int(counts.sum()) * (2 * head_dim * itemsize + (4 if evicted else 0))
+        expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
         expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
             keep = method.prompt_keep(n)
             assert int(counts.sum()) == keep * len(counts)
-            assert int(counts.min()) >= int(keep * method.alpha)
+            assert int(counts.min()) >= int(keep * _prefill_part(method).alpha)
         else:
             assert torch.equal(counts, expected), f"{spec}: layer {layer.layer_idx} kept {counts.tolist()}"
     assert out.kv_bytes == expected_bytes
@@ -174,6 +187,20 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     )
     if evicted:
         assert out.kv_bytes < out.kv_bytes_full
+
+
+def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool) -> int:
+    """Bytes one KV head of a layer holds for ``count`` slots: key and value, plus the position (int32) once
+    evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros."""
+    positions = 4 * count if evicted else 0
+    parts = method.parts if isinstance(method, Composite) else (method,)
+    quant = next((p.spec() for p in parts if isinstance(p, KIVI)), None)
+    if quant is None:
+        return count * 2 * head_dim * itemsize + positions
+    coded = max(0, (count - quant.residual) // quant.group * quant.group)
+    codes = 2 * coded * words(head_dim, quant.bits) * 4  # int32 words
+    scales = 2 * 2 * (coded // quant.group * head_dim + coded * head_dim // quant.group)  # scale + zero, fp16
+    return codes + scales + (count - coded) * 2 * head_dim * itemsize + positions
 
 
 def _sliding_savings(model, n: int, head_dim: int, itemsize: int) -> int:

@@ -43,7 +43,7 @@ def test_spec_parameters_reach_the_method():
         ("snapkv:ratio=0.5,budget=10", "one of ratio or budget"),
         ("snapkv:0.5,windw=3", "unknown parameter"),
         ("full:0.5", "takes no budget"),
-        ("snapkv:0.5+kivi", "unknown method 'kivi'"),
+        ("snapkv:0.5+zipkv", "unknown method 'zipkv'"),
         ("snapkv:0.5+", "part 2 of the composition"),
         ("snapkv:0.5+tova:0.5", "both take the prefill eviction role"),
         ("full+snapkv:0.5", "adds nothing"),

@@ -21,7 +21,7 @@ class ContextlabCache(Cache):
         cfg = text_config(config)
         types = layer_types(cfg)
         method = method or Full()
-        self.method = method
+        self.method, self.config = method, config
         self.state = CacheState(native=getattr(cfg, "max_position_embeddings", None))
         if _remaps(method):
             self.state.rope = rope_of(cfg, method)
@@ -32,7 +32,8 @@ class ContextlabCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
             elif kind == "full_attention":
                 rank = full.index(idx)
-                layers.append(ContextlabLayer(lambda r=rank: method.build(r, len(full)), rank, len(full), self.state))
+                policy = lambda r=rank: method.build(r, len(full))  # noqa: E731
+                layers.append(ContextlabLayer(policy, rank, len(full), self.state, method.make_store))
             else:
                 raise ValueError(f"layer {idx} has attention type {kind!r}, which contextlab does not support")
         super().__init__(layers=layers)

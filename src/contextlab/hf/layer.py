@@ -21,6 +21,7 @@ import torch
 
 from contextlab.hf import compat
 from contextlab.hf.compat import DynamicLayer
+from contextlab.kernels.quant_attention import dense_attention_lse, merge_attention, quantized_attention
 from contextlab.methods.policy import LayerPolicy, Phase, ReadPlan, Step
 from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker, SlotGroup
@@ -56,13 +57,15 @@ class ContextlabLayer(DynamicLayer):
         layer_idx: int = 0,
         num_layers: int = 1,
         state: CacheState | None = None,
+        make_store: Callable[[MemoryTracker], DenseStore | None] | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.make_policy = make_policy
         self.policy = make_policy()
         self.state = state or CacheState()
-        self.store = DenseStore(self.state.tracker)
+        store = None if make_store is None else make_store(self.state.tracker)
+        self.store = DenseStore(self.state.tracker) if store is None else store
         self.seen = 0  # logical columns fed so far
         self.row_tokens: torch.Tensor | None = None  # [B, 1] real tokens per row so far
         self.waiting = 0  # tokens appended but not attended yet
@@ -112,7 +115,7 @@ class ContextlabLayer(DynamicLayer):
             return
         n = -tokens_to_remove
         g = self.store.groups[0]
-        removed = n if g.valid is None else g.valid[:, 0, g.length - n : g.length].sum(-1, keepdim=True)
+        removed = n if g.valid is None else g.valid[:, 0, g.tail - n : g.tail].sum(-1, keepdim=True)
         self.row_tokens = self.row_tokens - removed
         self.store.crop(n)
         self.seen -= n
@@ -173,6 +176,7 @@ class ContextlabLayer(DynamicLayer):
             out = self.policy.attend(self.store, step)
             out = self._attend_groups(query, scaling) if out is None else out
         self.policy.after_forward(self.store, step)
+        self.store.settle()
         if self.state.transient:  # trailing tokens that were not context (read, then evicted) take no position
             tail = self.state.transient
             self.row_tokens = self.row_tokens - (
@@ -180,6 +184,34 @@ class ContextlabLayer(DynamicLayer):
             )
         self._publish()
         return out.transpose(1, 2).contiguous()
+
+    # -- saving (see contextlab.engine.persist) ---------------------------------------------------------
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The layer's whole state: store, policy, token counters."""
+        if self.waiting:
+            raise RuntimeError("cannot save a cache in the middle of a forward")
+        store_meta, store_tensors = self.store.export()
+        policy_meta, policy_tensors = self.policy.export_state()
+        tensors = {f"store.{k}": v for k, v in store_tensors.items()}
+        tensors |= {f"policy.{k}": v for k, v in policy_tensors.items()}
+        if self.row_tokens is not None:
+            tensors["row_tokens"] = self.row_tokens.clone()
+        return {"seen": self.seen, "store": store_meta, "policy": policy_meta}, tensors
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor], room: int = 0) -> None:
+        """Load an :meth:`export` into this (fresh) layer, with ``room`` free slots for coming tokens."""
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.store.restore(meta["store"], part("store."), room)
+        self.policy.load_state(meta["policy"], part("policy."))
+        self.seen, self.waiting = meta["seen"], 0
+        self.row_tokens = tensors.get("row_tokens")
+        if self.store.groups:
+            g = self.store.groups[0]
+            self.lazy_initialization(g.keys, g.values)
+        self._publish()
 
     # -- internals -------------------------------------------------------------------------------------
     def _answer_room(self) -> int:
@@ -219,6 +251,8 @@ class ContextlabLayer(DynamicLayer):
         return out.view(b, hq, tq, d)
 
     def _attend_group(self, g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        if g.prefix is not None and q.shape[2] == 1:
+            return _attend_codes(g, q, scaling)
         keys, values = g.used()
         tq, total = q.shape[2], g.length
         valid = g.used_valid()  # [B, 1 | Hg, S] or None
@@ -247,9 +281,9 @@ class ContextlabLayer(DynamicLayer):
 
     def _publish(self) -> None:
         """Mirror the used slots of a single all-heads group on ``keys``/``values`` for code that inspects
-        cache layers (None while heads are split)."""
+        cache layers (None while heads are split or slots are quantized: reading them back is a copy)."""
         groups = self.store.groups
-        single = len(groups) == 1 and groups[0].heads is None
+        single = len(groups) == 1 and groups[0].heads is None and groups[0].prefix is None
         self.keys, self.values = groups[0].used() if single else (None, None)
 
     def _placeholders(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,3 +307,26 @@ def _causal(tq: int, total: int, device: torch.device) -> torch.Tensor:
     """``[1, 1, Tq, total]``: query i (the last Tq of total) sees columns <= total - Tq + i."""
     rows = torch.arange(tq, device=device).view(-1, 1) + (total - tq)
     return (torch.arange(total, device=device).view(1, -1) <= rows).view(1, 1, tq, total)
+
+
+def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One decode query per head over a quantized group, read from its codes (the fused Triton kernel on
+    CUDA; dequantize-then-attend elsewhere) and its full-precision tail, merged by log-sum-exp."""
+    prefix = g.prefix
+    keys, values = prefix.codes()
+    spec = prefix.spec
+    query = q[:, :, 0]  # [B, Hq, D]
+    coded = quantized_attention(
+        query,
+        keys,
+        values,
+        prefix.used_valid(),
+        bits=spec.bits,
+        key_group=spec.group,
+        value_group=spec.group,
+        scaling=scaling,
+    )
+    tail_valid = None if g.valid is None else g.valid[:, :, : g.tail]
+    recent = dense_attention_lse(query, g.keys[:, :, : g.tail], g.values[:, :, : g.tail], tail_valid, scaling)
+    out, _ = merge_attention(*coded, *recent)
+    return out.to(q.dtype).unsqueeze(2)  # [B, Hq, 1, D]

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from contextlab.methods.policy import LayerPolicy
+from contextlab.store import DenseStore, MemoryTracker
 
 PROTECTED = 1e12  # score of a token that must be kept (sinks, window); scores that use it are float64
 
@@ -24,6 +25,7 @@ PROTECTED = 1e12  # score of a token that must be kept (sinks, window); scores t
 PREFILL_EVICTION = "prefill eviction"
 DECODE_EVICTION = "decode eviction"
 POSITIONS = "position remapping"
+STORAGE = "storage"
 
 
 def param(text: str, default):
@@ -117,6 +119,10 @@ class Method:
 
     def rope_scaling(self, needed: int, native: int) -> dict | None:
         """transformers rope parameters to use for a call reaching ``needed`` positions (None = the model's)."""
+        return None
+
+    def make_store(self, tracker: MemoryTracker) -> DenseStore | None:
+        """The store every layer of a cache holds its keys and values in (None = the dense store)."""
         return None
 
     # -- identity --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 ``snapkv:0.5+decode(h2o,budget=512)`` evicts the prompt with SnapKV, then keeps generation bounded with
 H2O; ``selfextend+snapkv:0.5`` evicts at true positions and attends at Self-Extend's. Each part takes roles
-(prefill eviction, decode eviction, position remapping; later: storage, read selection); two parts taking
+(prefill eviction, decode eviction, position remapping, storage; later: read selection); two parts taking
 the same role make no sense together and are refused at construction, with both parts named.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from contextlab.methods.base import POSITIONS, Method
 from contextlab.methods.policy import CompositePolicy, LayerPolicy
+from contextlab.store import DenseStore, MemoryTracker
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +63,9 @@ class Composite(Method):
 
     def rope_scaling(self, needed: int, native: int) -> dict | None:
         return next((r for r in (p.rope_scaling(needed, native) for p in self.parts) if r is not None), None)
+
+    def make_store(self, tracker: MemoryTracker) -> DenseStore | None:
+        return next((s for s in (p.make_store(tracker) for p in self.parts) if s is not None), None)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return CompositePolicy([p.build(layer_idx, num_layers) for p in self.parts])

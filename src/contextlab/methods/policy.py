@@ -98,6 +98,26 @@ class LayerPolicy:
         """Apply ``fn`` to the batch axis of any per-row state (beam reordering, row selection)."""
         return None
 
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The policy's running state (counters, carried scores, buffered queries) as JSON-able scalars and
+        named tensors, to save a cache. Attributes that are methods or scorers are rebuilt from the spec."""
+        scalars, tensors = {}, {}
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.clone()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                scalars[name] = value
+        return scalars, tensors
+
+    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state` on a freshly built policy of the same method."""
+        for name, value in scalars.items():
+            if name not in vars(self):
+                raise ValueError(f"saved policy state {name!r} does not belong to {type(self).__name__}")
+            setattr(self, name, value)
+        for name, value in tensors.items():
+            setattr(self, name, value)
+
 
 class CompositePolicy(LayerPolicy):
     """The parts' policies, called in order."""
@@ -137,3 +157,16 @@ class CompositePolicy(LayerPolicy):
     def map_batch(self, fn) -> None:
         for part in self.parts:
             part.map_batch(fn)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        scalars, tensors = {}, {}
+        for i, part in enumerate(self.parts):
+            own_scalars, own_tensors = part.export_state()
+            scalars[f"p{i}"] = own_scalars
+            tensors.update({f"p{i}.{k}": v for k, v in own_tensors.items()})
+        return scalars, tensors
+
+    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        for i, part in enumerate(self.parts):
+            mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"p{i}.")}
+            part.load_state(scalars[f"p{i}"], mine)

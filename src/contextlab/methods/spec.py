@@ -35,6 +35,7 @@ for _name, _target in [
     ("yarn", "extension:YaRN"),
     ("linear", "extension:Linear"),
     ("infiniretri", "extension:InfiniRetri"),
+    ("kivi", "quantization:KIVI"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
@@ -96,9 +97,10 @@ def build_part(spec: str, *, need_budget: bool = True, **params) -> Method:
 
 def _parse_args(text: str, spec: str, cls: type[Method]) -> dict:
     _, positional, out = split_spec(f"x:{text}")
+    budgeted = "budget" in {f.name for f in dataclasses.fields(cls)}
     for value in positional:
-        if isinstance(value, str) and cls.positional is not None:
-            out[cls.positional] = value
+        if cls.positional is not None and (isinstance(value, str) or not budgeted):
+            out[cls.positional] = value  # a scorer (``decode(h2o)``) or a method's main number (``kivi:4``)
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ValueError(f"cannot read {value!r} in method spec {spec!r}: expected a ratio, a budget or key=value")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -51,6 +52,7 @@ class SlotGroup:
     length: int = 0
     valid: torch.Tensor | None = None  # [B, 1 | Hg, capacity] bool; None = every used slot is valid
     positions: torch.Tensor | None = None  # [B, Hg, capacity] int32; None = rank among valid slots
+    prefix: Prefix | None = None  # the oldest slots, held in another form (quantized codes); None = none
 
     @property
     def capacity(self) -> int:
@@ -60,23 +62,70 @@ class SlotGroup:
     def num_heads(self) -> int:
         return self.keys.shape[1]
 
+    @property
+    def quantized(self) -> int:
+        """Slots held by the prefix (the first ``quantized`` slots)."""
+        return 0 if self.prefix is None else self.prefix.length
+
+    @property
+    def tail(self) -> int:
+        """Slots held in the buffers: slots ``quantized .. length`` live in columns ``0 .. tail``."""
+        return self.length - self.quantized
+
     def nbytes(self) -> int:
         meta = sum(t.nbytes for t in (self.valid, self.positions) if t is not None)
-        return self.keys.nbytes + self.values.nbytes + meta
+        held = 0 if self.prefix is None else self.prefix.nbytes()
+        return self.keys.nbytes + self.values.nbytes + meta + held
 
     def used_bytes(self) -> int:
         """Bytes of the used slots only (keys, values and their metadata)."""
         per_slot = sum(
             t.nbytes // t.shape[2] for t in (self.keys, self.values, self.valid, self.positions) if t is not None
         )
-        return per_slot * self.length
+        return per_slot * self.tail + (0 if self.prefix is None else self.prefix.used_bytes())
 
     def used(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``[B, Hg, length, D]`` of the used keys and values (no copy)."""
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        """``[B, Hg, length, D]`` keys and values of the used slots: views of the buffers, or a fresh copy
+        with the prefix read back (dequantized) in front."""
+        keys, values = self.keys[:, :, : self.tail], self.values[:, :, : self.tail]
+        if self.prefix is None:
+            return keys, values
+        old_keys, old_values = self.prefix.read(keys.dtype)
+        return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
 
     def used_valid(self) -> torch.Tensor | None:
-        return None if self.valid is None else self.valid[:, :, : self.length]
+        tail = None if self.valid is None else self.valid[:, :, : self.tail]
+        old = None if self.prefix is None else self.prefix.used_valid()
+        if self.prefix is None or (old is None and tail is None):
+            return tail
+        b, n = self.keys.shape[0], self.quantized
+        ones = self.keys.new_ones
+        old = ones(b, 1, n, dtype=torch.bool) if old is None else old
+        tail = ones(b, 1, self.tail, dtype=torch.bool) if tail is None else tail
+        heads = max(old.shape[1], tail.shape[1])
+        return torch.cat([old.expand(-1, heads, -1), tail.expand(-1, heads, -1)], dim=2)
+
+    def used_positions(self) -> torch.Tensor | None:
+        """``[B, Hg, length]`` positions of the used slots (None when slots carry no explicit position)."""
+        if self.positions is None:
+            return None
+        tail = self.positions[:, :, : self.tail]
+        return tail if self.prefix is None else torch.cat([self.prefix.used_positions(), tail], dim=2)
+
+
+class Prefix(Protocol):
+    """The oldest slots of a group held in another form than the buffers (see
+    :class:`~contextlab.store.quantized.QuantizedPrefix`); read back on demand."""
+
+    length: int
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def used_valid(self) -> torch.Tensor | None: ...
+    def used_positions(self) -> torch.Tensor: ...
+    def nbytes(self) -> int: ...
+    def used_bytes(self) -> int: ...
+    def map_batch(self, fn) -> None: ...
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -160,21 +209,21 @@ class DenseStore:
         for g in self.groups:
             k = keys if g.heads is None else keys[:, g.heads]
             v = values if g.heads is None else values[:, g.heads]
-            need = g.length + t
+            start, need = g.tail, g.tail + t
             if need > g.capacity:
                 self._resize(g, max(need, math.ceil(g.capacity * self.growth)))
-            g.keys[:, :, g.length : need] = k
-            g.values[:, :, g.length : need] = v
+            g.keys[:, :, start:need] = k
+            g.values[:, :, start:need] = v
             if g.valid is not None:
-                g.valid[:, :, g.length : need] = True
-            g.length = need
+                g.valid[:, :, start:need] = True
+            g.length += t
         self.fresh += t
 
     def mark_new(self, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         """Validity ``[B, count]`` (None = all valid) and positions ``[B, count]`` of the newest slots
         (needed once the store :attr:`keeps_positions`)."""
         for g in self.groups:
-            span = slice(g.length - count, g.length)
+            span = slice(g.tail - count, g.tail)
             if valid is not None:
                 if g.valid is None:
                     g.valid = self._metadata(g, torch.ones, torch.bool, heads=1)
@@ -186,6 +235,8 @@ class DenseStore:
         """Forget the newest ``count`` slots of every group."""
         if count > self.fresh:
             raise ValueError(f"cannot crop {count} slots: only {self.fresh} were appended since the last eviction")
+        if any(count > g.tail for g in self.groups):
+            raise ValueError(f"cannot crop {count} slots: some of them were already quantized")
         for g in self.groups:
             g.length -= count
         self.fresh -= count
@@ -197,7 +248,14 @@ class DenseStore:
             g.keys, g.values = fn(g.keys), fn(g.values)
             g.valid = None if g.valid is None else fn(g.valid)
             g.positions = None if g.positions is None else fn(g.positions)
+            if g.prefix is not None:
+                g.prefix.map_batch(fn)
         self.tracker.change(self.nbytes() - before)
+
+    def settle(self) -> None:
+        """Called after every forward once the policy is done: a store may re-encode old slots here (the
+        dense store keeps everything as it is)."""
+        return None
 
     def clear(self) -> None:
         self.tracker.change(-self.nbytes())
@@ -220,10 +278,40 @@ class DenseStore:
         self.fresh = 0
         per_head = kept.sum(-1).amax(0)  # [H]
         sizes = sorted(set(per_head.tolist()))
-        if not self.split and len(sizes) == 1:
+        if not self.split and len(sizes) == 1 and self.groups[0].prefix is None:
             self._compact(self.groups[0], indices[..., : sizes[0]], kept[..., : sizes[0]], headroom if shrink else None)
         else:
             self._rebuild(indices, kept, per_head, sizes, headroom)
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Everything needed to rebuild the store: JSON-able metadata and named tensors of the used slots."""
+        meta: dict = {"fresh": self.fresh, "groups": []}
+        tensors: dict[str, torch.Tensor] = {}
+        for i, g in enumerate(self.groups):
+            group_meta, group_tensors = export_group(g)
+            if g.prefix is not None:
+                group_meta["prefix"], prefix_tensors = g.prefix.export()
+                group_tensors.update({f"prefix.{k}": v for k, v in prefix_tensors.items()})
+            meta["groups"].append(group_meta)
+            tensors.update({f"g{i}.{k}": v for k, v in group_tensors.items()})
+        return meta, tensors
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor], room: int = 0) -> None:
+        """Replace the content by an :meth:`export` (``room`` free slots after each group's used ones)."""
+        self.clear()
+        for i, group_meta in enumerate(meta["groups"]):
+            mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"g{i}.")}
+            g = restore_group(group_meta, mine, room)
+            self.tracker.change(g.nbytes())
+            if group_meta["prefix"]:
+                prefix = {k.split(".", 1)[1]: v for k, v in mine.items() if k.startswith("prefix.")}
+                g.prefix = self._restore_prefix(group_meta["prefix"], prefix)
+            self.groups.append(g)
+        self.fresh = meta["fresh"]
+
+    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Prefix:
+        raise ValueError("the saved cache holds quantized slots but this store is dense (load it with its method)")
 
     # -- internals --------------------------------------------------------------------------------------
     def _first_group(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -243,7 +331,7 @@ class DenseStore:
     def _resize(self, g: SlotGroup, capacity: int) -> None:
         """Move a group into buffers of ``capacity`` slots (its used slots are copied once)."""
         old = g.nbytes()
-        n = g.length
+        n = g.tail
 
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
@@ -262,10 +350,9 @@ class DenseStore:
         valid = g.used_valid()
         if valid is None:
             valid = torch.ones(keys.shape[0], 1, g.length, dtype=torch.bool, device=keys.device)
-        if g.positions is not None:
-            positions = g.positions[:, :, : g.length].long()
-        else:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # rank among the row's valid slots
+        explicit = g.used_positions()
+        # Without explicit positions a slot's position is its rank among the row's valid slots.
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0) if explicit is None else explicit.long()
         offsets = torch.zeros(g.num_heads, dtype=torch.long, device=keys.device)
         return SlotView(keys, values, valid, positions, offsets)
 
@@ -324,7 +411,8 @@ class DenseStore:
     ) -> None:
         """Regroup heads by their new slot count, gathering from the padded view."""
         view = self.view()
-        transient = view.keys.nbytes + view.values.nbytes if self.split else 0
+        copied = self.split or any(g.prefix is not None for g in self.groups)  # view() made a copy
+        transient = view.keys.nbytes + view.values.nbytes if copied else 0
         self.tracker.change(transient)
         b, h, _, d = view.keys.shape
         groups = []
@@ -351,3 +439,41 @@ class DenseStore:
             groups.append(g)
         self.tracker.change(-transient - self.nbytes())
         self.groups = groups
+
+
+# -- saving and loading (see contextlab.engine.persist) ------------------------------------------------------
+GROUP_FIELDS = ("keys", "values", "valid", "positions")
+
+
+def export_group(g: SlotGroup) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A group's used slots as metadata and named tensors (free capacity is not saved)."""
+    meta: dict = {"length": g.length, "prefix": None}
+    tensors = {}
+    for name in GROUP_FIELDS:
+        t = getattr(g, name)
+        if t is not None:
+            tensors[name] = t[:, :, : g.tail].contiguous()
+    if g.heads is not None:
+        tensors["heads"] = g.heads
+    return meta, tensors
+
+
+def restore_group(meta: dict, tensors: dict[str, torch.Tensor], room: int) -> SlotGroup:
+    """Inverse of :func:`export_group` (without the prefix), with ``room`` free slots after the used ones."""
+
+    def padded(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        out = t.new_zeros(*t.shape[:2], t.shape[2] + room, *t.shape[3:])
+        out[:, :, : t.shape[2]] = t
+        return out
+
+    get = tensors.get
+    return SlotGroup(
+        heads=get("heads"),
+        keys=padded(get("keys")),
+        values=padded(get("values")),
+        length=meta["length"],
+        valid=padded(get("valid")),
+        positions=padded(get("positions")),
+    )

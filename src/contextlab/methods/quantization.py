@@ -1,0 +1,44 @@
+"""KV-cache quantization: methods that choose a quantized store (they take the storage role, so they
+compose with eviction and position remaps: ``snapkv:0.5+kivi:4``, ``adakv:0.75+kivi:2``).
+
+The store (:mod:`contextlab.store.quantized`) holds old slots as packed integer codes with float16 scales
+and zero points and keeps the newest ``residual`` slots in full precision; eviction runs first, on
+full-precision keys, and quantization applies to what is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from contextlab.methods.base import STORAGE, Method, param
+from contextlab.store import DenseStore, MemoryTracker
+from contextlab.store.quantized import QuantizedStore, QuantSpec
+
+
+@dataclass(frozen=True, eq=False)
+class KIVI(Method):
+    """KIVI: keys quantized per channel over groups of ``group`` tokens, values per token over groups of
+    ``group`` channels, asymmetric min/max codes; the newest ``residual`` tokens stay in full precision and
+    are quantized a group at a time as they age (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit
+    Quantization for KV Cache", arXiv 2402.02750; the paper uses group 32 and residual 128).
+
+    Bytes per cached element: ``bits`` plus ``2 x 16 / group`` bits of float16 scale and zero point (5 bits
+    at 4 bits / group 32, 4.25 at group 128), plus the full-precision window."""
+
+    name = "kivi"
+    paper = "https://arxiv.org/abs/2402.02750"
+    roles: ClassVar[frozenset[str]] = frozenset({STORAGE})
+    positional: ClassVar[str | None] = "bits"
+    bits: int = param("bits per code: 2, 3, 4 or 8", 4)
+    group: int = param("tokens per key scale and channels per value scale (must divide the head dimension)", 32)
+    residual: int = param("newest tokens kept in full precision", 128)
+
+    def __post_init__(self) -> None:
+        self.spec()  # validates
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group, self.residual)
+
+    def make_store(self, tracker: MemoryTracker) -> DenseStore:
+        return QuantizedStore(self.spec(), tracker)

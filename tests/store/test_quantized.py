@@ -1,0 +1,149 @@
+"""The quantized store: old slots become codes a group at a time, the newest ``residual`` stay exact,
+reads give back the dequantized codes, bytes count codes + scales + the full-precision window, eviction
+after quantization re-quantizes what it keeps, and the buffers stay bounded while decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contextlab.store import MemoryTracker
+from contextlab.store.codec import dequantize_keys, dequantize_values, quantize_keys, quantize_values, words
+from contextlab.store.quantized import QuantizedStore, QuantSpec
+
+B, H, D = 2, 3, 16
+
+
+def _tokens(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, n, D, generator=gen), torch.randn(B, H, n, D, generator=gen)
+
+
+def _filled(spec: QuantSpec, n: int, tracker: MemoryTracker | None = None) -> tuple[QuantizedStore, tuple]:
+    store = QuantizedStore(spec, tracker)
+    keys, values = _tokens(n)
+    store.reserve(n)
+    store.append(keys, values)
+    store.settle()
+    return store, (keys, values)
+
+
+def _expected_bytes(spec: QuantSpec, quantized: int, tail: int, itemsize: int = 4) -> int:
+    """Bytes of one all-heads group: codes, float16 scale + zero of keys (per group of tokens) and values
+    (per group of channels), and the full-precision tail."""
+    codes = 2 * quantized * words(D, spec.bits) * 4
+    scales = 2 * 2 * (quantized // spec.group * D + quantized * D // spec.group)
+    return B * H * (codes + scales + tail * 2 * D * itemsize)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_prompt_is_quantized_in_whole_groups_beyond_the_residual(bits):
+    spec = QuantSpec(bits=bits, group=8, residual=12)
+    store, (keys, values) = _filled(spec, 50)
+    g = store.groups[0]
+    assert g.quantized == 32 and g.tail == 18 and g.length == 50  # 50 - 12 = 38 -> 4 whole groups of 8
+    k, v = g.used()
+    expect_k = dequantize_keys(quantize_keys(keys[:, :, :32], bits, 8), bits, 8, D)
+    expect_v = dequantize_values(quantize_values(values[:, :, :32], bits, 8), bits, 8, D)
+    assert torch.equal(k[:, :, :32], expect_k) and torch.equal(v[:, :, :32], expect_v)
+    assert torch.equal(k[:, :, 32:], keys[:, :, 32:]) and torch.equal(v[:, :, 32:], values[:, :, 32:])
+    assert store.used_bytes() == _expected_bytes(spec, 32, 18)
+
+
+def test_a_prompt_within_the_residual_is_kept_exactly():
+    store, (keys, values) = _filled(QuantSpec(bits=2, group=8, residual=64), 50)
+    k, v = store.groups[0].used()
+    assert store.groups[0].prefix is None and torch.equal(k, keys) and torch.equal(v, values)
+
+
+def test_decoding_quantizes_a_group_at_a_time_and_keeps_the_buffers_bounded():
+    spec = QuantSpec(bits=4, group=8, residual=8)
+    tracker = MemoryTracker()
+    store, _ = _filled(spec, 40, tracker)
+    keys, values = _tokens(100, seed=1)
+    store.reserve(140)
+    for i in range(100):
+        store.append(keys[:, :, i : i + 1], values[:, :, i : i + 1])
+        store.settle()
+        g = store.groups[0]
+        assert spec.residual <= g.tail < spec.residual + spec.group and g.quantized % spec.group == 0
+        assert g.capacity <= store.window + 64  # never the whole sequence in full precision
+    assert g.length == 140 and g.quantized == 128
+    k, _ = g.used()
+    assert torch.equal(k[:, :, -12:], keys[:, :, -12:])  # the newest residual + partial group are exact
+    assert tracker.current == store.nbytes()
+    assert store.used_bytes() == _expected_bytes(spec, 128, 12)
+
+
+def test_eviction_after_quantization_keeps_the_chosen_slots_and_requantizes():
+    spec = QuantSpec(bits=8, group=8, residual=8)
+    store, _ = _filled(spec, 48)
+    before = store.view()
+    keep = torch.arange(0, 48, 2).expand(B, H, -1)  # every other slot
+    store.keep(keep, torch.ones_like(keep, dtype=torch.bool))
+    store.settle()
+    after = store.view()
+    assert after.length == 24 and store.groups[0].quantized == 16
+    assert torch.equal(after.positions.expand(B, H, -1), keep)
+    # Kept slots read back within one more 8-bit step of what they read before.
+    assert (after.keys - before.keys[:, :, ::2]).abs().max() < 0.05
+    assert torch.equal(after.values[:, :, -8:], before.values[:, :, -16::2])  # still in full precision
+
+
+def test_ragged_heads_each_quantize_their_own_slots():
+    spec = QuantSpec(bits=4, group=8, residual=4)
+    store, _ = _filled(spec, 40)
+    counts = torch.tensor([40, 20, 12])
+    idx = torch.stack([torch.arange(40) for _ in range(H)])  # [H, 40]
+    kept = torch.arange(40).view(1, -1) < counts.view(-1, 1)
+    store.keep(idx.expand(B, H, -1), kept.expand(B, H, -1))
+    store.settle()
+    assert sorted((g.num_heads, g.length, g.quantized) for g in store.groups) == [(1, 12, 8), (1, 20, 16), (1, 40, 32)]
+    view = store.view()
+    assert (view.valid.expand(B, H, -1).sum(-1)[0] == counts).all()
+
+
+def test_padding_validity_travels_into_the_codes():
+    spec = QuantSpec(bits=4, group=8, residual=0)
+    store = QuantizedStore(spec)
+    keys, values = _tokens(16)
+    store.append(keys, values)
+    valid = torch.ones(B, 16, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded
+    store.mark_new(16, valid, None)
+    store.settle()
+    assert store.groups[0].tail == 0 and torch.equal(store.view().valid[:, 0], valid)
+    assert torch.equal(store.view().positions[1, 0, 5:], torch.arange(11))
+
+
+def test_batch_reordering_moves_the_codes():
+    store, _ = _filled(QuantSpec(bits=4, group=8, residual=8), 40)
+    before = store.view().keys
+    store.map_batch(lambda t: t.flip(0))
+    assert torch.equal(store.view().keys, before.flip(0))
+
+
+def test_crop_cannot_reach_quantized_slots():
+    store, _ = _filled(QuantSpec(bits=4, group=8, residual=8), 40)
+    store.fresh = 40  # as if nothing had been evicted since the prompt
+    with pytest.raises(ValueError, match="already quantized"):
+        store.crop(20)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(bits=5), "bits must be one of 2, 3, 4, 8, got 5"),
+        (dict(group=0), "group must be an integer >= 1, got 0"),
+        (dict(residual=-1), "residual must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_specs_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_group_must_divide_the_head_dimension():
+    store = QuantizedStore(QuantSpec(group=12))
+    with pytest.raises(ValueError, match="group 12 does not divide the head dimension 16"):
+        store.append(*_tokens(4))
