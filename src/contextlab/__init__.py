@@ -9,7 +9,9 @@ out.text, out.kv_bytes, out.prefill_seconds
 from __future__ import annotations
 
 from contextlab.engine.generate import Prefilled, generate, prefill
+from contextlab.engine.persist import load_cache, save_cache
 from contextlab.engine.result import GenerationResult
+from contextlab.engine.session import Session
 from contextlab.hf.attention import contextlab_attention_enabled as attention_enabled
 from contextlab.hf.support import UnsupportedModelError
 from contextlab.loading import load
@@ -27,11 +29,14 @@ __all__ = [
     "MethodInfo",
     "PrefillMethod",
     "Prefilled",
+    "Session",
     "UnsupportedModelError",
     "attention_enabled",
     "generate",
     "list_methods",
     "load",
+    "load_cache",
     "method",
     "prefill",
+    "save_cache",
 ]

@@ -75,6 +75,23 @@ class Session:
         self.turn = 0
         self.snapshot = copy.deepcopy(self.state) if mode == "requests" else None
 
+    @classmethod
+    def from_prefilled(cls, model, tokenizer, prefilled: Prefilled, *, mode: str = "turns") -> Session:
+        """A session over a cache prefilled elsewhere (``contextlab.load_cache``, ``contextlab.prefill``):
+        the questions it answers are all fed after the cache's content."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.mode = model, tokenizer, mode
+        self.eos = eos_token_ids(tokenizer, model)
+        self.pad_id = pad_token_id(tokenizer, model)
+        self.method = prefilled.cache.method
+        self.needed = prefilled.attention_mask.shape[1]
+        self.state = prefilled
+        self.first_question_in_cache, self.turn = False, 0
+        self.snapshot = copy.deepcopy(prefilled) if mode == "requests" else None
+        return self
+
     @property
     def prefill_seconds(self) -> float:
         return self.state.seconds
