@@ -15,7 +15,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _layer(spec: QuantSpec) -> ContextlabLayer:
-    return ContextlabLayer(LayerPolicy, make_store=lambda tracker: QuantizedStore(spec, tracker))
+    return ContextlabLayer(LayerPolicy, make_store=lambda tracker, rope: QuantizedStore(spec, tracker, rope))
 
 
 def _step(layer: ContextlabLayer, n: int, gen: torch.Generator, device: str, dtype: torch.dtype) -> torch.Tensor:

@@ -20,8 +20,8 @@ from contextlab.methods.base import PrefillMethod
 from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
-from contextlab.methods.quantization import KIVI
-from contextlab.store.codec import words
+from contextlab.methods.quantization import KIVI, KVQuant
+from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
 CONTEXT = "In the beginning was the word, and the word was long. " * 4  # 220 bytes
@@ -54,6 +54,8 @@ EXTENSION = {
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
 QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=16,residual=16"),
+    "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
+    "snapkv+kvquant": ("snapkv:0.0+kvquant:group=16,residual=512", "snapkv:0.5+kvquant:bits=4,group=16,residual=8"),
     "snapkv+kivi": ("snapkv:0.0+kivi:group=16,residual=512", "snapkv:0.5+kivi:bits=2,group=16,residual=8"),
     "adakv+kivi": ("adakv:0.0+kivi:bits=2,group=16,residual=512", "adakv:0.5+kivi:bits=2,group=16,residual=8"),
     "decode(h2o)+kivi": (
@@ -194,13 +196,16 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
     evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros."""
     positions = 4 * count if evicted else 0
     parts = method.parts if isinstance(method, Composite) else (method,)
-    quant = next((p.spec() for p in parts if isinstance(p, KIVI)), None)
+    quant = next((p.spec() for p in parts if isinstance(p, (KIVI, KVQuant))), None)
     if quant is None:
         return count * 2 * head_dim * itemsize + positions
     coded = max(0, (count - quant.residual) // quant.group * quant.group)
     codes = 2 * coded * words(head_dim, quant.bits) * 4  # int32 words
     scales = 2 * 2 * (coded // quant.group * head_dim + coded * head_dim // quant.group)  # scale + zero, fp16
-    return codes + scales + (count - coded) * 2 * head_dim * itemsize + positions
+    # Outliers: an int16 index and a float16 value each, per key group and per value token.
+    outliers = 4 * outlier_count(quant.outliers, quant.group * head_dim) * (coded // quant.group)
+    outliers += 4 * outlier_count(quant.outliers, head_dim) * coded
+    return codes + scales + outliers + (count - coded) * 2 * head_dim * itemsize + positions
 
 
 def _sliding_savings(model, n: int, head_dim: int, itemsize: int) -> int:

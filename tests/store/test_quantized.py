@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contextlab.methods.positions import Rope, rotate
 from contextlab.store import MemoryTracker
 from contextlab.store.codec import dequantize_keys, dequantize_values, quantize_keys, quantize_values, words
 from contextlab.store.quantized import QuantizedStore, QuantSpec
@@ -147,3 +148,67 @@ def test_group_must_divide_the_head_dimension():
     store = QuantizedStore(QuantSpec(group=12))
     with pytest.raises(ValueError, match="group 12 does not divide the head dimension 16"):
         store.append(*_tokens(4))
+
+
+def _rope(d: int = D) -> Rope:
+    return Rope(1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float) / d)))
+
+
+def test_pre_rope_keys_are_quantized_at_position_zero_and_read_back_rotated():
+    # Keys whose pre-RoPE value is the same at every position: constant per channel before RoPE, so a
+    # pre-RoPE group is exact at any bit width, while post-RoPE (KIVI) groups spread over the rotation.
+    rope, n = _rope(), 48
+    base = torch.tensor([0.5, -1.25, 2.0, 0.75] * (D // 4)).view(1, 1, 1, D).expand(B, H, n, D)
+    keys = rotate(base, torch.arange(n).view(1, 1, n), rope)
+    values = torch.zeros(B, H, n, D)
+    errors = {}
+    for pre_rope in (True, False):
+        store = QuantizedStore(QuantSpec(bits=2, group=16, residual=0, pre_rope=pre_rope), rope=rope)
+        store.append(keys, values)
+        store.settle()
+        assert store.groups[0].quantized == n
+        errors[pre_rope] = (store.view().keys - keys).abs().max().item()
+    assert errors[True] < 1e-5 < 0.1 < errors[False]
+
+
+def test_pre_rope_positions_follow_padding_and_eviction():
+    rope = _rope()
+    spec = QuantSpec(bits=8, group=8, residual=0, pre_rope=True)
+    store = QuantizedStore(spec, rope=rope)
+    pos = torch.tensor([[0] * 4 + list(range(20)), list(range(24))])  # row 0 has four padding slots
+    base = torch.randn(B, H, 1, D).expand(B, H, 24, D)
+    keys = rotate(base, pos.view(B, 1, 24), rope)
+    store.append(keys, torch.zeros_like(keys))
+    valid = torch.ones(B, 24, dtype=torch.bool)
+    valid[0, :4] = False
+    store.mark_new(24, valid, None)
+    store.settle()
+    view = store.view()
+    assert (view.keys - keys)[:, :, :].masked_select(view.valid[..., None]).abs().max() < 0.05
+    keep = torch.arange(8, 24).expand(B, H, -1)  # evict the oldest slots: explicit positions from now on
+    store.keep(keep, torch.ones_like(keep, dtype=torch.bool))
+    store.settle()
+    assert (store.view().keys - keys[:, :, 8:]).abs().max() < 0.05
+
+
+def test_outliers_are_kept_apart_and_do_not_stretch_the_range():
+    keys, values = _tokens(32)
+    keys[0, 1, 5, 3] = 50.0  # one huge entry
+    values[1, 2, 7, 9] = -40.0
+    plain = QuantizedStore(QuantSpec(bits=3, group=16, residual=0))
+    sparse = QuantizedStore(QuantSpec(bits=3, group=16, residual=0, outliers=0.01))
+    for store in (plain, sparse):
+        store.append(keys, values)
+        store.settle()
+    k_plain, _ = plain.groups[0].used()
+    k_sparse, v_sparse = sparse.groups[0].used()
+    assert k_sparse[0, 1, 5, 3] == 50.0 and v_sparse[1, 2, 7, 9] == -40.0  # float16 holds them exactly
+    # The rest of the spiked key channel keeps its resolution only with the outlier set apart.
+    rest = torch.ones(16, dtype=torch.bool)
+    rest[5] = False
+    err_plain = (k_plain[0, 1, :16, 3] - keys[0, 1, :16, 3])[rest].abs().max()
+    err_sparse = (k_sparse[0, 1, :16, 3] - keys[0, 1, :16, 3])[rest].abs().max()
+    assert err_sparse < err_plain / 5
+    key_count, value_count = 3, 1  # round(1% of 16 x 16), at least one of 16 channels
+    extra = B * H * 4 * (2 * key_count + 32 * value_count)  # int16 index + float16 value each
+    assert sparse.used_bytes() - plain.used_bytes() == extra

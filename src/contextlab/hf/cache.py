@@ -23,7 +23,7 @@ class ContextlabCache(Cache):
         method = method or Full()
         self.method, self.config = method, config
         self.state = CacheState(native=getattr(cfg, "max_position_embeddings", None))
-        if _remaps(method):
+        if method.needs_rope:
             self.state.rope = rope_of(cfg, method)
         full = [i for i, kind in enumerate(types) if kind == "full_attention"]
         layers = []
@@ -75,8 +75,3 @@ class ContextlabCache(Cache):
         sliding layers."""
         sliding = self.kv_bytes() - sum(layer.nbytes() for layer in self.compressible)
         return self.tracker.peak + sliding
-
-
-def _remaps(method: Method) -> bool:
-    parts = getattr(method, "parts", (method,))
-    return any(getattr(p, "remaps_positions", False) for p in parts)

@@ -57,14 +57,14 @@ class ContextlabLayer(DynamicLayer):
         layer_idx: int = 0,
         num_layers: int = 1,
         state: CacheState | None = None,
-        make_store: Callable[[MemoryTracker], DenseStore | None] | None = None,
+        make_store: Callable[[MemoryTracker, Rope | None], DenseStore | None] | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.make_policy = make_policy
         self.policy = make_policy()
         self.state = state or CacheState()
-        store = None if make_store is None else make_store(self.state.tracker)
+        store = None if make_store is None else make_store(self.state.tracker, self.state.rope)
         self.store = DenseStore(self.state.tracker) if store is None else store
         self.seen = 0  # logical columns fed so far
         self.row_tokens: torch.Tensor | None = None  # [B, 1] real tokens per row so far
@@ -251,7 +251,7 @@ class ContextlabLayer(DynamicLayer):
         return out.view(b, hq, tq, d)
 
     def _attend_group(self, g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        if g.prefix is not None and q.shape[2] == 1:
+        if g.prefix is not None and q.shape[2] == 1 and g.prefix.spec.direct_read:
             return _attend_codes(g, q, scaling)
         keys, values = g.used()
         tq, total = q.shape[2], g.length

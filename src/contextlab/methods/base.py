@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from contextlab.methods.policy import LayerPolicy
+from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker
 
 PROTECTED = 1e12  # score of a token that must be kept (sinks, window); scores that use it are float64
@@ -121,9 +122,16 @@ class Method:
         """transformers rope parameters to use for a call reaching ``needed`` positions (None = the model's)."""
         return None
 
-    def make_store(self, tracker: MemoryTracker) -> DenseStore | None:
-        """The store every layer of a cache holds its keys and values in (None = the dense store)."""
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
+        """The store every layer of a cache holds its keys and values in (None = the dense store); ``rope``:
+        the layer's rotary frequencies when the method :attr:`needs_rope`."""
         return None
+
+    @property
+    def needs_rope(self) -> bool:
+        """True when the cache must hand the model's rotary frequencies to the layers (position remaps,
+        keys stored before RoPE)."""
+        return bool(getattr(self, "remaps_positions", False))
 
     # -- identity --------------------------------------------------------------------------------------
     def params(self) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from contextlab.methods.base import POSITIONS, Method
 from contextlab.methods.policy import CompositePolicy, LayerPolicy
+from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker
 
 
@@ -31,6 +32,13 @@ class Composite(Method):
                 raise ValueError(f"composition parts must be single methods, got {part!r}")
             if not part.roles:
                 raise ValueError(f"{part.describe()!r} adds nothing to a composition; leave it out")
+        rotating = [p for p in self.parts if p.needs_rope and not getattr(p, "remaps_positions", False)]
+        rescaling = [p for p in self.parts if getattr(p, "rescales_rope", False)]
+        if rotating and rescaling:
+            raise ValueError(
+                f"{rotating[0].describe()!r} rotates stored keys with the model's own RoPE, which "
+                f"{rescaling[0].describe()!r} changes for the call; they cannot be composed"
+            )
         for i, first in enumerate(self.parts):
             for second in self.parts[i + 1 :]:
                 shared = first.roles & second.roles
@@ -64,8 +72,12 @@ class Composite(Method):
     def rope_scaling(self, needed: int, native: int) -> dict | None:
         return next((r for r in (p.rope_scaling(needed, native) for p in self.parts) if r is not None), None)
 
-    def make_store(self, tracker: MemoryTracker) -> DenseStore | None:
-        return next((s for s in (p.make_store(tracker) for p in self.parts) if s is not None), None)
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
+        return next((s for s in (p.make_store(tracker, rope) for p in self.parts) if s is not None), None)
+
+    @property
+    def needs_rope(self) -> bool:
+        return any(p.needs_rope for p in self.parts)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return CompositePolicy([p.build(layer_idx, num_layers) for p in self.parts])

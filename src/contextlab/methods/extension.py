@@ -330,6 +330,7 @@ class RopeScaling(Method):
 
     roles: ClassVar[frozenset[str]] = frozenset({POSITIONS})
     rope_type: ClassVar[str] = ""
+    rescales_rope: ClassVar[bool] = True
     factor: float | None = param("scale factor; None = planned length / native window (at least 1)", None)
 
     def __post_init__(self) -> None:

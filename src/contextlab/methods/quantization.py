@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from contextlab.methods.base import STORAGE, Method, param
+from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker
 from contextlab.store.quantized import QuantizedStore, QuantSpec
 
@@ -40,5 +41,42 @@ class KIVI(Method):
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group, self.residual)
 
-    def make_store(self, tracker: MemoryTracker) -> DenseStore:
-        return QuantizedStore(self.spec(), tracker)
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
+        return QuantizedStore(self.spec(), tracker, rope)
+
+
+@dataclass(frozen=True, eq=False)
+class KVQuant(Method):
+    """KVQuant's training-free parts: keys quantized per channel BEFORE RoPE (pre-RoPE keys have stable
+    per-channel ranges; rotary mixing spreads them), values per token, and a dense-and-sparse split that
+    keeps the ``outliers`` fraction of each group's entries (the largest deviations) in float16 so they do not
+    stretch the quantization range (Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference
+    with KV Cache Quantization", arXiv 2401.18079; "< 0.1 perplexity degradation with 3-bit").
+
+    Keys are cached post-RoPE by the model; when slots are quantized they are rotated back to position 0,
+    and rotated forward again when read (exact up to float32 rounding). Not implemented: the paper's
+    calibrated non-uniform datatypes and offline per-channel scales (ranges here are per group of ``group``
+    tokens, computed online) and Q-Norm. Like ``kivi``, the newest ``residual`` tokens stay in full precision.
+    Reads go through a dequantized copy (the fused decode kernel reads post-RoPE codes without outliers)."""
+
+    name = "kvquant"
+    paper = "https://arxiv.org/abs/2401.18079"
+    roles: ClassVar[frozenset[str]] = frozenset({STORAGE})
+    positional: ClassVar[str | None] = "bits"
+    bits: int = param("bits per code: 2, 3, 4 or 8", 3)
+    group: int = param("tokens per key scale and channels per value scale (must divide the head dimension)", 32)
+    residual: int = param("newest tokens kept in full precision", 128)
+    outliers: float = param("fraction of entries per group kept in float16 (dense-and-sparse)", 0.01)
+
+    def __post_init__(self) -> None:
+        self.spec()
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group, self.residual, self.outliers, pre_rope=True)
+
+    @property
+    def needs_rope(self) -> bool:
+        return True
+
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
+        return QuantizedStore(self.spec(), tracker, rope)

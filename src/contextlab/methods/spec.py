@@ -36,6 +36,7 @@ for _name, _target in [
     ("linear", "extension:Linear"),
     ("infiniretri", "extension:InfiniRetri"),
     ("kivi", "quantization:KIVI"),
+    ("kvquant", "quantization:KVQuant"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 

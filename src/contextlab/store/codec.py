@@ -64,15 +64,24 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class Codes:
-    """Packed codes of one tensor with their float16 ``scale``/``zero`` (see module docstring)."""
+    """Packed codes of one tensor with their float16 ``scale``/``zero`` (see module docstring), and optional
+    full-precision outliers (KVQuant's dense-and-sparse split): per key group of ``group`` tokens or per
+    value token, ``outlier_index`` (int16, flat index within the group's ``group x D`` or the token's ``D``
+    entries) and ``outlier_value`` (float16), ``[B, H, N / group | N, count]``."""
 
     packed: torch.Tensor  # [B, H, N, W] int32
     scale: torch.Tensor  # keys: [B, H, N / group, D]; values: [B, H, N, D / group]
     zero: torch.Tensor
+    outlier_index: torch.Tensor | None = None
+    outlier_value: torch.Tensor | None = None
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        names = ("packed", "scale", "zero", "outlier_index", "outlier_value")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scale.nbytes + self.zero.nbytes
+        return sum(t.nbytes for t in self.fields().values())
 
 
 def _minmax_codes(
@@ -97,27 +106,65 @@ def _minmax_codes(
     return codes.to(torch.int32), scale, zero
 
 
-def quantize_keys(keys: torch.Tensor, bits: int, group: int, valid: torch.Tensor | None = None) -> Codes:
+def outlier_count(fraction: float, entries: int) -> int:
+    """Outliers kept per group of ``entries`` values (at least one when ``fraction > 0``)."""
+    return 0 if fraction <= 0 else max(1, round(fraction * entries))
+
+
+def _outliers(flat: torch.Tensor, score: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` entries of each row of ``flat [..., E]`` with the highest ``score``: their index (int16)
+    and float16 value."""
+    index = score.topk(count, dim=-1).indices  # [..., count]
+    return index.to(torch.int16), flat.gather(-1, index).to(SCALE_DTYPE)
+
+
+def _not_outliers(shape: torch.Size, index: torch.Tensor, device) -> torch.Tensor:
+    keep = torch.ones(*shape, dtype=torch.bool, device=device)
+    return keep.scatter(-1, index.long(), False)
+
+
+def quantize_keys(
+    keys: torch.Tensor, bits: int, group: int, valid: torch.Tensor | None = None, outliers: float = 0.0
+) -> Codes:
     """Per-channel codes of ``keys [B, H, N, D]`` over groups of ``group`` tokens (``N % group == 0``).
-    ``valid [B, 1 | H, N]``: tokens that set each group's range (padding must not widen it)."""
+    ``valid [B, 1 | H, N]``: tokens that set each group's range (padding must not widen it). ``outliers``:
+    fraction of each group's entries kept apart in float16 (the largest deviations from their channel's mean
+    over the group, in channel standard deviations); they do not widen the range either."""
     b, h, n, d = keys.shape
     if n % group:
         raise ValueError(f"keys are quantized in groups of {group} tokens; got {n} tokens")
-    grouped = keys.reshape(b, h, n // group, group, d)
+    grouped = keys.float().reshape(b, h, n // group, group, d)
     mask = None if valid is None else valid.reshape(b, -1, n // group, group, 1)  # [B, 1 | H, N/g, g, 1]
+    count, index, value = outlier_count(outliers, group * d), None, None
+    if count:
+        mean, std = grouped.mean(3, keepdim=True), grouped.std(3, keepdim=True, correction=0)
+        score = ((grouped - mean).abs() / (std + 1e-6)).reshape(b, h, n // group, group * d)
+        if mask is not None:
+            score = score.masked_fill(~mask.expand(b, h, -1, -1, d).reshape(score.shape), -1.0)
+        index, value = _outliers(grouped.reshape(score.shape), score, count)  # [B, H, N/g, count]
+        inliers = _not_outliers(score.shape, index, keys.device).view(grouped.shape)
+        mask = inliers if mask is None else inliers & mask
     # codes [B, H, N/g, g, D]; scale and zero [B, H, N/g, 1, D]
     codes, scale, zero = _minmax_codes(grouped, bits, dim=3, valid=mask)
-    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3))
+    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3), index, value)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group: int) -> Codes:
-    """Per-token codes of ``values [B, H, N, D]`` over groups of ``group`` channels (``D % group == 0``)."""
+def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float = 0.0) -> Codes:
+    """Per-token codes of ``values [B, H, N, D]`` over groups of ``group`` channels (``D % group == 0``);
+    ``outliers``: fraction of each token's entries kept apart in float16 (largest deviations from the token's
+    mean, in standard deviations)."""
     b, h, n, d = values.shape
     if d % group:
         raise ValueError(f"group size {group} does not divide the head dimension {d}")
-    grouped = values.reshape(b, h, n, d // group, group)
-    codes, scale, zero = _minmax_codes(grouped, bits, dim=4)  # codes [B, H, N, D/g, g]; scale [B, H, N, D/g, 1]
-    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4))
+    flat = values.float()
+    count, index, value, mask = outlier_count(outliers, d), None, None, None
+    if count:
+        score = (flat - flat.mean(-1, keepdim=True)).abs() / (flat.std(-1, keepdim=True, correction=0) + 1e-6)
+        index, value = _outliers(flat, score, count)  # [B, H, N, count]
+        mask = _not_outliers(flat.shape, index, values.device).view(b, h, n, d // group, group)
+    grouped = flat.reshape(b, h, n, d // group, group)
+    codes, scale, zero = _minmax_codes(grouped, bits, dim=4, valid=mask)  # codes [B, H, N, D/g, g]
+    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4), index, value)
 
 
 def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tensor:
@@ -126,7 +173,11 @@ def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tens
     b, h, n, d = q.shape
     scale = codes.scale.float().repeat_interleave(group, dim=2)  # [B, H, N, D]
     zero = codes.zero.float().repeat_interleave(group, dim=2)
-    return (q * scale + zero).view(b, h, n, d)
+    out = q * scale + zero
+    if codes.outlier_index is not None:
+        flat = out.view(b, h, n // group, group * d)  # [B, H, N/g, g*D]
+        flat.scatter_(-1, codes.outlier_index.long(), codes.outlier_value.float())
+    return out
 
 
 def dequantize_values(codes: Codes, bits: int, group: int, dim: int) -> torch.Tensor:
@@ -134,4 +185,7 @@ def dequantize_values(codes: Codes, bits: int, group: int, dim: int) -> torch.Te
     q = unpack(codes.packed, bits, dim).float()
     scale = codes.scale.float().repeat_interleave(group, dim=3)  # [B, H, N, D]
     zero = codes.zero.float().repeat_interleave(group, dim=3)
-    return q * scale + zero
+    out = q * scale + zero
+    if codes.outlier_index is not None:
+        out.scatter_(-1, codes.outlier_index.long(), codes.outlier_value.float())
+    return out

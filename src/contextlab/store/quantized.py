@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from contextlab.methods.positions import Rope, rotate
 from contextlab.store.codec import (
     Codes,
     check_bits,
     dequantize_keys,
     dequantize_values,
+    outlier_count,
     quantize_keys,
     quantize_values,
     words,
@@ -40,17 +42,32 @@ from contextlab.store.dense import SHRINK_SLACK, DenseStore, MemoryTracker, Slot
 @dataclass(frozen=True)
 class QuantSpec:
     """How slots are quantized: ``bits`` per code, ``group`` tokens per key scale and channels per value
-    scale, ``residual`` newest slots kept in full precision."""
+    scale, ``residual`` newest slots kept in full precision, ``outliers`` fraction of entries per group kept
+    apart in float16 (KVQuant's dense-and-sparse split), ``pre_rope``: keys quantized before RoPE (rotated
+    back by their position when stored, forward when read; KVQuant)."""
 
     bits: int = 4
     group: int = 32
     residual: int = 128
+    outliers: float = 0.0
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         for name, value, low in (("group", self.group, 1), ("residual", self.residual, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if (
+            isinstance(self.outliers, bool)
+            or not isinstance(self.outliers, (int, float))
+            or not 0 <= self.outliers < 0.5
+        ):
+            raise ValueError(f"outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
+
+    @property
+    def direct_read(self) -> bool:
+        """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
+        return not self.pre_rope and not self.outliers
 
     def check_head_dim(self, head_dim: int) -> None:
         if head_dim % self.group:
@@ -63,65 +80,88 @@ class QuantSpec:
 class QuantizedPrefix:
     """Codes of a slot group's oldest slots, in buffers that grow geometrically (capacity ``cap`` slots).
 
-    Keys: packed ``[B, Hg, cap, W]``, scale/zero ``[B, Hg, cap / group, D]``; values: packed
-    ``[B, Hg, cap, W]``, scale/zero ``[B, Hg, cap, D / group]``; ``valid [B, 1 | Hg, cap]`` and
-    ``positions [B, Hg, cap]`` mirror the dense group's metadata (None when it has none).
+    ``buffers``, each with its slot axis at dim 2: ``key.packed [B, Hg, cap, W]``, ``key.scale`` /
+    ``key.zero [B, Hg, cap / group, D]``, ``value.packed [B, Hg, cap, W]``, ``value.scale`` / ``value.zero``
+    ``[B, Hg, cap, D / group]``, with outliers ``key.outlier_index`` / ``key.outlier_value``
+    ``[B, Hg, cap / group, k]`` and ``value.outlier_*`` ``[B, Hg, cap, k]``; ``valid [B, 1 | Hg, cap]`` and
+    ``positions [B, Hg, cap]`` mirror the dense group's metadata (absent when it has none). ``units[name]``:
+    slots per entry along dim 2 (``group`` for per-group key tensors, 1 otherwise).
     """
 
-    def __init__(self, spec: QuantSpec, like: torch.Tensor, capacity: int, tracker: MemoryTracker) -> None:
+    def __init__(
+        self, spec: QuantSpec, like: torch.Tensor, capacity: int, tracker: MemoryTracker, rope: Rope | None = None
+    ) -> None:
         b, h, _, d = like.shape
         spec.check_head_dim(d)
-        self.spec, self.dim, self.tracker = spec, d, tracker
+        if spec.pre_rope and rope is None:
+            raise ValueError("keys quantized before RoPE need the model's rotary frequencies")
+        self.spec, self.dim, self.tracker, self.rope = spec, d, tracker, rope
         self.length = 0
         cap = _round_up(max(capacity, spec.group), spec.group)
-        w = words(d, spec.bits)
-        zeros = like.new_zeros
-        self.keys = Codes(
-            zeros(b, h, cap, w, dtype=torch.int32),
-            zeros(b, h, cap // spec.group, d, dtype=torch.float16),
-            zeros(b, h, cap // spec.group, d, dtype=torch.float16),
-        )
-        self.values = Codes(
-            zeros(b, h, cap, w, dtype=torch.int32),
-            zeros(b, h, cap, d // spec.group, dtype=torch.float16),
-            zeros(b, h, cap, d // spec.group, dtype=torch.float16),
-        )
-        self.valid: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.units: dict[str, int] = {}
+        w, g, device = words(d, spec.bits), spec.group, like.device
+        key_outliers, value_outliers = outlier_count(spec.outliers, g * d), outlier_count(spec.outliers, d)
+        layout = [
+            ("key.packed", w, torch.int32, 1),
+            ("key.scale", d, torch.float16, g),
+            ("key.zero", d, torch.float16, g),
+            ("value.packed", w, torch.int32, 1),
+            ("value.scale", d // g, torch.float16, 1),
+            ("value.zero", d // g, torch.float16, 1),
+        ]
+        if key_outliers:
+            layout += [
+                ("key.outlier_index", key_outliers, torch.int16, g),
+                ("key.outlier_value", key_outliers, torch.float16, g),
+            ]
+            layout += [("value.outlier_index", value_outliers, torch.int16, 1)]
+            layout += [("value.outlier_value", value_outliers, torch.float16, 1)]
+        for name, width, dtype, unit in layout:
+            self.buffers[name] = torch.zeros(b, h, cap // unit, width, dtype=dtype, device=device)
+            self.units[name] = unit
         tracker.change(self.nbytes())
 
     @property
     def capacity(self) -> int:
-        return self.keys.packed.shape[2]
+        return self.buffers["key.packed"].shape[2]
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every buffer, each with the slot (or slot group) axis at dim 2."""
-        out = [self.keys.packed, self.keys.scale, self.keys.zero, self.values.packed]
-        out += [self.values.scale, self.values.zero]
-        return out + [t for t in (self.valid, self.positions) if t is not None]
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self.buffers.get("valid")
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self.buffers.get("positions")
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
+        return sum(t.nbytes for t in self.buffers.values())
 
     def used_bytes(self) -> int:
-        return sum(t.nbytes // t.shape[2] * self._used(t) for t in self.tensors())
+        return sum(t.nbytes // t.shape[2] * (self.length // self.units[k]) for k, t in self.buffers.items())
 
     # -- reading ----------------------------------------------------------------------------------------
+    def used(self) -> dict[str, torch.Tensor]:
+        """Views of every buffer's used entries."""
+        return {k: t[:, :, : self.length // self.units[k]] for k, t in self.buffers.items()}
+
     def codes(self) -> tuple[Codes, Codes]:
         """Views of the used key and value codes (``N = length`` slots)."""
-        n, g = self.length, self.length // self.spec.group
-        k, v = self.keys, self.values
-        return (
-            Codes(k.packed[:, :, :n], k.scale[:, :, :g], k.zero[:, :, :g]),
-            Codes(v.packed[:, :, :n], v.scale[:, :, :n], v.zero[:, :, :n]),
+        used = self.used()
+        return tuple(
+            Codes(**{k.split(".", 1)[1]: v for k, v in used.items() if k.startswith(f"{side}.")})
+            for side in ("key", "value")
         )
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized ``[B, Hg, length, D]`` keys and values in ``dtype`` (a fresh copy)."""
+        """Dequantized ``[B, Hg, length, D]`` keys and values in ``dtype`` (a fresh copy; keys quantized
+        before RoPE are rotated to their positions)."""
         keys, values = self.codes()
         spec = self.spec
         k = dequantize_keys(keys, spec.bits, spec.group, self.dim)
         v = dequantize_values(values, spec.bits, spec.group, self.dim)
+        if spec.pre_rope:
+            k = rotate(k, self.slot_positions(), self.rope)
         return k.to(dtype), v.to(dtype)
 
     def used_valid(self) -> torch.Tensor | None:
@@ -132,88 +172,108 @@ class QuantizedPrefix:
             raise RuntimeError("the quantized slots carry no positions while newer slots do")
         return self.positions[:, :, : self.length]
 
+    def slot_positions(self) -> torch.Tensor:
+        """``[B, 1 | Hg, length]`` position of every slot: explicit, or its rank among valid slots."""
+        if self.positions is not None:
+            return self.used_positions().long()
+        valid = self.used_valid()
+        if valid is None:
+            return torch.arange(self.length, device=self.buffers["key.packed"].device).view(1, 1, -1)
+        return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    def valid_count(self) -> torch.Tensor | int:
+        """Valid slots held per row (``[B, 1 | Hg, 1]``), or an int when every slot is valid."""
+        valid = self.used_valid()
+        return self.length if valid is None else valid.long().sum(-1, keepdim=True)
+
     # -- writing ----------------------------------------------------------------------------------------
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor | None
     ) -> None:
-        """Quantize ``keys``/``values [B, Hg, m, D]`` (``m`` a multiple of ``group``) after the held slots,
-        with their validity ``[B, 1 | Hg, m]`` and positions ``[B, Hg, m]`` (None = none kept)."""
+        """Quantize ``keys``/``values [B, Hg, m, D]`` (``m`` a multiple of ``group``; keys post-RoPE) after the
+        held slots, with their validity ``[B, 1 | Hg, m]`` and positions ``[B, Hg, m]`` (None = none kept)."""
         m, spec = keys.shape[2], self.spec
         start, stop = self.length, self.length + m
         if stop > self.capacity:
             self._grow(max(stop, int(self.capacity * 1.5)))
-        kc = quantize_keys(keys, spec.bits, spec.group, valid)  # padding does not widen a key group's range
-        vc = quantize_values(values, spec.bits, spec.group)
-        first, last = start // spec.group, stop // spec.group
-        self.keys.packed[:, :, start:stop] = kc.packed
-        self.keys.scale[:, :, first:last], self.keys.zero[:, :, first:last] = kc.scale, kc.zero
-        self.values.packed[:, :, start:stop] = vc.packed
-        self.values.scale[:, :, start:stop], self.values.zero[:, :, start:stop] = vc.scale, vc.zero
+        if spec.pre_rope:
+            keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
+        kc = quantize_keys(keys, spec.bits, spec.group, valid, spec.outliers)  # padding does not widen a range
+        vc = quantize_values(values, spec.bits, spec.group, spec.outliers)
+        fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
+        for name, t in fresh.items():
+            unit = self.units[name]
+            self.buffers[name][:, :, start // unit : stop // unit] = t
         self._append_valid(valid, start, stop)
         if (positions is None) != (self.positions is None) and (positions is None or start > 0):
             raise RuntimeError("quantized slots must all carry explicit positions or none")
         if positions is not None:
             if self.positions is None:
-                self.positions = self._metadata(positions.shape[1], torch.int32, fill=0)
+                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
             self.positions[:, :, start:stop] = positions
         self.length = stop
 
+    def map_batch(self, fn) -> None:
+        self.buffers = {k: fn(t) for k, t in self.buffers.items()}
+
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """Metadata and the used part of every buffer (see :meth:`QuantizedStore._restore_prefix`)."""
-        keys, values = self.codes()
-        tensors = {"key_codes": keys.packed, "key_scale": keys.scale, "key_zero": keys.zero}
-        tensors |= {"value_codes": values.packed, "value_scale": values.scale, "value_zero": values.zero}
-        if self.valid is not None:
-            tensors["valid"] = self.used_valid()
-        if self.positions is not None:
-            tensors["positions"] = self.used_positions()
-        return {"length": self.length, "dim": self.dim}, {k: v.contiguous() for k, v in tensors.items()}
+        return {"length": self.length, "dim": self.dim}, {k: v.contiguous() for k, v in self.used().items()}
 
-    def map_batch(self, fn) -> None:
-        for codes in (self.keys, self.values):
-            codes.packed, codes.scale, codes.zero = fn(codes.packed), fn(codes.scale), fn(codes.zero)
-        self.valid = None if self.valid is None else fn(self.valid)
-        self.positions = None if self.positions is None else fn(self.positions)
+    def restore(self, tensors: dict[str, torch.Tensor], length: int) -> None:
+        """Fill a fresh prefix (capacity >= ``length``) with an :meth:`export`."""
+        if set(tensors) - {"valid", "positions"} != set(self.buffers) - {"valid", "positions"}:
+            raise ValueError(
+                f"saved quantized slots hold {sorted(tensors)}; this method expects {sorted(self.buffers)}"
+            )
+        for name in ("valid", "positions"):
+            if name in tensors:
+                self._metadata(name, tensors[name].shape[1], tensors[name].dtype, fill=0)
+        for name, t in tensors.items():
+            self.buffers[name][:, :, : t.shape[2]] = t
+        self.length = length
 
     # -- internals --------------------------------------------------------------------------------------
-    def _used(self, t: torch.Tensor) -> int:
-        """Used entries along dim 2 of one buffer (key scales hold one entry per group of slots)."""
-        return self.length // self.spec.group if t.shape[2] != self.capacity else self.length
+    def _new_positions(self, m: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
+        """``[B, 1 | Hg, m]`` positions of slots about to be appended."""
+        if positions is not None:
+            return positions.long()
+        before = self.valid_count()
+        if valid is None:
+            steps = torch.arange(1, m + 1, device=self.buffers["key.packed"].device).view(1, 1, -1)
+        else:
+            steps = valid.long().cumsum(-1)
+        return (before + steps - 1).clamp(min=0)
 
     def _append_valid(self, valid: torch.Tensor | None, start: int, stop: int) -> None:
         if valid is None and self.valid is None:
             return
         heads = 1 if valid is None else valid.shape[1]
         if self.valid is None:
-            self.valid = self._metadata(heads, torch.bool, fill=1)
+            self._metadata("valid", heads, torch.bool, fill=1)
         elif self.valid.shape[1] < heads:  # per-head validity arrives: widen the shared row
-            widened = self._metadata(heads, torch.bool, fill=1)
-            widened.copy_(self.valid.expand_as(widened))
-            self.tracker.change(-self.valid.nbytes)
-            self.valid = widened
+            old = self.valid
+            self._metadata("valid", heads, torch.bool, fill=1)
+            self.valid.copy_(old.expand_as(self.valid))
+            self.tracker.change(-old.nbytes)
         self.valid[:, :, start:stop] = True if valid is None else valid
 
-    def _metadata(self, heads: int, dtype: torch.dtype, fill: int) -> torch.Tensor:
-        b = self.keys.packed.shape[0]
-        out = torch.full((b, heads, self.capacity), fill, dtype=dtype, device=self.keys.packed.device)
+    def _metadata(self, name: str, heads: int, dtype: torch.dtype, fill: int) -> None:
+        b = self.buffers["key.packed"].shape[0]
+        out = torch.full((b, heads, self.capacity), fill, dtype=dtype, device=self.buffers["key.packed"].device)
         self.tracker.change(out.nbytes)
-        return out
+        self.buffers[name], self.units[name] = out, 1
 
     def _grow(self, capacity: int) -> None:
-        cap, before = _round_up(capacity, self.spec.group), self.capacity
+        cap = _round_up(capacity, self.spec.group)
         old = self.nbytes()
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            size = cap if t.shape[2] == before else cap // self.spec.group
-            out = t.new_zeros(*t.shape[:2], size, *t.shape[3:])
+        def grown(t: torch.Tensor, unit: int) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:2], cap // unit, *t.shape[3:])
             out[:, :, : t.shape[2]] = t
             return out
 
-        k, v = self.keys, self.values
-        self.keys = Codes(grown(k.packed), grown(k.scale), grown(k.zero))
-        self.values = Codes(grown(v.packed), grown(v.scale), grown(v.zero))
-        self.valid = None if self.valid is None else grown(self.valid)
-        self.positions = None if self.positions is None else grown(self.positions)
+        self.buffers = {k: grown(t, self.units[k]) for k, t in self.buffers.items()}
         self.tracker.change(self.nbytes())  # both copies exist for a moment
         self.tracker.change(-old)
 
@@ -221,9 +281,11 @@ class QuantizedPrefix:
 class QuantizedStore(DenseStore):
     """A dense store whose slots beyond the newest ``spec.residual`` are held as codes (module docstring)."""
 
-    def __init__(self, spec: QuantSpec, tracker: MemoryTracker | None = None, growth: float = 1.5) -> None:
+    def __init__(
+        self, spec: QuantSpec, tracker: MemoryTracker | None = None, rope: Rope | None = None, growth: float = 1.5
+    ) -> None:
         super().__init__(tracker, growth)
-        self.spec = spec
+        self.spec, self.rope = spec, rope
         self._total = 0  # slots the caller planned for (sizes the prefix's first buffers)
 
     @property
@@ -232,23 +294,13 @@ class QuantizedStore(DenseStore):
         return self.spec.residual + self.spec.group
 
     def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedPrefix:
-        codes = tensors["key_codes"]
-        b, h, n, _ = codes.shape
-        if n != meta["length"] or n % self.spec.group:
+        n = meta["length"]
+        if n % self.spec.group:
             raise ValueError(f"saved quantized slots ({n}) do not fit this method's groups of {self.spec.group}")
-        like = torch.empty(b, h, 0, meta["dim"], device=codes.device)
-        prefix = QuantizedPrefix(self.spec, like, n, self.tracker)
-        g = n // self.spec.group
-        prefix.keys.packed[:, :, :n], prefix.values.packed[:, :, :n] = codes, tensors["value_codes"]
-        prefix.keys.scale[:, :, :g], prefix.keys.zero[:, :, :g] = tensors["key_scale"], tensors["key_zero"]
-        prefix.values.scale[:, :, :n], prefix.values.zero[:, :, :n] = tensors["value_scale"], tensors["value_zero"]
-        if "valid" in tensors:
-            prefix.valid = prefix._metadata(tensors["valid"].shape[1], torch.bool, fill=1)
-            prefix.valid[:, :, :n] = tensors["valid"]
-        if "positions" in tensors:
-            prefix.positions = prefix._metadata(tensors["positions"].shape[1], torch.int32, fill=0)
-            prefix.positions[:, :, :n] = tensors["positions"]
-        prefix.length = n
+        b, h = tensors["key.packed"].shape[:2]
+        like = torch.empty(b, h, 0, meta["dim"], device=tensors["key.packed"].device)
+        prefix = QuantizedPrefix(self.spec, like, n, self.tracker, self.rope)
+        prefix.restore(tensors, n)
         return prefix
 
     def _first_group(self, keys, values) -> None:
@@ -279,7 +331,7 @@ class QuantizedStore(DenseStore):
         """Quantize the oldest ``count`` buffered slots of ``g`` into its prefix; the rest move to the front."""
         rest = g.tail - count
         if g.prefix is None:
-            g.prefix = QuantizedPrefix(self.spec, g.keys, self._total - self.spec.residual, self.tracker)
+            g.prefix = QuantizedPrefix(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
         valid = None if g.valid is None else g.valid[:, :, :count]
         positions = None if g.positions is None else g.positions[:, :, :count]
         g.prefix.append(g.keys[:, :, :count], g.values[:, :, :count], valid, positions)
