@@ -36,6 +36,8 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("gemma3", "kivi:bits=4,group=16,residual=16", 2),
         ("qwen2", "pyramidkv:0.5", 2),
         ("phi3", "snapkv:0.5+kvquant:bits=3,group=16,residual=8", 2),
+        ("qwen3", "zipcache:group=16,residual=16", 2),
+        ("llama", "decode(h2o,budget=48,every=4)+zipcache:group=16,residual=8", 1),
     ],
 )
 def test_a_loaded_cache_answers_as_the_one_in_memory(tmp_path, tokenizer, arch, spec, batch):

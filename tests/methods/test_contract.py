@@ -20,7 +20,7 @@ from contextlab.methods.base import PrefillMethod
 from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
-from contextlab.methods.quantization import KIVI, KVQuant
+from contextlab.methods.quantization import KIVI, KVQuant, ZipCache
 from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
@@ -55,6 +55,11 @@ EXTENSION = {
 QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=16,residual=16"),
     "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
+    "zipcache": ("zipcache:group=16,residual=512", "zipcache:group=16,residual=16"),
+    "snapkv+zipcache": (
+        "snapkv:0.0+zipcache:group=16,residual=512",
+        "snapkv:0.5+zipcache:high=8,low=3,group=16,residual=8",
+    ),
     "snapkv+kvquant": ("snapkv:0.0+kvquant:group=16,residual=512", "snapkv:0.5+kvquant:bits=4,group=16,residual=8"),
     "snapkv+kivi": ("snapkv:0.0+kivi:group=16,residual=512", "snapkv:0.5+kivi:bits=2,group=16,residual=8"),
     "adakv+kivi": ("adakv:0.0+kivi:bits=2,group=16,residual=512", "adakv:0.5+kivi:bits=2,group=16,residual=8"),
@@ -176,6 +181,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
         expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
+        expected_bytes += _zipcache_seen_bytes(method, counts)
         expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
             keep = method.prompt_keep(n)
@@ -191,10 +197,36 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
         assert out.kv_bytes < out.kv_bytes_full
 
 
+def _zipcache_part(method) -> ZipCache | None:
+    parts = method.parts if isinstance(method, Composite) else (method,)
+    return next((p for p in parts if isinstance(p, ZipCache)), None)
+
+
+def _zipcache_seen_bytes(method, counts: torch.Tensor) -> int:
+    """ZipCache also counts, per full-precision slot of a row, how many probes saw it (float32, per layer)."""
+    zip_part = _zipcache_part(method)
+    if zip_part is None:
+        return 0
+    assert len(set(counts.tolist())) == 1, "one slot group per layer in these specs"
+    count = int(counts[0])
+    return 4 * (count - max(0, (count - zip_part.residual) // zip_part.group * zip_part.group))
+
+
 def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool) -> int:
     """Bytes one KV head of a layer holds for ``count`` slots: key and value, plus the position (int32) once
     evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros."""
     positions = 4 * count if evicted else 0
+    zip_part = _zipcache_part(method)
+    if zip_part is not None:  # two tiers of codes, chosen once for the whole prompt
+        coded = max(0, (count - zip_part.residual) // zip_part.group * zip_part.group)
+        high = round(zip_part.salient * coded)
+        tail = count - coded
+        slots = coded // zip_part.group * head_dim * 2 + coded  # channel normalizers (fp16), tier flags
+        tiers = 0
+        for bits, n in ((zip_part.high, high), (zip_part.low, coded - high)):
+            per_token = 2 * words(head_dim, bits) * 4 + 2 * 2 + 2 * 2 * head_dim // zip_part.group
+            tiers += n * per_token
+        return slots + tiers + tail * (2 * head_dim * itemsize + 4) + positions  # + running score (fp32)
     parts = method.parts if isinstance(method, Composite) else (method,)
     quant = next((p.spec() for p in parts if isinstance(p, (KIVI, KVQuant))), None)
     if quant is None:

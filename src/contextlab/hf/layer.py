@@ -176,7 +176,7 @@ class ContextlabLayer(DynamicLayer):
             out = self.policy.attend(self.store, step)
             out = self._attend_groups(query, scaling) if out is None else out
         self.policy.after_forward(self.store, step)
-        self.store.settle()
+        self.store.settle(query, scaling)
         if self.state.transient:  # trailing tokens that were not context (read, then evicted) take no position
             tail = self.state.transient
             self.row_tokens = self.row_tokens - (

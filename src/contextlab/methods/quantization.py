@@ -14,6 +14,7 @@ from typing import ClassVar
 from contextlab.methods.base import STORAGE, Method, param
 from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker
+from contextlab.store.mixed import MixedStore
 from contextlab.store.quantized import QuantizedStore, QuantSpec
 
 
@@ -80,3 +81,36 @@ class KVQuant(Method):
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
         return QuantizedStore(self.spec(), tracker, rope)
+
+
+@dataclass(frozen=True, eq=False)
+class ZipCache(Method):
+    """ZipCache: mixed precision by saliency. Tokens are ranked by their normalized attention (attention
+    received from probe queries divided by how many probes could see them, so causal masking does not
+    favour early tokens); the ``salient`` share of each batch of quantized tokens keeps ``high`` bits, the
+    rest ``low`` bits. Keys use the channel-separable token-wise quantizer (channels divided by
+    ``sqrt(max |k|)`` over ``group`` tokens, then each token quantized over its channels); values per token
+    over ``group`` channels (He et al., "ZipCache: Accurate and Efficient KV Cache Quantization with Salient
+    Token Identification", arXiv 2405.14256; "4.98x" compression, "0.38%" drop on GSM8k with Mistral-7B).
+
+    Probes: the last 5% and a random 5% of each forward's queries (at least 32 each). Decode tokens are
+    scored by each new query over the full-precision window only (cheaper than the paper's periodic
+    re-scoring). ``salient=0.4`` is our default (about 3.2 bits per element at 4/2 bits, the paper's ~5x)."""
+
+    name = "zipcache"
+    paper = "https://arxiv.org/abs/2405.14256"
+    roles: ClassVar[frozenset[str]] = frozenset({STORAGE})
+    high: int = param("bits of salient tokens", 4)
+    low: int = param("bits of the other tokens", 2)
+    salient: float = param("share of tokens kept at high precision", 0.4)
+    group: int = param("tokens per key channel normalizer and channels per value scale", 32)
+    residual: int = param("newest tokens kept in full precision", 128)
+
+    def __post_init__(self) -> None:
+        self.spec()
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.high, self.group, self.residual, low_bits=self.low, salient=self.salient)
+
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
+        return MixedStore(self.spec(), tracker, rope)

@@ -37,6 +37,7 @@ for _name, _target in [
     ("infiniretri", "extension:InfiniRetri"),
     ("kivi", "quantization:KIVI"),
     ("kvquant", "quantization:KVQuant"),
+    ("zipcache", "quantization:ZipCache"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 

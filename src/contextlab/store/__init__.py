@@ -1,7 +1,8 @@
 """Where a layer's keys and values live: stores that grow in place and shrink when tokens are evicted.
 
-Pure tensor code (no transformers). :class:`~contextlab.store.dense.DenseStore` is the only store today;
-a quantized store (integer codes + scales + an fp residual window) implements the same interface.
+Pure tensor code (no transformers). :class:`~contextlab.store.dense.DenseStore` holds full-precision slots;
+:class:`~contextlab.store.quantized.QuantizedStore` (same interface) holds old slots as integer codes with
+scales and keeps a full-precision window of recent ones (:mod:`contextlab.store.codec` defines the codes).
 """
 
 from contextlab.store.dense import DenseStore, MemoryTracker, SlotGroup, SlotView

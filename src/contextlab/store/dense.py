@@ -252,9 +252,9 @@ class DenseStore:
                 g.prefix.map_batch(fn)
         self.tracker.change(self.nbytes() - before)
 
-    def settle(self) -> None:
-        """Called after every forward once the policy is done: a store may re-encode old slots here (the
-        dense store keeps everything as it is)."""
+    def settle(self, queries: torch.Tensor | None = None, scaling: float | None = None) -> None:
+        """Called after every forward once the policy is done, with the forward's queries ``[B, Hq, Tq, D]``:
+        a store may re-encode old slots here (the dense store keeps everything as it is)."""
         return None
 
     def clear(self) -> None:

@@ -51,12 +51,20 @@ class QuantSpec:
     residual: int = 128
     outliers: float = 0.0
     pre_rope: bool = False
+    low_bits: int | None = None  # mixed precision: non-salient slots get these bits (ZipCache)
+    salient: float = 1.0  # share of slots at ``bits`` when ``low_bits`` is set
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         for name, value, low in (("group", self.group, 1), ("residual", self.residual, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.low_bits is not None:
+            check_bits(self.low_bits)
+            if self.low_bits >= self.bits:
+                raise ValueError(f"low bits ({self.low_bits}) must be fewer than the high bits ({self.bits})")
+        if isinstance(self.salient, bool) or not isinstance(self.salient, (int, float)) or not 0 <= self.salient <= 1:
+            raise ValueError(f"salient must be a fraction in [0, 1], got {self.salient!r}")
         if (
             isinstance(self.outliers, bool)
             or not isinstance(self.outliers, (int, float))
@@ -67,7 +75,7 @@ class QuantSpec:
     @property
     def direct_read(self) -> bool:
         """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
-        return not self.pre_rope and not self.outliers
+        return not self.pre_rope and not self.outliers and self.low_bits is None
 
     def check_head_dim(self, head_dim: int) -> None:
         if head_dim % self.group:
@@ -122,9 +130,11 @@ class QuantizedPrefix:
             self.units[name] = unit
         tracker.change(self.nbytes())
 
+    anchor = "key.packed"  # a buffer with one entry per slot (capacity, batch size, device)
+
     @property
     def capacity(self) -> int:
-        return self.buffers["key.packed"].shape[2]
+        return self.buffers[self.anchor].shape[2]
 
     @property
     def valid(self) -> torch.Tensor | None:
@@ -178,7 +188,7 @@ class QuantizedPrefix:
             return self.used_positions().long()
         valid = self.used_valid()
         if valid is None:
-            return torch.arange(self.length, device=self.buffers["key.packed"].device).view(1, 1, -1)
+            return torch.arange(self.length, device=self.buffers[self.anchor].device).view(1, 1, -1)
         return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
     def valid_count(self) -> torch.Tensor | int:
@@ -240,7 +250,7 @@ class QuantizedPrefix:
             return positions.long()
         before = self.valid_count()
         if valid is None:
-            steps = torch.arange(1, m + 1, device=self.buffers["key.packed"].device).view(1, 1, -1)
+            steps = torch.arange(1, m + 1, device=self.buffers[self.anchor].device).view(1, 1, -1)
         else:
             steps = valid.long().cumsum(-1)
         return (before + steps - 1).clamp(min=0)
@@ -259,8 +269,8 @@ class QuantizedPrefix:
         self.valid[:, :, start:stop] = True if valid is None else valid
 
     def _metadata(self, name: str, heads: int, dtype: torch.dtype, fill: int) -> None:
-        b = self.buffers["key.packed"].shape[0]
-        out = torch.full((b, heads, self.capacity), fill, dtype=dtype, device=self.buffers["key.packed"].device)
+        anchor = self.buffers[self.anchor]
+        out = torch.full((anchor.shape[0], heads, self.capacity), fill, dtype=dtype, device=anchor.device)
         self.tracker.change(out.nbytes)
         self.buffers[name], self.units[name] = out, 1
 
@@ -317,7 +327,7 @@ class QuantizedStore(DenseStore):
             if g.capacity < need:
                 self._resize(g, need)
 
-    def settle(self) -> None:
+    def settle(self, queries: torch.Tensor | None = None, scaling: float | None = None) -> None:
         for g in self.groups:
             moved = (g.tail - self.spec.residual) // self.spec.group * self.spec.group
             if moved > 0:
