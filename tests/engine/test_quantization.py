@@ -56,3 +56,28 @@ def test_full_precision_window_longer_than_the_sequence_is_full_attention(llama,
     out = cl.generate(llama, tokenizer, CONTEXTS, QUESTIONS, method="kivi:group=16,residual=1024", max_new_tokens=6)
     full = cl.generate(llama, tokenizer, CONTEXTS, QUESTIONS, method="full", max_new_tokens=6)
     assert out.token_ids == full.token_ids and out.kv_bytes == full.kv_bytes
+
+
+EVICTION = ["streaming", "snapkv", "pyramidkv", "tova", "h2o", "knorm", "random", "adakv"]
+
+
+@pytest.mark.parametrize("name", EVICTION)
+@pytest.mark.parametrize("store", ["kivi:bits=2,group=16,residual=16", "zipcache:group=16,residual=16"])
+def test_every_eviction_method_keeps_the_same_tokens_under_quantization(llama, tokenizer, name, store):
+    # Prompt eviction runs on full-precision keys before anything is quantized: same kept tokens, fewer bytes.
+    alone = cl.generate(llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method=f"{name}:0.5", max_new_tokens=4)
+    both = cl.generate(llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method=f"{name}:0.5+{store}", max_new_tokens=4)
+    for a, b in zip(alone.kept_positions, both.kept_positions, strict=True):
+        assert torch.equal(a, b)
+    assert both.kv_bytes < 0.6 * alone.kv_bytes
+
+
+@pytest.mark.parametrize(
+    "spec", ["selfextend:group=2,window=32", "lminfinite:sink=4,window=64", "string:offset=64,local=8"]
+)
+def test_position_remaps_compose_with_quantization(llama, tokenizer, spec):
+    out = cl.generate(
+        llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method=f"{spec}+kivi:bits=4,group=16,residual=16", max_new_tokens=4
+    )
+    alone = cl.generate(llama, tokenizer, CONTEXTS[0], QUESTIONS[0], method=spec, max_new_tokens=4)
+    assert len(out.tokens) == len(alone.tokens) and out.kv_bytes < alone.kv_bytes
