@@ -53,7 +53,7 @@ EXTENSION = {
 # KV quantization (alone and under eviction): lossless = a full-precision window longer than every sequence
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
 QUANTIZATION = {
-    "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=16,residual=16"),
+    "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=32,residual=16"),  # values: one scale per token
     "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
     "zipcache": ("zipcache:group=16,residual=512", "zipcache:group=16,residual=16"),
     "snapkv+zipcache": (
@@ -224,7 +224,7 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
         slots = coded // zip_part.group * head_dim * 2 + coded  # channel normalizers (fp16), tier flags
         tiers = 0
         for bits, n in ((zip_part.high, high), (zip_part.low, coded - high)):
-            per_token = 2 * words(head_dim, bits) * 4 + 2 * 2 + 2 * 2 * head_dim // zip_part.group
+            per_token = 2 * words(head_dim, bits) * 4 + 2 * 2 + 2 * 2 * head_dim // zip_part.spec().channels(head_dim)
             tiers += n * per_token
         return slots + tiers + tail * (2 * head_dim * itemsize + 4) + positions  # + running score (fp32)
     parts = method.parts if isinstance(method, Composite) else (method,)
@@ -233,7 +233,9 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
         return count * 2 * head_dim * itemsize + positions
     coded = max(0, (count - quant.residual) // quant.group * quant.group)
     codes = 2 * coded * words(head_dim, quant.bits) * 4  # int32 words
-    scales = 2 * 2 * (coded // quant.group * head_dim + coded * head_dim // quant.group)  # scale + zero, fp16
+    scales = (
+        2 * 2 * (coded // quant.group * head_dim + coded * head_dim // quant.channels(head_dim))
+    )  # fp16 scale, zero
     # Outliers: an int16 index and a float16 value each, per key group and per value token.
     outliers = 4 * outlier_count(quant.outliers, quant.group * head_dim) * (coded // quant.group)
     outliers += 4 * outlier_count(quant.outliers, head_dim) * coded

@@ -212,3 +212,16 @@ def test_outliers_are_kept_apart_and_do_not_stretch_the_range():
     key_count, value_count = 3, 1  # round(1% of 16 x 16), at least one of 16 channels
     extra = B * H * 4 * (2 * key_count + 32 * value_count)  # int16 index + float16 value each
     assert sparse.used_bytes() - plain.used_bytes() == extra
+
+
+def test_a_key_group_longer_than_the_head_gives_values_one_scale_per_token():
+    spec = QuantSpec(bits=4, group=32, residual=0)  # D = 16: values grouped over all 16 channels
+    store, _ = _filled(spec, 64)
+    prefix = store.groups[0].prefix
+    assert prefix.channels == 16 and prefix.buffers["value.scale"].shape[-1] == 1
+    assert prefix.buffers["key.scale"].shape[2] * 32 == prefix.capacity
+    split = QuantizedStore(QuantSpec(bits=4, group=32, residual=0, value_group=4))
+    split.append(*_tokens(64))
+    split.settle()
+    assert split.groups[0].prefix.buffers["value.scale"].shape[-1] == 4
+    assert split.used_bytes() - store.used_bytes() == B * H * 64 * 2 * 2 * 3  # three more scale+zero pairs

@@ -323,7 +323,7 @@ def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor
         prefix.used_valid(),
         bits=spec.bits,
         key_group=spec.group,
-        value_group=spec.group,
+        value_group=prefix.channels,
         scaling=scaling,
     )
     tail_valid = None if g.valid is None else g.valid[:, :, : g.tail]

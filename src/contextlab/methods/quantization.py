@@ -25,22 +25,25 @@ class KIVI(Method):
     are quantized a group at a time as they age (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit
     Quantization for KV Cache", arXiv 2402.02750; the paper uses group 32 and residual 128).
 
-    Bytes per cached element: ``bits`` plus ``2 x 16 / group`` bits of float16 scale and zero point (5 bits
-    at 4 bits / group 32, 4.25 at group 128), plus the full-precision window."""
+    Bytes per cached element: ``bits`` plus, on average over keys and values, ``16 / group + 16 /
+    value_group`` bits of float16 scales and zero points (5 bits at 4 bits / group 32; 4.375 with
+    ``group=128`` on a 64-dim head, whose values then take one scale per token), plus the full-precision
+    window. ``value_group`` defaults to ``min(group, head dim)``, so a key group longer than the head works."""
 
     name = "kivi"
     paper = "https://arxiv.org/abs/2402.02750"
     roles: ClassVar[frozenset[str]] = frozenset({STORAGE})
     positional: ClassVar[str | None] = "bits"
     bits: int = param("bits per code: 2, 3, 4 or 8", 4)
-    group: int = param("tokens per key scale and channels per value scale (must divide the head dimension)", 32)
+    group: int = param("tokens per key scale; also channels per value scale unless value_group is set", 32)
+    value_group: int | None = param("channels per value scale (must divide the head dim); None = min(group, dim)", None)
     residual: int = param("newest tokens kept in full precision", 128)
 
     def __post_init__(self) -> None:
         self.spec()  # validates
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group, self.residual)
+        return QuantSpec(self.bits, self.group, self.residual, value_group=self.value_group)
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
         return QuantizedStore(self.spec(), tracker, rope)
@@ -65,7 +68,8 @@ class KVQuant(Method):
     roles: ClassVar[frozenset[str]] = frozenset({STORAGE})
     positional: ClassVar[str | None] = "bits"
     bits: int = param("bits per code: 2, 3, 4 or 8", 3)
-    group: int = param("tokens per key scale and channels per value scale (must divide the head dimension)", 32)
+    group: int = param("tokens per key scale; also channels per value scale unless value_group is set", 32)
+    value_group: int | None = param("channels per value scale (must divide the head dim); None = min(group, dim)", None)
     residual: int = param("newest tokens kept in full precision", 128)
     outliers: float = param("fraction of entries per group kept in float16 (dense-and-sparse)", 0.01)
 
@@ -73,7 +77,9 @@ class KVQuant(Method):
         self.spec()
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group, self.residual, self.outliers, pre_rope=True)
+        return QuantSpec(
+            self.bits, self.group, self.residual, self.outliers, pre_rope=True, value_group=self.value_group
+        )
 
     @property
     def needs_rope(self) -> bool:
@@ -103,14 +109,17 @@ class ZipCache(Method):
     high: int = param("bits of salient tokens", 4)
     low: int = param("bits of the other tokens", 2)
     salient: float = param("share of tokens kept at high precision", 0.4)
-    group: int = param("tokens per key channel normalizer and channels per value scale", 32)
+    group: int = param("tokens per key channel normalizer; also channels per value scale unless value_group", 32)
+    value_group: int | None = param("channels per value scale (must divide the head dim); None = min(group, dim)", None)
     residual: int = param("newest tokens kept in full precision", 128)
 
     def __post_init__(self) -> None:
         self.spec()
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.high, self.group, self.residual, low_bits=self.low, salient=self.salient)
+        return QuantSpec(
+            self.high, self.group, self.residual, value_group=self.value_group, low_bits=self.low, salient=self.salient
+        )
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
         return MixedStore(self.spec(), tracker, rope)

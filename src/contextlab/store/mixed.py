@@ -47,6 +47,7 @@ class MixedPrefix(QuantizedPrefix):
         b, h, _, d = like.shape
         spec.check_head_dim(d)
         self.spec, self.dim, self.tracker, self.rope = spec, d, tracker, rope
+        self.channels = c = spec.channels(d)
         self.length = 0
         cap = -(-max(capacity, spec.group) // spec.group) * spec.group
         device = like.device
@@ -65,8 +66,8 @@ class MixedPrefix(QuantizedPrefix):
                 "key.scale": torch.zeros(b, h, n, 1, dtype=torch.float16, device=device),
                 "key.zero": torch.zeros(b, h, n, 1, dtype=torch.float16, device=device),
                 "value.packed": torch.zeros(b, h, n, words(d, bits), dtype=torch.int32, device=device),
-                "value.scale": torch.zeros(b, h, n, d // spec.group, dtype=torch.float16, device=device),
-                "value.zero": torch.zeros(b, h, n, d // spec.group, dtype=torch.float16, device=device),
+                "value.scale": torch.zeros(b, h, n, d // c, dtype=torch.float16, device=device),
+                "value.zero": torch.zeros(b, h, n, d // c, dtype=torch.float16, device=device),
             }
         tracker.change(self.nbytes())
 
@@ -121,7 +122,7 @@ class MixedPrefix(QuantizedPrefix):
             count = high if tier == "high" else m - high
             k = scaled[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
             v = values[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
-            self._tier_append(tier, quantize_values(k, bits, d), quantize_values(v, bits, spec.group))
+            self._tier_append(tier, quantize_values(k, bits, d), quantize_values(v, bits, self.channels))
         self._append_valid(valid, start, stop)
         if positions is not None:
             if self.positions is None:
@@ -156,7 +157,7 @@ class MixedPrefix(QuantizedPrefix):
         t, n = self.tiers[tier], self.tier_length[tier]
         k = Codes(t["key.packed"][:, :, :n], t["key.scale"][:, :, :n], t["key.zero"][:, :, :n])
         v = Codes(t["value.packed"][:, :, :n], t["value.scale"][:, :, :n], t["value.zero"][:, :, :n])
-        return dequantize_values(k, bits, self.dim, self.dim), dequantize_values(v, bits, self.spec.group, self.dim)
+        return dequantize_values(k, bits, self.dim, self.dim), dequantize_values(v, bits, self.channels, self.dim)
 
     def _tier_append(self, tier: str, keys, values) -> None:
         n = keys.packed.shape[2]

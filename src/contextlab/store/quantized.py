@@ -51,6 +51,7 @@ class QuantSpec:
     residual: int = 128
     outliers: float = 0.0
     pre_rope: bool = False
+    value_group: int | None = None  # channels per value scale; None = min(group, head dim)
     low_bits: int | None = None  # mixed precision: non-salient slots get these bits (ZipCache)
     salient: float = 1.0  # share of slots at ``bits`` when ``low_bits`` is set
 
@@ -59,6 +60,9 @@ class QuantSpec:
         for name, value, low in (("group", self.group, 1), ("residual", self.residual, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        vg = self.value_group
+        if vg is not None and (isinstance(vg, bool) or not isinstance(vg, int) or vg < 1):
+            raise ValueError(f"value_group must be an integer >= 1, got {vg!r}")
         if self.low_bits is not None:
             check_bits(self.low_bits)
             if self.low_bits >= self.bits:
@@ -77,11 +81,17 @@ class QuantSpec:
         """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
         return not self.pre_rope and not self.outliers and self.low_bits is None
 
+    def channels(self, head_dim: int) -> int:
+        """Channels per value scale on a head of ``head_dim``."""
+        return self.value_group if self.value_group is not None else min(self.group, head_dim)
+
     def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.group:
+        channels = self.channels(head_dim)
+        if head_dim % channels:
+            name = "value_group" if self.value_group is not None else "quantization group"
             raise ValueError(
-                f"quantization group {self.group} does not divide the head dimension {head_dim} (values are "
-                "quantized in groups of channels); pick a divisor of the head dimension"
+                f"{name} {channels} does not divide the head dimension {head_dim} (values are quantized in "
+                "groups of channels); pick a divisor of the head dimension"
             )
 
 
@@ -109,14 +119,15 @@ class QuantizedPrefix:
         self.buffers: dict[str, torch.Tensor] = {}
         self.units: dict[str, int] = {}
         w, g, device = words(d, spec.bits), spec.group, like.device
+        self.channels = c = spec.channels(d)
         key_outliers, value_outliers = outlier_count(spec.outliers, g * d), outlier_count(spec.outliers, d)
         layout = [
             ("key.packed", w, torch.int32, 1),
             ("key.scale", d, torch.float16, g),
             ("key.zero", d, torch.float16, g),
             ("value.packed", w, torch.int32, 1),
-            ("value.scale", d // g, torch.float16, 1),
-            ("value.zero", d // g, torch.float16, 1),
+            ("value.scale", d // c, torch.float16, 1),
+            ("value.zero", d // c, torch.float16, 1),
         ]
         if key_outliers:
             layout += [
@@ -169,7 +180,7 @@ class QuantizedPrefix:
         keys, values = self.codes()
         spec = self.spec
         k = dequantize_keys(keys, spec.bits, spec.group, self.dim)
-        v = dequantize_values(values, spec.bits, spec.group, self.dim)
+        v = dequantize_values(values, spec.bits, self.channels, self.dim)
         if spec.pre_rope:
             k = rotate(k, self.slot_positions(), self.rope)
         return k.to(dtype), v.to(dtype)
@@ -209,7 +220,7 @@ class QuantizedPrefix:
         if spec.pre_rope:
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
         kc = quantize_keys(keys, spec.bits, spec.group, valid, spec.outliers)  # padding does not widen a range
-        vc = quantize_values(values, spec.bits, spec.group, spec.outliers)
+        vc = quantize_values(values, spec.bits, self.channels, spec.outliers)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
         for name, t in fresh.items():
             unit = self.units[name]
