@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from contextlab.kernels import attention_column_sums, attention_column_sums_reference
 from contextlab.kernels.colsum import attention_column_sums_torch
+from tests.kernels.interpreter import HAS_TRITON, run_interpreted
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Every path computes in fp32 from the same (possibly 16-bit) inputs, so fp32 tolerances apply.
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -120,15 +115,7 @@ torch.save({n: attention_column_sums(*make_inputs(c), backend="triton") for n, c
 def interpreted_triton_results(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Every case through the Triton kernels under ``TRITON_INTERPRET=1``, in a fresh interpreter: triton
     reads the variable when the kernels are defined, which this process may already have done."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    path = tmp_path_factory.mktemp("colsum") / "triton.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
-    run = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED_SCRIPT, str(path)], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return torch.load(path)
+    return run_interpreted(tmp_path_factory, "colsum", _INTERPRETED_SCRIPT)
 
 
 @pytest.mark.parametrize("name", list(CASES))

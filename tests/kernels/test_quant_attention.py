@@ -3,22 +3,17 @@ input checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from contextlab.kernels.quant_attention import merge_attention, quantized_attention, quantized_attention_reference
 from contextlab.store.codec import BITS, Codes, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from tests.kernels.interpreter import HAS_TRITON, run_interpreted
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Every path dequantizes exactly the same codes and computes in fp32; only summation orders differ.
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -178,15 +173,7 @@ torch.save({name: run_triton(case) for name, case in CASES.items()}, sys.argv[1]
 def interpreted_triton_results(tmp_path_factory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every case through the Triton kernel under ``TRITON_INTERPRET=1``, in a fresh interpreter: triton reads
     the variable when the kernels are defined, which this process may already have done."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    path = tmp_path_factory.mktemp("quant_attention") / "triton.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
-    run = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED_SCRIPT, str(path)], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return torch.load(path)
+    return run_interpreted(tmp_path_factory, "quant_attention", _INTERPRETED_SCRIPT)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from contextlab.kernels._triton import load_kernels
 from contextlab.kernels.colsum import check_inputs
 
 BLOCK_QUERIES = 64
@@ -24,17 +25,7 @@ def attention_column_sums_triton(
     Raises ``ImportError`` without triton and ``ValueError`` for CPU tensors outside the interpreter.
     """
     check_inputs(queries, keys, valid, chunk=1)
-    try:
-        import triton
-    except ImportError as error:
-        raise ImportError("the 'triton' backend needs the triton package (pip install triton)") from error
-    from contextlab.kernels import _colsum_triton_kernels as kernels
-
-    if not queries.is_cuda and not kernels.INTERPRETED:
-        raise ValueError(
-            f"the 'triton' backend needs CUDA tensors (got {queries.device}), or TRITON_INTERPRET=1 set "
-            "before contextlab.kernels._colsum_triton_kernels is imported"
-        )
+    triton, kernels = load_kernels("contextlab.kernels._colsum_triton_kernels", queries)
     (b, hq, tq, d), h, s = queries.shape, keys.shape[1], keys.shape[2]
     out = torch.zeros(b, h, s, dtype=torch.float32, device=keys.device)
     if tq == 0 or b == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from contextlab.kernels._triton import load_kernels
 from contextlab.kernels.quant_attention import check_inputs
 from contextlab.store.codec import Codes, per_word
 
@@ -46,17 +47,7 @@ def quantized_attention_triton(
     Raises ``ImportError`` without triton and ``ValueError`` for CPU tensors outside the interpreter.
     """
     check_inputs(query, keys, values, valid, bits, key_group, value_group)
-    try:
-        import triton
-    except ImportError as error:
-        raise ImportError("the 'triton' backend needs the triton package (pip install triton)") from error
-    from contextlab.kernels import _quant_attention_triton_kernels as kernels
-
-    if not query.is_cuda and not kernels.INTERPRETED:
-        raise ValueError(
-            f"the 'triton' backend needs CUDA tensors (got {query.device}), or TRITON_INTERPRET=1 set "
-            "before contextlab.kernels._quant_attention_triton_kernels is imported"
-        )
+    triton, kernels = load_kernels("contextlab.kernels._quant_attention_triton_kernels", query)
     (b, hq, d), (h, n) = query.shape, keys.packed.shape[1:3]
     g = hq // h
     out = torch.zeros(b, hq, d, dtype=torch.float32, device=query.device)

@@ -123,11 +123,7 @@ class MixedPrefix(QuantizedPrefix):
             k = scaled[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
             v = values[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
             self._tier_append(tier, quantize_values(k, bits, d), quantize_values(v, bits, self.channels))
-        self._append_valid(valid, start, stop)
-        if positions is not None:
-            if self.positions is None:
-                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
-            self.positions[:, :, start:stop] = positions
+        self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
     def map_batch(self, fn) -> None:

@@ -225,13 +225,7 @@ class QuantizedPrefix:
         for name, t in fresh.items():
             unit = self.units[name]
             self.buffers[name][:, :, start // unit : stop // unit] = t
-        self._append_valid(valid, start, stop)
-        if (positions is None) != (self.positions is None) and (positions is None or start > 0):
-            raise RuntimeError("quantized slots must all carry explicit positions or none")
-        if positions is not None:
-            if self.positions is None:
-                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
-            self.positions[:, :, start:stop] = positions
+        self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
     def map_batch(self, fn) -> None:
@@ -265,6 +259,18 @@ class QuantizedPrefix:
         else:
             steps = valid.long().cumsum(-1)
         return (before + steps - 1).clamp(min=0)
+
+    def _append_metadata(
+        self, valid: torch.Tensor | None, positions: torch.Tensor | None, start: int, stop: int
+    ) -> None:
+        """Validity and positions of the slots ``start .. stop`` being appended."""
+        self._append_valid(valid, start, stop)
+        if (positions is None) != (self.positions is None) and (positions is None or start > 0):
+            raise RuntimeError("quantized slots must all carry explicit positions or none")
+        if positions is not None:
+            if self.positions is None:
+                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
+            self.positions[:, :, start:stop] = positions
 
     def _append_valid(self, valid: torch.Tensor | None, start: int, stop: int) -> None:
         if valid is None and self.valid is None:
