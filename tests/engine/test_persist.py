@@ -37,6 +37,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("qwen2", "pyramidkv:0.5", 2),
         ("phi3", "snapkv:0.5+kvquant:bits=3,group=16,residual=8", 2),
         ("qwen3", "zipcache:group=16,residual=16", 2),
+        ("llama", "snapkv:0.5+zipcache:keys=channel,group=16,residual=8", 2),
         ("llama", "decode(h2o,budget=48,every=4)+zipcache:group=16,residual=8", 1),
     ],
 )

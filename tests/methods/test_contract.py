@@ -56,6 +56,10 @@ QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=32,residual=16"),  # values: one scale per token
     "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
     "zipcache": ("zipcache:group=16,residual=512", "zipcache:group=16,residual=16"),
+    "zipcache channel keys": (
+        "zipcache:keys=channel,group=16,residual=512",
+        "zipcache:keys=channel,group=16,residual=16",
+    ),
     "snapkv+zipcache": (
         "snapkv:0.0+zipcache:group=16,residual=512",
         "snapkv:0.5+zipcache:high=8,low=3,group=16,residual=8",
@@ -218,13 +222,17 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
     positions = 4 * count if evicted else 0
     zip_part = _zipcache_part(method)
     if zip_part is not None:  # two tiers of codes, chosen once for the whole prompt
-        coded = max(0, (count - zip_part.residual) // zip_part.group * zip_part.group)
-        high = round(zip_part.salient * coded)
+        g, tokenwise = zip_part.group, zip_part.keys == "tokenwise"
+        coded = max(0, (count - zip_part.residual) // g * g)
+        high = round(zip_part.salient * coded) if tokenwise else round(zip_part.salient * coded / g) * g
         tail = count - coded
-        slots = coded // zip_part.group * head_dim * 2 + coded  # channel normalizers (fp16), tier flags
+        slots = coded + (coded // g * head_dim * 2 if tokenwise else 0)  # tier flags, channel normalizers (fp16)
+        key_meta = 2 * 2 if tokenwise else 2 * 2 * head_dim // g  # scale + zero per token, or per channel per g
         tiers = 0
         for bits, n in ((zip_part.high, high), (zip_part.low, coded - high)):
-            per_token = 2 * words(head_dim, bits) * 4 + 2 * 2 + 2 * 2 * head_dim // zip_part.spec().channels(head_dim)
+            per_token = (
+                2 * words(head_dim, bits) * 4 + key_meta + 2 * 2 * head_dim // zip_part.spec().channels(head_dim)
+            )
             tiers += n * per_token
         return slots + tiers + tail * (2 * head_dim * itemsize + 4) + positions  # + running score (fp32)
     parts = method.parts if isinstance(method, Composite) else (method,)

@@ -34,7 +34,7 @@ def _settled(spec: QuantSpec, keys, values, queries) -> MixedStore:
 
 def test_tokens_the_probes_attend_to_keep_the_high_bits():
     hot = [3, 17, 40, 41, 90]
-    spec = QuantSpec(bits=8, group=16, residual=16, low_bits=2, salient=0.1)
+    spec = QuantSpec(bits=8, group=16, residual=16, low_bits=2, salient=0.1, tokenwise_keys=True)
     keys, values, queries = _prompt(112, hot)
     store = _settled(spec, keys, values, queries)
     g = store.groups[0]
@@ -64,21 +64,23 @@ def test_normalized_scores_divide_by_the_queries_that_could_see_each_token():
     assert raw[..., 0].min() / raw[..., -1].max() > 30 * normalized[..., 0].max() / normalized[..., -1].min()
 
 
-def test_bytes_are_the_two_tiers_plus_slot_metadata():
-    spec = QuantSpec(bits=4, group=16, residual=16, low_bits=2, salient=0.25)
+@pytest.mark.parametrize("tokenwise", [True, False])
+def test_bytes_are_the_two_tiers_plus_slot_metadata(tokenwise):
+    spec = QuantSpec(bits=4, group=16, residual=16, low_bits=2, salient=0.25, tokenwise_keys=tokenwise)
     keys, values, queries = _prompt(80, [5])
     store = _settled(spec, keys, values, queries)
     coded, tail = 64, 16
-    high, low = 16, 48
-    per_token = {bits: 2 * words(D, bits) * 4 + 2 * 2 + 2 * 2 * D // 16 for bits in (4, 2)}
-    slots = coded // 16 * D * 2 + coded  # channel normalizers, tier flags
+    high, low = 16, 48  # per-channel keys: whole groups of 16 tokens per tier
+    key_meta = 2 * 2 if tokenwise else 2 * 2 * D // 16  # scale + zero per token, or per channel per 16 tokens
+    per_token = {bits: 2 * words(D, bits) * 4 + key_meta + 2 * 2 * D // 16 for bits in (4, 2)}
+    slots = coded + (coded // 16 * D * 2 if tokenwise else 0)  # tier flags, channel normalizers
     expected = B * H * (slots + high * per_token[4] + low * per_token[2] + tail * (2 * D * 4 + 4)) + B * tail * 4
     assert store.used_bytes() == expected
     assert store.tracker.current == store.nbytes()
 
 
 def test_decode_keeps_scoring_and_eviction_rescores():
-    spec = QuantSpec(bits=4, group=8, residual=8, low_bits=2, salient=0.5)
+    spec = QuantSpec(bits=4, group=8, residual=8, low_bits=2, salient=0.5, tokenwise_keys=True)
     keys, values, queries = _prompt(40, [2])
     store = _settled(spec, keys, values, queries)
     for i in range(20):
@@ -112,3 +114,17 @@ def test_probes_are_the_recent_queries_and_a_seeded_sample():
 def test_bad_mixed_specs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantSpec(**kwargs)
+
+
+def test_per_channel_keys_pick_salient_tokens_a_group_at_a_time():
+    hot = [3, 17, 40, 41, 90]
+    spec = QuantSpec(bits=8, group=16, residual=16, low_bits=2, salient=0.2)
+    keys, values, queries = _prompt(112, hot)
+    store = _settled(spec, keys, values, queries)
+    prefix = store.groups[0].prefix
+    assert prefix.tier_length == {"high": 16, "low": 80}  # round(0.2 x 96 / 16) x 16
+    salient = prefix.buffers["salient"][:, :, :96]
+    assert salient[:, :, hot].all()
+    k, _ = store.groups[0].used()
+    error = (k[:, :, :96] - keys[:, :, :96]).abs().amax(-1)
+    assert error[salient].max() < 0.05 < error[~salient].mean()

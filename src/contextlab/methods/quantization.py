@@ -109,16 +109,29 @@ class ZipCache(Method):
     high: int = param("bits of salient tokens", 4)
     low: int = param("bits of the other tokens", 2)
     salient: float = param("share of tokens kept at high precision", 0.4)
+    keys: str = param(
+        "key quantizer: 'tokenwise' (the paper's channel-separable token-wise) or 'channel' (KIVI-style per "
+        "channel over groups of each tier's tokens; salient tokens then chosen a group at a time)",
+        "tokenwise",
+    )
     group: int = param("tokens per key channel normalizer; also channels per value scale unless value_group", 32)
     value_group: int | None = param("channels per value scale (must divide the head dim); None = min(group, dim)", None)
     residual: int = param("newest tokens kept in full precision", 128)
 
     def __post_init__(self) -> None:
+        if self.keys not in ("tokenwise", "channel"):
+            raise ValueError(f"keys must be 'tokenwise' or 'channel', got {self.keys!r}")
         self.spec()
 
     def spec(self) -> QuantSpec:
         return QuantSpec(
-            self.high, self.group, self.residual, value_group=self.value_group, low_bits=self.low, salient=self.salient
+            self.high,
+            self.group,
+            self.residual,
+            value_group=self.value_group,
+            low_bits=self.low,
+            salient=self.salient,
+            tokenwise_keys=self.keys == "tokenwise",
         )
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:

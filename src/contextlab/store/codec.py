@@ -134,7 +134,7 @@ def quantize_keys(
     if n % group:
         raise ValueError(f"keys are quantized in groups of {group} tokens; got {n} tokens")
     grouped = keys.float().reshape(b, h, n // group, group, d)
-    mask = None if valid is None else valid.reshape(b, -1, n // group, group, 1)  # [B, 1 | H, N/g, g, 1]
+    mask = None if valid is None else valid.reshape(b, valid.shape[1], n // group, group, 1)  # [B, 1 | H, N/g, g, 1]
     count, index, value = outlier_count(outliers, group * d), None, None
     if count:
         mean, std = grouped.mean(3, keepdim=True), grouped.std(3, keepdim=True, correction=0)

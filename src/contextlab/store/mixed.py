@@ -24,9 +24,9 @@ import math
 import torch
 
 from contextlab.methods.positions import Rope
-from contextlab.store.codec import Codes, dequantize_values, quantize_values, words
+from contextlab.store.codec import Codes, dequantize_keys, dequantize_values, quantize_keys, quantize_values, words
 from contextlab.store.dense import MemoryTracker, SlotGroup
-from contextlab.store.quantized import QuantizedPrefix, QuantizedStore, QuantSpec
+from contextlab.store.quantized import QuantizedPrefix, QuantizedStore, QuantSpec, _round_up
 
 PROBE_SHARE = 0.05  # recent and random probes, each this share of a forward's queries (ZipCache)
 MIN_PROBES = 32
@@ -51,20 +51,25 @@ class MixedPrefix(QuantizedPrefix):
         self.length = 0
         cap = -(-max(capacity, spec.group) // spec.group) * spec.group
         device = like.device
-        self.buffers = {
-            "norm": torch.zeros(b, h, cap // spec.group, d, dtype=torch.float16, device=device),
-            "salient": torch.zeros(b, h, cap, dtype=torch.bool, device=device),
-        }
-        self.units = {"norm": spec.group, "salient": 1}
+        self.buffers = {"salient": torch.zeros(b, h, cap, dtype=torch.bool, device=device)}
+        self.units = {"salient": 1}
+        if spec.tokenwise_keys:
+            self.buffers["norm"] = torch.zeros(b, h, cap // spec.group, d, dtype=torch.float16, device=device)
+            self.units["norm"] = spec.group
+        # Token-wise keys: one scale and zero per token; per-channel keys: per channel per group of the
+        # tier's own tokens (a tier then takes whole groups of tokens).
+        self.key_unit = 1 if spec.tokenwise_keys else spec.group
+        key_width = 1 if spec.tokenwise_keys else d
         share = {"high": spec.salient, "low": 1 - spec.salient}
         self.tiers: dict[str, dict[str, torch.Tensor]] = {}
+        self.tier_units = {"key.scale": self.key_unit, "key.zero": self.key_unit}
         self.tier_length = {"high": 0, "low": 0}
         for tier, bits in (("high", spec.bits), ("low", spec.low_bits)):
-            n = max(1, math.ceil(cap * share[tier]))
+            n = _round_up(max(1, math.ceil(cap * share[tier])), spec.group)
             self.tiers[tier] = {
                 "key.packed": torch.zeros(b, h, n, words(d, bits), dtype=torch.int32, device=device),
-                "key.scale": torch.zeros(b, h, n, 1, dtype=torch.float16, device=device),
-                "key.zero": torch.zeros(b, h, n, 1, dtype=torch.float16, device=device),
+                "key.scale": torch.zeros(b, h, n // self.key_unit, key_width, dtype=torch.float16, device=device),
+                "key.zero": torch.zeros(b, h, n // self.key_unit, key_width, dtype=torch.float16, device=device),
                 "value.packed": torch.zeros(b, h, n, words(d, bits), dtype=torch.int32, device=device),
                 "value.scale": torch.zeros(b, h, n, d // c, dtype=torch.float16, device=device),
                 "value.zero": torch.zeros(b, h, n, d // c, dtype=torch.float16, device=device),
@@ -76,7 +81,9 @@ class MixedPrefix(QuantizedPrefix):
 
     def used_bytes(self) -> int:
         per_entry = sum(
-            t.nbytes // t.shape[2] * self.tier_length[name] for name, tier in self.tiers.items() for t in tier.values()
+            t.nbytes // t.shape[2] * (self.tier_length[name] // self.tier_units.get(k, 1))
+            for name, tier in self.tiers.items()
+            for k, t in tier.items()
         )
         return super().used_bytes() + per_entry
 
@@ -93,7 +100,9 @@ class MixedPrefix(QuantizedPrefix):
             where = salient if tier == "high" else ~salient
             keys.masked_scatter_(where, k)  # each (row, head) has the same tier count, in slot order
             values.masked_scatter_(where, v)
-        keys *= self.buffers["norm"][:, :, : n // self.spec.group].float().repeat_interleave(self.spec.group, dim=2)
+        if self.spec.tokenwise_keys:
+            norm = self.buffers["norm"][:, :, : n // self.spec.group].float()
+            keys *= norm.repeat_interleave(self.spec.group, dim=2)
         return keys.to(dtype), values.to(dtype)
 
     def append_scored(
@@ -110,19 +119,27 @@ class MixedPrefix(QuantizedPrefix):
         start, stop = self.length, self.length + m
         if stop > self.capacity:
             self._grow(max(stop, int(self.capacity * 1.5)))
-        norm = _channel_norm(keys, spec.group, valid)  # [B, Hg, m / group, D]
-        self.buffers["norm"][:, :, start // spec.group : stop // spec.group] = norm
-        scaled = keys.float() / norm.float().repeat_interleave(spec.group, dim=2)
-        high = round(spec.salient * m)
+        if spec.tokenwise_keys:
+            norm = _channel_norm(keys, spec.group, valid)  # [B, Hg, m / group, D]
+            self.buffers["norm"][:, :, start // spec.group : stop // spec.group] = norm
+            scaled = keys.float() / norm.float().repeat_interleave(spec.group, dim=2)
+        else:
+            scaled = keys.float()
+        high = round(spec.salient * m / self.key_unit) * self.key_unit
         masked = scores.float() if valid is None else scores.float().masked_fill(~valid, float("-inf"))
         order = masked.topk(high, dim=-1).indices.sort(-1).values  # [B, Hg, high]
         salient = torch.zeros(b, h, m, dtype=torch.bool, device=keys.device).scatter(-1, order, True)
         self.buffers["salient"][:, :, start:stop] = salient
+        rows = torch.ones(b, h, m, dtype=torch.bool, device=keys.device) if valid is None else valid.expand(b, h, m)
         for tier, bits, pick in (("high", spec.bits, salient), ("low", spec.low_bits, ~salient)):
             count = high if tier == "high" else m - high
             k = scaled[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
             v = values[pick[..., None].expand(b, h, m, d)].view(b, h, count, d)
-            self._tier_append(tier, quantize_values(k, bits, d), quantize_values(v, bits, self.channels))
+            if spec.tokenwise_keys:
+                key_codes = quantize_values(k, bits, d)
+            else:
+                key_codes = quantize_keys(k, bits, spec.group, rows[pick].view(b, h, count))
+            self._tier_append(tier, key_codes, quantize_values(v, bits, self.channels))
         self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
@@ -134,7 +151,7 @@ class MixedPrefix(QuantizedPrefix):
         meta, tensors = super().export()
         for name, tier in self.tiers.items():
             n = self.tier_length[name]
-            tensors |= {f"{name}.{k}": t[:, :, :n].contiguous() for k, t in tier.items()}
+            tensors |= {f"{name}.{k}": t[:, :, : n // self._unit(k)].contiguous() for k, t in tier.items()}
         return {**meta, "tiers": dict(self.tier_length)}, tensors
 
     def restore_mixed(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -143,7 +160,7 @@ class MixedPrefix(QuantizedPrefix):
             n = meta["tiers"][name]
             self._tier_reserve(name, n)
             for k, t in mine.items():
-                self.tiers[name][k][:, :, :n] = t
+                self.tiers[name][k][:, :, : n // self._unit(k)] = t
             self.tier_length[name] = n
         slot_table = {k: v for k, v in tensors.items() if not k.startswith(("high.", "low."))}
         super().restore(slot_table, meta["length"])
@@ -151,9 +168,13 @@ class MixedPrefix(QuantizedPrefix):
     # -- internals --------------------------------------------------------------------------------------
     def _tier_read(self, tier: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         t, n = self.tiers[tier], self.tier_length[tier]
-        k = Codes(t["key.packed"][:, :, :n], t["key.scale"][:, :, :n], t["key.zero"][:, :, :n])
+        g = n // self.key_unit
+        k = Codes(t["key.packed"][:, :, :n], t["key.scale"][:, :, :g], t["key.zero"][:, :, :g])
         v = Codes(t["value.packed"][:, :, :n], t["value.scale"][:, :, :n], t["value.zero"][:, :, :n])
-        return dequantize_values(k, bits, self.dim, self.dim), dequantize_values(v, bits, self.channels, self.dim)
+        values = dequantize_values(v, bits, self.channels, self.dim)
+        if self.spec.tokenwise_keys:
+            return dequantize_values(k, bits, self.dim, self.dim), values
+        return dequantize_keys(k, bits, self.spec.group, self.dim), values
 
     def _tier_append(self, tier: str, keys, values) -> None:
         n = keys.packed.shape[2]
@@ -162,20 +183,25 @@ class MixedPrefix(QuantizedPrefix):
         fresh = {f"key.{k}": v for k, v in keys.fields().items()}
         fresh |= {f"value.{k}": v for k, v in values.fields().items()}
         for name, t in fresh.items():
-            self.tiers[tier][name][:, :, start : start + n] = t
+            unit = self._unit(name)
+            self.tiers[tier][name][:, :, start // unit : (start + n) // unit] = t
         self.tier_length[tier] = start + n
+
+    def _unit(self, name: str) -> int:
+        """Tier entries per row of buffer ``name`` along dim 2 (per-channel key scales: one per group)."""
+        return self.tier_units.get(name, 1)
 
     def _tier_reserve(self, tier: str, entries: int) -> None:
         buffers = self.tiers[tier]
         have = buffers["key.packed"].shape[2]
         if entries <= have:
             return
-        size = max(entries, int(have * 1.5))
+        size = _round_up(max(entries, int(have * 1.5)), self.spec.group)
         old = sum(t.nbytes for t in buffers.values())
         grown = {}
         for name, t in buffers.items():
-            out = t.new_zeros(*t.shape[:2], size, *t.shape[3:])
-            out[:, :, :have] = t
+            out = t.new_zeros(*t.shape[:2], size // self._unit(name), *t.shape[3:])
+            out[:, :, : t.shape[2]] = t
             grown[name] = out
         self.tiers[tier] = grown
         self.tracker.change(sum(t.nbytes for t in grown.values()))
@@ -313,7 +339,7 @@ def _channel_norm(keys: torch.Tensor, group: int, valid: torch.Tensor | None) ->
     b, h, n, d = keys.shape
     magnitude = keys.float().abs().reshape(b, h, n // group, group, d)
     if valid is not None:
-        magnitude = magnitude.masked_fill(~valid.reshape(b, -1, n // group, group, 1), 0.0)
+        magnitude = magnitude.masked_fill(~valid.reshape(b, valid.shape[1], n // group, group, 1), 0.0)
     norm = magnitude.amax(3).sqrt()
     return torch.where(norm > 0, norm, 1.0).to(torch.float16)
 

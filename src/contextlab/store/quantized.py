@@ -54,6 +54,7 @@ class QuantSpec:
     value_group: int | None = None  # channels per value scale; None = min(group, head dim)
     low_bits: int | None = None  # mixed precision: non-salient slots get these bits (ZipCache)
     salient: float = 1.0  # share of slots at ``bits`` when ``low_bits`` is set
+    tokenwise_keys: bool = False  # mixed precision: ZipCache's channel-separable token-wise keys
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
