@@ -98,7 +98,15 @@ PPL_SPECS = [
     "snapkv:0.5",
     "snapkv:0.5+kivi:4",
 ]
-NEEDLE_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "snapkv:0.5+kivi:4", "kvquant:bits=3", "zipcache:keys=channel"]
+NEEDLE_SPECS = [
+    "full",
+    "kivi:bits=4",
+    "kivi:bits=2",
+    "snapkv:0.5+kivi:4",
+    "kvquant:bits=3",
+    "zipcache",
+    "zipcache:keys=channel",
+]
 SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3", "zipcache"]
 ANALYTIC_LENGTHS = [4096, 8192, 32768]
 POSITION_BYTES = 4  # int32 position per kept slot per head once a prompt was evicted
