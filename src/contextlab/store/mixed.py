@@ -304,18 +304,13 @@ class MixedStore(QuantizedStore):
         all_scores[i], all_seen[i] = scores, counts
         self._set_scores(all_scores, all_seen)
 
-    def _flush(self, g: SlotGroup, count: int) -> None:
-        i = self.groups.index(g)
-        scores = self._normalized(i, g)[:, :, :count]
-        rest = g.tail - count
-        if g.prefix is None:
-            g.prefix = MixedPrefix(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
-        valid = None if g.valid is None else g.valid[:, :, :count]
-        positions = None if g.positions is None else g.positions[:, :, :count]
+    def _encode(self, g: SlotGroup, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        scores = self._normalized(self.groups.index(g), g)[:, :, :count]
         g.prefix.append_scored(g.keys[:, :, :count], g.values[:, :, :count], valid, positions, scores)
-        for t in (g.keys, g.values, g.valid, g.positions):
-            if t is not None:
-                t[:, :, :rest] = t[:, :, count : count + rest].clone()
+
+    def _flush(self, g: SlotGroup, count: int) -> None:
+        super()._flush(g, count)
+        i = self.groups.index(g)
         if i < len(self.scores):
             self._store_scores(i, self.scores[i][:, :, count:].clone(), self.seen[i][:, :, count:].clone())
 

@@ -309,6 +309,8 @@ class QuantizedPrefix:
 class QuantizedStore(DenseStore):
     """A dense store whose slots beyond the newest ``spec.residual`` are held as codes (module docstring)."""
 
+    prefix_class = QuantizedPrefix
+
     def __init__(
         self, spec: QuantSpec, tracker: MemoryTracker | None = None, rope: Rope | None = None, growth: float = 1.5
     ) -> None:
@@ -359,13 +361,17 @@ class QuantizedStore(DenseStore):
         """Quantize the oldest ``count`` buffered slots of ``g`` into its prefix; the rest move to the front."""
         rest = g.tail - count
         if g.prefix is None:
-            g.prefix = QuantizedPrefix(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
+            g.prefix = self.prefix_class(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
         valid = None if g.valid is None else g.valid[:, :, :count]
         positions = None if g.positions is None else g.positions[:, :, :count]
-        g.prefix.append(g.keys[:, :, :count], g.values[:, :, :count], valid, positions)
+        self._encode(g, count, valid, positions)
         for t in (g.keys, g.values, g.valid, g.positions):
             if t is not None:
                 t[:, :, :rest] = t[:, :, count : count + rest].clone()
+
+    def _encode(self, g: SlotGroup, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        """Append the oldest ``count`` buffered slots of ``g`` to its prefix (before they leave the buffers)."""
+        g.prefix.append(g.keys[:, :, :count], g.values[:, :, :count], valid, positions)
 
 
 def _round_up(n: int, multiple: int) -> int:
