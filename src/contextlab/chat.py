@@ -13,11 +13,13 @@ import weakref
 from contextlib import suppress
 from dataclasses import dataclass
 
+from contextlab.errors import ContextlabError
+
 _MARKER = "\x00contextlab-user-text\x00"
 _FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, ChatFrame | None)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ContextlabError):
     """The tokenizer's chat template cannot hold a context in one user turn."""
 
 

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from contextlab.errors import ContextlabError
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
-class UsageError(ValueError):
+class UsageError(ContextlabError):
     """Bad command-line input (exit code 2)."""
 
 
@@ -33,31 +39,96 @@ def command(name: str):
 def cmd_methods(args: argparse.Namespace) -> int:
     from contextlab.methods.spec import list_methods
 
-    table = Table(title="contextlab methods", show_lines=True)
-    for col in ("method", "what it does", "parameters", "paper"):
-        table.add_column(col, overflow="fold")
-    for info in list_methods():
-        params = "\n".join(f"{k} = {d}  {h}".rstrip() for k, (d, h) in info.params.items()) or "-"
-        table.add_row(info.name, info.summary, params, info.paper)
-    Console(width=args.width).print(table)
+    console = Console(width=args.width)
+    infos = list_methods()
+    if console.width >= WIDE_TABLE:
+        console.print(_methods_table(infos))
+    else:  # a four-column table at 80 columns folds words and URLs mid-way: one block per method instead
+        console.print(_methods_blocks(infos, console.width), soft_wrap=True, markup=False, highlight=False)
     return 0
+
+
+WIDE_TABLE = 140  # columns from which the methods table has room for every URL on one line
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (``code``) as terminal text."""
+    return text.replace("``", "'")
+
+
+def _papers(paper: str) -> list[str]:
+    """One line per cited paper (``a, URL; b, URL``)."""
+    return [p.strip() for p in paper.split("; ") if p.strip()] or ["-"]
+
+
+def _methods_table(infos) -> Table:
+    table = Table(title="contextlab methods", show_lines=True)
+    table.add_column("method", no_wrap=True)
+    table.add_column("what it does", ratio=3)
+    table.add_column("parameters", ratio=3)
+    table.add_column("paper", ratio=2, min_width=34)  # an arXiv URL (32 characters) never breaks
+    for info in infos:
+        params = "\n".join(f"{k} = {d}  {_plain(h)}".rstrip() for k, (d, h) in info.params.items()) or "-"
+        table.add_row(info.name, _plain(info.summary), params, "\n".join(_papers(info.paper)))
+    return table
+
+
+def _methods_blocks(infos, width: int) -> str:
+    """Each method as a heading and indented lines wrapped at spaces only (URLs stay whole)."""
+    import textwrap
+
+    def wrap(text: str, first: str, rest: str) -> list[str]:
+        return textwrap.wrap(
+            text,
+            width,
+            initial_indent=first,
+            subsequent_indent=rest,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+
+    lines: list[str] = []
+    for info in infos:
+        lines += [info.name, *wrap(_plain(info.summary), "  ", "  ")]
+        for k, (default, meaning) in info.params.items():
+            lines += wrap(f"{k} = {default}  {_plain(meaning)}".rstrip(), "    ", "        ")
+        for paper in _papers(info.paper):
+            lines += wrap(paper, "  paper: ", "         ")
+        lines.append("")
+    return "\n".join(lines)
 
 
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlab as cl
+    from contextlab.engine.resources import check_device
+    from contextlab.methods.spec import build_method
+    from contextlab.textfile import read_text_file
 
+    # Everything that can be checked without the model is checked before it loads (seconds saved per typo).
+    method = build_method(args.method)
+    check_device(args.device)
     context_file = Path(args.context_file)
     if not context_file.is_file():
         raise UsageError(f"context file not found: {context_file}")
-    context = context_file.read_text(encoding="utf-8", errors="replace")
+    read = read_text_file(context_file, args.decode_errors, replace_hint="--decode-errors replace")
+    if read.replaced_bytes:
+        print(
+            f"contextlab generate: note: {read.replaced_bytes} undecodable bytes of {context_file} replaced by "
+            f"U+FFFD (the first at byte offset {read.first_replaced})",
+            file=sys.stderr,
+        )
+    if not read.text.strip():
+        raise UsageError(f"context is empty: {context_file} holds no text")
+    if args.question is not None and not args.question.strip():
+        raise UsageError("--question is empty; leave it out to continue the context instead")
     model, tokenizer = cl.load(args.model, device=args.device)
     out = cl.generate(
         model,
         tokenizer,
-        context,
+        read.text,
         args.question,
-        method=args.method,
+        method=method,
         max_new_tokens=args.max_new_tokens,
         question_aware=not args.context_only_compression,
         allow_beyond_window=args.allow_beyond_window,
@@ -98,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="full", help="method spec, e.g. snapkv:0.5 or streaming:sink=4,window=1020")
     p.add_argument("--context-file", required=True, help="UTF-8 text file holding the context")
+    p.add_argument(
+        "--decode-errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="bytes that are not UTF-8: refuse the file (strict, default) or replace them and say how many",
+    )
     p.add_argument("--question", default=None, help="question asked after the context")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
@@ -117,17 +194,68 @@ EXTRA_PARSERS: list[tuple[str, Callable[[argparse.ArgumentParser], None]]] = []
 EXTRA_HELP: dict[str, str] = {}
 
 
+# API wording in error messages -> the flags a command-line user types.
+CLI_WORDS = (
+    ("pass allow_beyond_window=True", "pass --allow-beyond-window"),
+    ("use question_aware=False", "use --context-only-compression"),
+    ("with question_aware=True", "by default"),
+    ("pass question=None to continue the context instead", "leave out --question to continue the context instead"),
+    ("pass one with gguf_file=", "pass one of them as --model FOLDER/FILE.gguf"),
+)
+
+
+def cli_message(message: str) -> str:
+    for api, flag in CLI_WORDS:
+        message = message.replace(api, flag)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"contextlab {args.command}: error: {err}", file=sys.stderr)
+        print(f"contextlab {args.command}: error: {cli_message(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"contextlab {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """The command line prints its own progress: transformers' weight-loading bars, its info logs and its
+    deprecation FutureWarnings (about arguments contextlab passes, not the user) are silenced here only;
+    the Python API keeps them. Setting TRANSFORMERS_VERBOSITY or HF_HUB_DISABLE_PROGRESS_BARS overrides."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    if "transformers" in sys.modules:  # imported before main() (an in-process caller): switch it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler, a container stop) ends a command the way Ctrl-C does: finished
+    work is kept and the resume command printed (exit 130 instead of a silent death)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load_extra_commands() -> None:

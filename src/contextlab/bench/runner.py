@@ -22,6 +22,7 @@ from contextlab.bench.row import ResultRow
 from contextlab.bench.spec import RunSpec, TaskSpec
 from contextlab.bench.tasks import TASKS, Sample
 from contextlab.engine.generate import generate
+from contextlab.engine.resources import check_memory
 from contextlab.engine.session import Session
 from contextlab.engine.steps import check_window as engine_check_window
 from contextlab.methods.spec import build_method
@@ -103,6 +104,15 @@ def check_window(model, spec: RunSpec) -> None:
                 )
             except ValueError as err:
                 raise ValueError(f"{text}: {err}") from None
+
+
+def check_memory_fits(model, spec: RunSpec) -> None:
+    """Every method's longest prompts, a full batch of them, must fit the memory free on the model's device
+    (the engine's lower-bound estimate), checked before any sample is built."""
+    batch, longest = min(spec.batch_size, spec.samples), max(spec.lengths)
+    for text in spec.methods:
+        what = f"{text} at length {longest} with batch {batch}"
+        check_memory(model, build_method(text), batch, longest, what)
 
 
 def check_budgets(spec: RunSpec) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from contextlab.engine.inputs import Block, left_pad, normalise, positions_from_mask
+from contextlab.engine.resources import check_memory
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.hf.rope import native_window
@@ -130,7 +131,9 @@ def check_window(
 def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 0) -> Prefilled:
     """Prefill the prompt (in chunks of ``method.prefill_chunk_size()`` columns, clamped to the prompt),
     then any ``after`` rows, into a fresh cache driven by ``method``; room for ``new_tokens`` more tokens
-    (the ``after`` rows and the answer) is planned from the start."""
+    (the ``after`` rows and the answer) is planned from the start. A prompt whose estimated memory exceeds
+    what the device has free is refused first (:func:`~contextlab.engine.resources.check_memory`)."""
+    check_memory(model, method, len(plan.prompt), max(len(p) for p in plan.prompt))
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer, model)
     cache = ContextlabCache(model.config, method)

@@ -7,6 +7,7 @@ of keys, and linear-attention or state-space layers keep no per-token keys at al
 
 from __future__ import annotations
 
+from contextlab.errors import ContextlabError
 from contextlab.hf.compat import text_config
 
 SUPPORTED_MODEL_TYPES = {
@@ -19,7 +20,7 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ContextlabError):
     """The model's architecture cannot be served by contextlab; the message says why."""
 
 

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from contextlab.errors import ContextlabError
 from contextlab.hf.support import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 # GGUF's ``general.architecture`` -> the transformers model type contextlab runs it as.
@@ -34,7 +35,7 @@ FORMAT = 2  # bump when the converted folder's contents change; older folders ar
 MODELS_EXTRA = "pip install 'contextlab[models]'  (installs gguf and accelerate)"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ContextlabError):
     """A model file or package is missing, corrupt or unusable; the message names it and the fix."""
 
 

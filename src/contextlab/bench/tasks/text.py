@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contextlab.textfile import read_text_file
+
 NOISE_SENTENCES = (
     "The grass is green.",
     "The sky is blue.",
@@ -57,12 +59,12 @@ def haystack_sentences(source: str) -> list[str]:
         return split_sentences(kjv_text())
     path = Path(source)
     if path.is_file():
-        return split_sentences(path.read_text(encoding="utf-8", errors="replace"))
+        return split_sentences(read_text_file(path).text)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ValueError(f"haystack folder {source!r} holds no *.txt files")
-        return split_sentences("\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files))
+        return split_sentences("\n".join(read_text_file(f).text for f in files))
     raise ValueError(f"unknown haystack {source!r}: use 'noise', 'kjv', or a path to a .txt file or folder")
 
 
