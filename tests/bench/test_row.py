@@ -134,3 +134,35 @@ def test_a_spec_from_another_version_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match=r"unknown keys \['prefill_chunk'\]"):
         store.spec()
     store.close()
+
+
+def test_a_spec_version_this_contextlab_does_not_read_is_named(tmp_path):
+    store = RunStore.create(tmp_path / "run", spec(), {"contextlab": "9.9"})
+    with store.conn:
+        store.conn.execute("UPDATE meta SET value = '99' WHERE key = 'spec_version'")
+    with pytest.raises(StoreError, match=r"written by contextlab 9.9 \(run spec version 99\)"):
+        store.spec()
+    store.close()
+
+
+def test_replace_spec_records_a_grown_spec(tmp_path):
+    store = RunStore.create(tmp_path / "run", spec(), {})
+    grown = dataclasses.replace(spec(), methods=["full", "snapkv:0.5"])
+    store.replace_spec(grown)
+    store.close()
+    reopened = RunStore.open(tmp_path / "run")
+    assert reopened.spec() == grown
+    reopened.close()
+
+
+def test_corrupt_pages_are_refused_when_opened(tmp_path):
+    store = RunStore.create(tmp_path / "run", spec(), {})
+    store.add_rows([row(sample_index=i, prediction="x" * 200) for i in range(60)])
+    store.close()  # the last connection checkpoints the WAL into the file
+    path = tmp_path / "run" / RESULTS_FILE
+    data = bytearray(path.read_bytes())
+    assert len(data) > 3 * 4096
+    data[4096 + 100 :: 7] = b"\xab" * len(data[4096 + 100 :: 7])
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"is corrupt \(.*\.recover"):
+        RunStore.open(path.parent)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from contextlab.bench.cli import _bench_args, _spec_from
-from contextlab.bench.spec import RunSpec
+from contextlab.bench.spec import RunSpec, SpecMismatchError, resumed_spec
 
 
 def spec(**overrides) -> RunSpec:
@@ -79,3 +79,28 @@ def test_cli_flags_build_the_spec_and_omitted_ones_keep_defaults():
     )
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         _spec_from(_args("--samples", "0"))
+
+
+def test_resume_with_nothing_or_the_same_settings_keeps_the_spec():
+    stored = spec(methods=["full", "snapkv:0.5"], lengths=[512, 1024])
+    assert resumed_spec(stored, {}) is stored
+    same = {"methods": ["snapkv:ratio=0.5"], "lengths": [1024], "model": "reference", "samples": stored.samples}
+    assert resumed_spec(stored, same) is stored  # a subset, in canonical or typed form, adds nothing
+
+
+def test_resume_with_different_settings_names_every_difference():
+    stored = spec(lengths=[512])
+    with pytest.raises(SpecMismatchError) as err:
+        resumed_spec(stored, {"methods": ["snapkv:0.5"], "lengths": [2048], "samples": 3})
+    message = str(err.value)
+    for part in ("methods: the run has ['full']", "lengths: the run has [512]", "samples: the run has 8", "--extend"):
+        assert part in message
+
+
+def test_extend_adds_list_items_but_never_changes_a_setting():
+    stored = spec(lengths=[512])
+    grown = resumed_spec(stored, {"methods": ["snapkv:0.5", "full"], "lengths": [512, 2048]}, extend=True)
+    assert grown.methods == ["full", "snapkv:0.5"] and grown.lengths == [512, 2048] and grown.tasks == stored.tasks
+    with pytest.raises(SpecMismatchError, match="seed: the run has 0, given 1") as err:
+        resumed_spec(stored, {"methods": ["h2o:0.5"], "seed": 1}, extend=True)
+    assert "--extend adds" not in str(err.value)

@@ -59,17 +59,26 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--allow-beyond-window", action="store_true", help="run lengths past the model's window")
     p.add_argument("--out", default="runs", help="folder that receives the run folder (default: runs)")
-    p.add_argument("--resume", default=None, help="continue an interrupted run (its folder)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="continue an interrupted run (its folder) with its stored settings; flags given again must match",
+    )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume: add the methods, tasks or lengths given to the run (new cells; stored rows stay)",
+    )
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--workers", type=int, default=1, help="Ray workers on a machine without GPUs")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress (default: a bar on a terminal, log lines otherwise)"
+    )
 
 
-def _spec_from(args: argparse.Namespace):
-    """The run spec of the flags given; a flag left out keeps the spec's default."""
-    from contextlab.bench.spec import RunSpec
-
+def _given(args: argparse.Namespace) -> dict:
+    """The run settings the flags set explicitly (field -> value); flags left out are absent."""
     given = {
         "model": args.model or None,
         "methods": _csv(args.methods) if args.methods else None,
@@ -77,23 +86,31 @@ def _spec_from(args: argparse.Namespace):
         "lengths": [parse_length(x) for x in args.lengths.split(",") if x.strip()] if args.lengths else None,
         **{name: getattr(args, name) for name in ("samples", "batch_size", "max_new_tokens", "seed", "device")},
         "shared_mode": args.shared_mode,
+        "question_aware": False if args.context_only_compression else None,
+        "allow_beyond_window": True if args.allow_beyond_window else None,
     }
-    return RunSpec(
-        **{name: value for name, value in given.items() if value is not None},
-        question_aware=not args.context_only_compression,
-        allow_beyond_window=args.allow_beyond_window,
-    )
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _spec_from(args: argparse.Namespace):
+    """The run spec of the flags given; a flag left out keeps the spec's default."""
+    from contextlab.bench.spec import RunSpec
+
+    return RunSpec(**_given(args))
 
 
 def _bench(args: argparse.Namespace) -> int:
     from contextlab.bench.report import write_report
     from contextlab.bench.run import run_benchmark
 
-    spec = None if args.resume else _spec_from(args)
+    if args.extend and not args.resume:
+        raise ValueError("--extend grows a run given with --resume RUN; without --resume every run is new")
     summary = run_benchmark(
-        spec,
+        None if args.resume else _spec_from(args),
         out_root=args.out,
         resume=args.resume,
+        changes=_given(args) if args.resume else None,
+        extend=args.extend,
         executor=args.executor,
         workers=args.workers,
         show_progress=not args.quiet,

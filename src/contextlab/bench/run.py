@@ -4,35 +4,51 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from contextlab.bench.lock import RunLock
+from contextlab.bench.progress import progress_display
 from contextlab.bench.row import ResultRow
 from contextlab.bench.runner import (
     RunContext,
     RunSummary,
     check_budgets,
+    check_memory_fits,
     check_window,
     environment,
     execute_local,
     pending_indices,
     plan_cells,
 )
-from contextlab.bench.spec import RunSpec
-from contextlab.bench.store import RunStore
+from contextlab.bench.spec import RunSpec, resumed_spec
+from contextlab.bench.store import RunStore, StoreError
+from contextlab.engine.resources import check_device
 from contextlab.loading import load
 
 EXECUTORS = ("local", "ray")
 
 
 def new_run_dir(out_root: str | Path, spec: RunSpec) -> Path:
+    """A fresh folder ``<stamp>-<spec digest>`` under ``out_root``, created here (``-2``, ``-3``... when two runs
+    of one spec start in the same second, so concurrent launches never share a folder)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:6]
-    return Path(out_root) / f"{stamp}-{digest}"
+    base = Path(out_root) / f"{stamp}-{digest}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise StoreError(f"cannot create a run folder next to {base}: 999 runs of this spec started this second")
 
 
 def _link_latest(run_dir: Path) -> None:
@@ -41,7 +57,7 @@ def _link_latest(run_dir: Path) -> None:
         if latest.is_symlink() or latest.exists():
             latest.unlink()
         latest.symlink_to(run_dir.name)
-    except OSError:  # filesystems without symlinks: the run is still there under its own name
+    except OSError:  # filesystems without symlinks, or a concurrent launch relinked it first
         pass
 
 
@@ -50,23 +66,39 @@ def run_benchmark(
     *,
     out_root: str | Path = "runs",
     resume: str | Path | None = None,
+    changes: dict | None = None,
+    extend: bool = False,
     executor: str = "local",
     workers: int = 1,
     show_progress: bool = True,
 ) -> RunSummary:
-    """Run ``spec`` into a new folder under ``out_root``, or continue the run at ``resume``."""
+    """Run ``spec`` into a new folder under ``out_root``, or continue the run at ``resume``.
+
+    On resume, ``changes`` holds settings passed again (field -> value): they must match the stored spec,
+    except that ``extend=True`` lets them add methods, tasks or lengths (see :func:`resumed_spec`). One
+    process writes a run at a time (:class:`RunLock`); a second is refused naming the first's PID."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if resume is not None:
-        store = RunStore.open(resume)
-        spec = store.spec()
-    else:
-        spec = spec or RunSpec()  # a RunSpec is checked when built
+    with ExitStack() as held:
         store = None
+        if resume is not None:
+            store = RunStore.open(resume)
+            held.callback(store.close)
+            held.enter_context(RunLock(store.run_dir))
+            stored = store.spec()
+            spec = resumed_spec(stored, changes or {}, extend)
+        else:
+            spec = spec or RunSpec()  # a RunSpec is checked when built
+        return _run(spec, store, out_root, executor, workers, show_progress, held)
+
+
+def _run(spec, store, out_root, executor, workers, show_progress, held: ExitStack) -> RunSummary:
+    check_device(spec.device)
     model, tokenizer = load(spec.model, device=spec.device or ("cuda" if torch.cuda.is_available() else None))
     device = next(model.parameters()).device
     check_window(model, spec)
     check_budgets(spec)
+    check_memory_fits(model, spec)
     env = environment(model, device)
     ctx = RunContext(
         model=model,
@@ -82,8 +114,12 @@ def run_benchmark(
     total = sum(len(indices) for _, indices in work)
     if store is None:
         run_dir = new_run_dir(out_root, spec)
+        held.enter_context(RunLock(run_dir))
         store = RunStore.create(run_dir, spec, env)
+        held.callback(store.close)
         _link_latest(run_dir)
+    elif store.spec() != spec:
+        store.replace_spec(spec)  # --extend: the grown spec is checked above before it is recorded
 
     def write(rows: list[ResultRow]) -> None:
         nonlocal written
@@ -91,7 +127,7 @@ def run_benchmark(
         written += len(rows)
 
     try:
-        with _progress(show_progress) as progress:
+        with progress_display(show_progress) as progress:
             bar = progress.add_task(f"run {store.run_dir.name}", total=total)
             advance = lambda n: progress.advance(bar, n)  # noqa: E731
             if executor == "ray":
@@ -112,27 +148,13 @@ def run_benchmark(
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {written} rows are safe in {store.path}; resume with "
-            f"`contextlab bench --resume {store.run_dir}`"
+            f"`contextlab bench --resume {store.run_dir}`",
+            file=sys.stderr,
         )
         raise
-    finally:
-        store.close()
     return RunSummary(
         run_dir=str(store.run_dir),
         rows_written=written,
         wall_seconds=time.perf_counter() - start,
         generation_seconds=ctx.generation_seconds,
-    )
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("samples"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
     )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from contextlab.bench.tasks import SHARED_CONTEXT_TASKS, TASKS
+from contextlab.errors import ContextlabError
 from contextlab.methods.spec import build_method
 from contextlab.specstring import split_spec
 
@@ -110,3 +111,44 @@ class RunSpec:
         if problems:
             raise ValueError(f"run spec from another contextlab version: {'; '.join(problems)}")
         return cls(**data)
+
+
+LIST_FIELDS = ("methods", "tasks", "lengths")  # the fields --extend may grow
+
+
+class SpecMismatchError(ContextlabError):
+    """``--resume`` with settings that differ from the run's stored spec."""
+
+
+def resumed_spec(stored: RunSpec, given: dict, extend: bool = False) -> RunSpec:
+    """The spec a resumed run continues with. ``given`` holds the settings passed again on resume (field ->
+    value); each must equal the stored one, except that with ``extend`` the list fields (methods, tasks,
+    lengths) may add items, which become new cells of the run. Anything else that differs is refused with
+    every difference named, so a resume never silently ignores what it was told."""
+    grown, differences = {}, []
+    for name, value in given.items():
+        old = getattr(stored, name)
+        if name in LIST_FIELDS:
+            added = [v for v in value if _canonical(name, v) not in {_canonical(name, o) for o in old}]
+            if not added:
+                continue
+            if extend:
+                grown[name] = [*old, *added]
+                continue
+            differences.append(f"{name}: the run has {old}, given {value} (new: {added})")
+        elif value != old:
+            differences.append(f"{name}: the run has {old!r}, given {value!r}")
+    if differences:
+        hint = "; --extend adds new methods, tasks or lengths to a run" if not extend else ""
+        raise SpecMismatchError(
+            "--resume continues a run with its stored settings, and these differ: "
+            + "; ".join(differences)
+            + f". Leave them out to resume as stored, or start a new run{hint}"
+        )
+    return replace(stored, **grown) if grown else stored
+
+
+def _canonical(name: str, value):
+    if name == "methods":
+        return build_method(value).describe()
+    return TaskSpec.parse(value).key if name == "tasks" else value

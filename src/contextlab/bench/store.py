@@ -13,16 +13,20 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from contextlab import __version__
 from contextlab.bench.row import COLUMNS, INSERTED, ResultRow
 from contextlab.bench.spec import RunSpec
+from contextlab.errors import ContextlabError
 
 APPLICATION_ID = 0x434C4142  # "CLAB"
 SCHEMA_VERSION = 1
+# Version of the run spec's JSON (the fields of RunSpec). Runs written before it was recorded hold version 1.
+SPEC_VERSION = 1
 RESULTS_FILE = "results.sqlite"
 KEY = ("method", "task", "length", "sample_index", "turn")
 
 
-class StoreError(ValueError):
+class StoreError(ContextlabError):
     """The results file is missing, foreign or corrupt (exit code 2 on the command line)."""
 
 
@@ -46,7 +50,12 @@ class RunStore:
             conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             conn.execute(f"CREATE TABLE samples ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
             conn.executemany(
-                "INSERT INTO meta VALUES (?, ?)", [("spec", spec.to_json()), ("environment", json.dumps(environment))]
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("spec", spec.to_json()),
+                    ("spec_version", str(SPEC_VERSION)),
+                    ("environment", json.dumps(environment)),
+                ],
             )
         return cls(path, conn)
 
@@ -69,7 +78,13 @@ class RunStore:
         if version != SCHEMA_VERSION:
             conn.close()
             raise StoreError(f"{path} has results schema {version}; this contextlab reads {SCHEMA_VERSION}")
+        problems = _integrity_problems(conn)
         conn.close()
+        if problems:
+            raise StoreError(
+                f"{path} is corrupt ({problems}); its readable rows can be copied out with "
+                f"`sqlite3 {path} .recover`, or start a new run"
+            )
         return cls(path, _connect(path))
 
     @property
@@ -77,10 +92,25 @@ class RunStore:
         return self.path.parent
 
     def spec(self) -> RunSpec:
+        """The run's spec; a run written by another contextlab version is refused naming both versions."""
+        version = int(self._meta("spec_version", default="1"))
+        writer = json.loads(self._meta("environment")).get("contextlab", "an unknown version")
+        if version != SPEC_VERSION:
+            raise StoreError(
+                f"{self.path} was written by contextlab {writer} (run spec version {version}); this contextlab "
+                f"({__version__}) reads version {SPEC_VERSION}: resume it with contextlab {writer}, or start a new run"
+            )
         try:
             return RunSpec.from_json(self._meta("spec"))
         except ValueError as err:
-            raise StoreError(f"{self.path}: cannot read its run spec: {err}") from None
+            raise StoreError(
+                f"{self.path}: cannot read its run spec (written by contextlab {writer}; this is {__version__}): {err}"
+            ) from None
+
+    def replace_spec(self, spec: RunSpec) -> None:
+        """Record a spec grown by ``--extend`` (new methods, tasks or lengths; the rows already stored stay)."""
+        with self.conn:
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'spec'", (spec.to_json(),))
 
     def environment(self) -> dict:
         return json.loads(self._meta("environment"))
@@ -106,11 +136,26 @@ class RunStore:
     def close(self) -> None:
         self.conn.close()
 
-    def _meta(self, key: str) -> str:
+    def _meta(self, key: str, default: str | None = None) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise StoreError(f"{self.path} lacks its {key!r} record; it may be corrupt")
-        return row[0]
+        if row is not None:
+            return row[0]
+        if default is not None:
+            return default
+        raise StoreError(f"{self.path} lacks its {key!r} record; it may be corrupt")
+
+
+def _integrity_problems(conn: sqlite3.Connection) -> str:
+    """SQLite's quick check (every page and index readable; linear in the file size, which is small),
+    as one line; empty when the file is sound."""
+    try:
+        found = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as err:
+        return str(err)
+    if found == ["ok"]:
+        return ""
+    text = "; ".join(line.strip() for item in found for line in item.splitlines() if line.strip().strip("*").strip())
+    return text[:300]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
