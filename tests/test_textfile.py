@@ -19,13 +19,13 @@ def test_nul_byte_is_binary_even_with_replacement(tmp_path):
     path = tmp_path / "b.bin"
     path.write_bytes(b"header" + b"\x00" + b"rest")
     for errors in ("strict", "replace"):
-        with pytest.raises(ContextFileError, match="looks binary.*byte offset 6"):
+        with pytest.raises(ContextFileError, match=r"looks binary.*byte offset 6"):
             read_text_file(path, errors)
 
 
 def test_invalid_utf8_names_the_first_bad_byte(tmp_path):
     path = tmp_path / "latin.txt"
-    path.write_bytes("ok ".encode() + b"caf\xe9 and \xff\xfe")
+    path.write_bytes(b"ok " + b"caf\xe9 and \xff\xfe")
     with pytest.raises(ContextFileError, match=r"byte 0xe9 at byte offset 6\).*--flag"):
         read_text_file(path, replace_hint="--flag")
     with pytest.raises(ContextFileError) as err:
