@@ -9,8 +9,10 @@ the fields of :class:`~contextlab.bench.row.ResultRow`.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 
 from contextlab import __version__
@@ -38,13 +40,16 @@ class RunStore:
 
     @classmethod
     def create(cls, run_dir: str | Path, spec: RunSpec, environment: dict) -> RunStore:
+        """A new results file, written whole under a temporary name and renamed into place, so a process
+        killed while creating it leaves no half-made file that a resume would trip on."""
         path = Path(run_dir) / RESULTS_FILE
         if path.exists():
             raise StoreError(f"{path} exists already; use --resume to continue that run")
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = _connect(path)
+        partial = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.partial")
+        partial.unlink(missing_ok=True)
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-        with conn:
+        with closing(sqlite3.connect(partial)) as conn, conn:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -57,7 +62,8 @@ class RunStore:
                     ("environment", json.dumps(environment)),
                 ],
             )
-        return cls(path, conn)
+        os.replace(partial, path)
+        return cls(path, _connect(path))
 
     @classmethod
     def open(cls, run: str | Path) -> RunStore:
@@ -116,7 +122,7 @@ class RunStore:
         return json.loads(self._meta("environment"))
 
     def done_keys(self) -> set[tuple]:
-        return set(self.conn.execute(f"SELECT {', '.join(KEY)} FROM samples"))
+        return set(self._query(f"SELECT {', '.join(KEY)} FROM samples"))
 
     def add_rows(self, rows: Sequence[ResultRow | Mapping[str, object]]) -> None:
         """Insert finished rows (or ``{column: value}`` mappings, checked against the columns) in one
@@ -129,15 +135,22 @@ class RunStore:
             self.conn.executemany(sql, [tuple(getattr(r, name) for name in INSERTED) for r in rows])
 
     def rows(self) -> list[dict]:
-        cursor = self.conn.execute("SELECT * FROM samples ORDER BY method, task, length, sample_index, turn")
+        cursor = self._query("SELECT * FROM samples ORDER BY method, task, length, sample_index, turn")
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, r, strict=True)) for r in cursor]
 
     def close(self) -> None:
         self.conn.close()
 
+    def _query(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        """A read; a file whose tables are missing or unreadable is a :class:`StoreError`, not a traceback."""
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} cannot be read as a contextlab run ({err}); it may be corrupt") from None
+
     def _meta(self, key: str, default: str | None = None) -> str:
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._query("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is not None:
             return row[0]
         if default is not None:
