@@ -270,7 +270,7 @@ CASES = {
     "latin1_context_replaced": Case(
         (*GENERATE, "--context-file", "{latin1}", "--decode-errors", "replace", "--question", "Where?"),
         0,
-        ("1 undecodable bytes", "replaced", "byte offset 3"),
+        ("1 undecodable byte(s)", "replaced", "byte offset 3"),
         never=("Loading weights", "error:"),
     ),
     # The method is parsed before the model loads: its error wins over the missing model.

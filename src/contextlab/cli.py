@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     read = read_text_file(context_file, args.decode_errors, replace_hint="--decode-errors replace")
     if read.replaced_bytes:
         print(
-            f"contextlab generate: note: {read.replaced_bytes} undecodable bytes of {context_file} replaced by "
+            f"contextlab generate: note: {read.replaced_bytes} undecodable byte(s) of {context_file} replaced by "
             f"U+FFFD (the first at byte offset {read.first_replaced})",
             file=sys.stderr,
         )

@@ -167,7 +167,8 @@ def _integrity_problems(conn: sqlite3.Connection) -> str:
         return str(err)
     if found == ["ok"]:
         return ""
-    text = "; ".join(line.strip() for item in found for line in item.splitlines() if line.strip().strip("*").strip())
+    lines = (line.strip() for item in found for line in item.splitlines())
+    text = "; ".join(line for line in lines if line and not line.startswith("***"))  # "*** in database main ***"
     return text[:300]
 
 
