@@ -264,9 +264,11 @@ def _load_extra_commands() -> None:
         return
     from contextlab.bench import cli as bench_cli
     from contextlab.reference import cli as reference_cli
+    from contextlab.serve import cli as serve_cli
 
     bench_cli.register(EXTRA_PARSERS, EXTRA_HELP, command)
     reference_cli.register(EXTRA_PARSERS, EXTRA_HELP, command)
+    serve_cli.register(EXTRA_PARSERS, EXTRA_HELP, command)
 
 
 if __name__ == "__main__":

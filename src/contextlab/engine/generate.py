@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +39,7 @@ def generate(
     question_aware: bool = True,
     allow_beyond_window: bool = False,
     chat_template: bool = True,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> GenerationResult:
     """Answer ``question`` about ``context`` (text or token ids; one or a list) under ``method``.
 
@@ -48,6 +50,8 @@ def generate(
     how a model fails there); otherwise that is an error.
     ``chat_template``: when the context and question are text and the tokenizer has a chat template, put
     them in one user turn of that template, the answer starting the assistant turn (False: plain text).
+    ``on_tokens`` is called after every decoding step with each row's new token id (-1 once the row has
+    finished), for streaming; it costs one host sync per step.
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -60,7 +64,13 @@ def generate(
         kept = kept_positions(done.cache, done.attention_mask)
         start = time.perf_counter()
         decoded = greedy(
-            model, done.cache, done.last_logits, done.attention_mask, max_new_tokens, eos_token_ids(tokenizer, model)
+            model,
+            done.cache,
+            done.last_logits,
+            done.attention_mask,
+            max_new_tokens,
+            eos_token_ids(tokenizer, model),
+            on_tokens,
         )
         sync(done.input_ids.device)
         decode_seconds = time.perf_counter() - start

@@ -96,8 +96,9 @@ class Session:
     def prefill_seconds(self) -> float:
         return self.state.seconds
 
-    def ask(self, question, max_new_tokens: int = 32) -> TurnResult:
-        """Answer ``question`` (text or ids; one per row) and return the answers of every row."""
+    def ask(self, question, max_new_tokens: int = 32, on_tokens=None) -> TurnResult:
+        """Answer ``question`` (text or ids; one per row) and return the answers of every row.
+        ``on_tokens`` streams each step's token per row (see :func:`contextlab.generate`)."""
         state = self.state if self.mode == "turns" or self.snapshot is None else copy.deepcopy(self.snapshot)
         rows = state.input_ids.shape[0]
         device = state.input_ids.device
@@ -110,7 +111,7 @@ class Session:
                 block = left_pad(self._question_ids(question, rows), self.pad_id, device)
                 mask = torch.cat([state.attention_mask, block.mask], dim=1)
                 logits = forward(self.model, state.cache, block.ids, mask)
-            decoded = greedy(self.model, state.cache, logits, mask, max_new_tokens, self.eos)
+            decoded = greedy(self.model, state.cache, logits, mask, max_new_tokens, self.eos, on_tokens)
             tokens = decoded.tokens
             if self.mode == "turns":
                 self._close_turn(state, decoded.mask, decoded.pending)

@@ -5,6 +5,7 @@ prepare inputs, prefill (whole or in chunks), one forward, greedy decoding.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,12 @@ def check_window(
     total: int,
     allow_beyond_window: bool,
     what: str = "",
-    escape: str = "pass allow_beyond_window=True",
+    escape: str | None = "pass allow_beyond_window=True",
 ) -> None:
     """The one window check: ``total`` positions (prompt + tokens to follow) must fit what ``method`` serves
     on this model (:meth:`Method.window_for`): the native window, unless the method extends positions.
     ``allow_beyond_window`` lets a longer sequence run anyway (to measure how a model fails there);
-    ``escape`` says how a caller's user asks for that."""
+    ``escape`` says how a caller's user asks for that (None: they cannot)."""
     native = native_window(model.config)
     if not native:
         return
@@ -120,11 +121,12 @@ def check_window(
             f"{what} exceed the {limit} positions {method.describe()} serves on this model (native window "
             f"{native}); raise its group or factor, or leave them unset to fit the length"
         )
+    escape = f", or {escape} to measure how the model fails there" if escape else ""
     raise ValueError(
         f"{what} exceed the model's window of {native} positions (max_position_embeddings); "
         f"{method.describe()} does not change positions, so this would run the model out of its trained range. "
         "Add a position-extending method (selfextend, string, lminfinite, ntk, yarn, linear; e.g. "
-        f"'selfextend+snapkv:0.5'), or {escape} to measure how the model fails there."
+        f"'selfextend+snapkv:0.5'){escape}."
     )
 
 
@@ -218,8 +220,18 @@ def forward(model, cache, ids: torch.Tensor, mask: torch.Tensor | None, position
     return out.logits[:, -1].float()
 
 
-def greedy(model, cache, logits: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: set[int]) -> Decoded:
+def greedy(
+    model,
+    cache,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> Decoded:
     """Greedy decoding from ``logits [B, V]``; stops at every row's EOS or after ``max_new_tokens``.
+    ``on_tokens`` (for streaming) is called after every step with each row's new token (-1 for a row that
+    has finished: its EOS and everything after); it costs one host sync per token.
 
     No host sync per token: tokens go into a preallocated device tensor, the mask into a preallocated
     buffer (no per-token ``torch.cat``), positions are carried on the device, and "has every row finished?"
@@ -240,6 +252,8 @@ def greedy(model, cache, logits: torch.Tensor, mask: torch.Tensor, max_new_token
         nxt = logits.argmax(dim=-1)  # [B]
         is_eos = torch.isin(nxt, eos_t)
         out[:, step] = torch.where(finished | is_eos, -1, nxt)
+        if on_tokens is not None:
+            on_tokens(out[:, step].tolist())
         pending = torch.where(finished, -1, nxt)
         finished |= is_eos
         last = step == max_new_tokens - 1
