@@ -4,11 +4,6 @@ answers equal ``cl.generate`` (alone and batched), streaming, the error table, t
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import contextlab as cl  # noqa: E402
+from tests.serve.server import start_server, stop_server  # noqa: E402
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -49,38 +45,9 @@ def local_model(chat_model_dir):
     return cl.load(str(chat_model_dir))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(*args: str):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "contextlab.cli", "serve", "--port", str(port), *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail("server did not come up in 120 s")
-
-
 @pytest.fixture(scope="module")
 def server(chat_model_dir):
-    proc, base = _start(
+    proc, base = start_server(
         "--model",
         str(chat_model_dir),
         "--model-name",
@@ -97,8 +64,7 @@ def server(chat_model_dir):
         "20000",
     )
     yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -192,17 +158,16 @@ def test_bad_requests_get_a_status_and_a_message(server, body, status, fragment)
 
 
 def test_chat_without_a_template_is_refused():
-    proc, base = _start("--model", "reference")
+    proc, base = start_server("--model", "reference")
     try:
         r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def test_api_key_and_a_full_queue():
-    proc, base = _start("--model", "reference", "--api-key", KEY, "--max-queue", "1", "--max-batch", "1")
+    proc, base = start_server("--model", "reference", "--api-key", KEY, "--max-queue", "1", "--max-batch", "1")
     try:
         assert httpx.get(f"{base}/health").status_code == 200  # no key needed
         assert httpx.get(f"{base}/v1/models").status_code == 401
@@ -224,8 +189,7 @@ def test_api_key_and_a_full_queue():
         assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]["message"]
         assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth).is_success
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def test_a_client_leaving_mid_stream_does_not_stop_the_server(server):
@@ -276,7 +240,7 @@ def test_a_shared_prefix_is_compressed_once_and_reused(server, local_model):
 
 def test_a_long_chat_reuses_its_earlier_messages(chat_model_dir, local_model):
     model, tok = local_model
-    proc, base = _start("--model", str(chat_model_dir), "--reuse-min-tokens", "64")
+    proc, base = start_server("--model", str(chat_model_dir), "--reuse-min-tokens", "64")
     try:
         doc = {"role": "user", "content": "Remember: the vault code is 5521. " * 6}
         ack = {"role": "assistant", "content": "Noted."}
@@ -292,8 +256,7 @@ def test_a_long_chat_reuses_its_earlier_messages(chat_model_dir, local_model):
             assert r.json()["choices"][0]["message"]["content"] == want.text
         assert [s["reuse"] for s in seen] == ["miss", "hit"] and seen[0]["prefix_tokens"] == len(earlier) > 64
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def test_prefix_tokens_must_leave_a_question(server):

@@ -58,6 +58,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="shared-context tasks: later questions as turns of one conversation or separate requests",
     )
     p.add_argument("--allow-beyond-window", action="store_true", help="run lengths past the model's window")
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        help="evaluate an OpenAI-compatible server instead of a local model, e.g. http://127.0.0.1:8000/v1 "
+        "(API key from CONTEXTLAB_ENDPOINT_KEY)",
+    )
+    p.add_argument("--model-name", default=None, help="with --endpoint: the model name the server serves")
+    p.add_argument(
+        "--tokenizer", default=None, help="with --endpoint: local tokenizer building the prompts (default: the model)"
+    )
     p.add_argument("--out", default="runs", help="folder that receives the run folder (default: runs)")
     p.add_argument(
         "--resume",
@@ -79,8 +89,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def _given(args: argparse.Namespace) -> dict:
     """The run settings the flags set explicitly (field -> value); flags left out are absent."""
+    if (args.model_name or args.tokenizer) and not args.endpoint and not args.resume:
+        raise ValueError("--model-name and --tokenizer go with --endpoint URL")
+    if args.model_name and args.model:
+        raise ValueError("give the served model as --model-name (with --endpoint), not also --model")
     given = {
-        "model": args.model or None,
+        "model": args.model_name or args.model or None,
+        "endpoint": args.endpoint,
+        "tokenizer": args.tokenizer,
         "methods": _csv(args.methods) if args.methods else None,
         "tasks": _csv(args.tasks) if args.tasks else None,
         "lengths": [parse_length(x) for x in args.lengths.split(",") if x.strip()] if args.lengths else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from contextlab.bench.endpoint import EndpointClient
 from contextlab.bench.lock import RunLock
 from contextlab.bench.progress import progress_display
 from contextlab.bench.row import ResultRow
@@ -29,7 +30,7 @@ from contextlab.bench.runner import (
 from contextlab.bench.spec import RunSpec, resumed_spec
 from contextlab.bench.store import RunStore, StoreError
 from contextlab.engine.resources import check_device
-from contextlab.loading import load
+from contextlab.loading import load, resolve
 
 EXECUTORS = ("local", "ray")
 
@@ -92,7 +93,8 @@ def run_benchmark(
         return _run(spec, store, out_root, executor, workers, show_progress, held)
 
 
-def _run(spec, store, out_root, executor, workers, show_progress, held: ExitStack) -> RunSummary:
+def _local_context(spec: RunSpec) -> tuple[RunContext, dict]:
+    """Load the model and check that every cell fits it (window, budgets, memory)."""
     check_device(spec.device)
     model, tokenizer = load(spec.model, device=spec.device or ("cuda" if torch.cuda.is_available() else None))
     device = next(model.parameters()).device
@@ -100,13 +102,36 @@ def _run(spec, store, out_root, executor, workers, show_progress, held: ExitStac
     check_budgets(spec)
     check_memory_fits(model, spec)
     env = environment(model, device)
-    ctx = RunContext(
-        model=model,
-        tokenizer=tokenizer,
-        spec=spec,
-        device_name=env["device"],
-        versions=f"torch {env['torch']}, transformers {env['transformers']}, contextlab {env['contextlab']}",
-    )
+    versions = f"torch {env['torch']}, transformers {env['transformers']}, contextlab {env['contextlab']}"
+    return RunContext(model, tokenizer, spec, env["device"], versions), env
+
+
+def _endpoint_context(spec: RunSpec, held: ExitStack) -> tuple[RunContext, dict]:
+    """Check the endpoint serves the model and load the tokenizer that builds the prompts (no model)."""
+    from transformers import AutoTokenizer
+
+    import contextlab
+
+    client = EndpointClient(spec.endpoint, spec.model)
+    held.callback(client.close)
+    served = client.check()
+    check_budgets(spec)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec.tokenizer or spec.model))
+    env = {
+        "endpoint": spec.endpoint,
+        "served_model": served,
+        "tokenizer": spec.tokenizer or spec.model,
+        "contextlab": contextlab.__version__,
+        "device": f"endpoint {spec.endpoint}",
+    }
+    versions = f"endpoint {spec.endpoint} ({spec.model}), contextlab {contextlab.__version__}"
+    return RunContext(None, tokenizer, spec, env["device"], versions, client=client), env
+
+
+def _run(spec, store, out_root, executor, workers, show_progress, held: ExitStack) -> RunSummary:
+    if spec.endpoint is not None and executor != "local":
+        raise ValueError("endpoint runs use the local executor (the server does the work); drop --executor ray")
+    ctx, env = _endpoint_context(spec, held) if spec.endpoint is not None else _local_context(spec)
     start, written = time.perf_counter(), 0
     done = store.done_keys() if store is not None else set()
     # Samples are built before a new run's folder exists, so a bad task (missing dataset file...) leaves nothing.

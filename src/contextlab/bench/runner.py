@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from contextlab.bench.endpoint import EndpointClient
 from contextlab.bench.metrics import score
 from contextlab.bench.row import ResultRow
 from contextlab.bench.spec import RunSpec, TaskSpec
@@ -39,11 +40,12 @@ class Cell:
 class RunContext:
     """What every cell of a run shares: the model, its tokenizer and the run's settings."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None for an endpoint run
     tokenizer: object
     spec: RunSpec
     device_name: str
     versions: str
+    client: EndpointClient | None = None  # set for an endpoint run (contextlab.bench.endpoint)
     samples: dict = field(default_factory=dict)  # (task key, length) -> list[Sample]
     generation_seconds: float = 0.0
 
@@ -141,7 +143,10 @@ def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[R
     size = ctx.spec.batch_size
     for start in range(0, len(indices), size):
         batch = indices[start : start + size]
-        runner = _shared_batch if cell.task.shared_context else _plain_batch
+        if ctx.client is not None:
+            runner = _endpoint_batch
+        else:
+            runner = _shared_batch if cell.task.shared_context else _plain_batch
         began = time.perf_counter()
         rows = runner(ctx, cell, [samples[i] for i in batch], batch)
         ctx.generation_seconds += time.perf_counter() - began
@@ -213,6 +218,33 @@ def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: l
             for s, i, text, tokens in zip(samples, indices, result.texts, result.token_ids, strict=True)
         ]
     return rows
+
+
+def _endpoint_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[ResultRow]:
+    """The batch's samples sent to the endpoint at once, turn by turn (see :mod:`contextlab.bench.endpoint`)."""
+    spec, n, rows = ctx.spec, len(samples), []
+    shared = cell.task.shared_context
+    for turn in range(len(samples[0].all_turns)):
+        prompts = [s.context_ids + s.all_turns[turn].question_ids for s in samples]
+        prefixes = [len(s.context_ids) if shared else 0 for s in samples]
+        answers = ctx.client.complete_all(prompts, spec.max_new_tokens, cell.method, prefixes)
+        for s, i, answer in zip(samples, indices, answers, strict=True):
+            cost = _endpoint_cost(answer, n)
+            rows.append(_row(ctx, cell, s, i, turn, answer.text, answer.completion_tokens, cost))
+    return rows
+
+
+def _endpoint_cost(answer, n: int) -> BatchCost:
+    """A contextlab server's reported costs; others report none (0 bytes, the wall latency as decode)."""
+    ext = answer.extension or {}
+    return BatchCost(
+        kv_bytes=int(ext.get("kv_bytes", 0)),
+        kv_bytes_full=int(ext.get("kv_bytes_full", 0)),
+        peak_memory_bytes=0,
+        prefill_seconds=float(ext.get("prefill_seconds", 0.0)),
+        decode_seconds=float(ext.get("decode_seconds", answer.latency)),
+        batch_size=n,
+    )
 
 
 def _row(

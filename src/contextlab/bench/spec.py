@@ -70,9 +70,17 @@ class RunSpec:
     question_aware: bool = True
     shared_mode: str = "turns"
     allow_beyond_window: bool = False
+    # An OpenAI-compatible server to evaluate instead of a local model (``model`` is then the name it serves)
+    # and the local tokenizer that builds the prompts (named model, folder or hub id; default: ``model``).
+    endpoint: str | None = None
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the first problem with the spec."""
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.endpoint!r}")
+        if self.tokenizer is not None and self.endpoint is None:
+            raise ValueError("tokenizer is for endpoint runs (the local model's own tokenizer is used otherwise)")
         if not self.methods or not self.tasks or not self.lengths:
             raise ValueError("a run needs at least one method, one task and one length")
         for spec in self.methods:
@@ -105,6 +113,7 @@ class RunSpec:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"a run spec is a JSON object, got {type(data).__name__}")
+        data = {**{k: None for k in ADDED_IN_V2}, **data}  # runs from before endpoints existed
         known = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(data) - known), sorted(known - set(data))
         problems = [f"{kind} keys {keys}" for kind, keys in (("unknown", unknown), ("missing", missing)) if keys]
@@ -114,6 +123,7 @@ class RunSpec:
 
 
 LIST_FIELDS = ("methods", "tasks", "lengths")  # the fields --extend may grow
+ADDED_IN_V2 = ("endpoint", "tokenizer")  # fields a version-1 run spec lacks (read as None)
 
 
 class SpecMismatchError(ContextlabError):

@@ -22,8 +22,10 @@ from contextlab.errors import ContextlabError
 
 APPLICATION_ID = 0x434C4142  # "CLAB"
 SCHEMA_VERSION = 1
-# Version of the run spec's JSON (the fields of RunSpec). Runs written before it was recorded hold version 1.
-SPEC_VERSION = 1
+# Version of the run spec's JSON (the fields of RunSpec). Runs written before it was recorded hold version 1;
+# version 2 added the endpoint fields (a version-1 spec reads with them unset).
+SPEC_VERSION = 2
+READABLE_SPEC_VERSIONS = (1, 2)
 RESULTS_FILE = "results.sqlite"
 KEY = ("method", "task", "length", "sample_index", "turn")
 
@@ -101,7 +103,7 @@ class RunStore:
         """The run's spec; a run written by another contextlab version is refused naming both versions."""
         version = int(self._meta("spec_version", default="1"))
         writer = json.loads(self._meta("environment")).get("contextlab", "an unknown version")
-        if version != SPEC_VERSION:
+        if version not in READABLE_SPEC_VERSIONS:
             raise StoreError(
                 f"{self.path} was written by contextlab {writer} (run spec version {version}); this contextlab "
                 f"({__version__}) reads version {SPEC_VERSION}: resume it with contextlab {writer}, or start a new run"

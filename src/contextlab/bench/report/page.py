@@ -116,6 +116,8 @@ def _run_settings(spec, rows: list[dict]) -> list[tuple[str, str]]:
     """The spec as (setting, text): lists joined, lengths labelled, the device actually used when unset."""
     out = []
     for key, value in vars(spec).items():
+        if key in ("endpoint", "tokenizer") and value is None:
+            continue  # a local run: nothing to say
         if key == "device" and value is None:
             used = sorted({r["device"] for r in rows if r.get("device")})
             value = f"{', '.join(used)} (default)" if used else "cpu (default)"
