@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 import transformers
 from benchmarks._accuracy import markdown
+from benchmarks._machine import cpu_name
 from benchmarks.extension import depth_samples
 
 import contextlab as cl
@@ -390,16 +391,6 @@ def section_speed(store: Store, length: int) -> None:
 
 
 # -- report --------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report_bytes(store: Store, measured: int) -> list[str]:
     keys = [k for k in store if k.startswith(f"bytes|smollm2-bf16|{measured}|")]
     if not keys:

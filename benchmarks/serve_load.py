@@ -77,6 +77,7 @@ from pathlib import Path
 import httpx
 import torch
 import transformers
+from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.tasks.text import kjv_text
@@ -109,16 +110,6 @@ def say(*parts) -> None:
 
 
 # -- environment -----------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def environment(args) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
