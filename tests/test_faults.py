@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from contextlab.engine.resources import available_bytes
+
 CLI = (sys.executable, "-m", "contextlab.cli")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 TIMEOUT = 300  # seconds, per process: a hung process fails its test instead of hanging the suite
@@ -219,17 +221,15 @@ def selected_params(request, test: Callable) -> list[dict]:
 # --- bad input: one row per case -----------------------------------------------------------------------------
 
 
-def _mem_available_gib() -> float:
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
-
-
 NO_CUDA = "skip: a CUDA GPU is present" if torch.cuda.is_available() else ""
-LOW_MEMORY = "skip: more than 150 GiB free, a 10M-token prefill may fit" if _mem_available_gib() > 150 else ""
+
+
+def _free_gib() -> float:
+    free = available_bytes(torch.device("cpu"))
+    return 0.0 if free is None else free / 2**30
+
+
+LOW_MEMORY = "skip: more than 150 GiB free, a 10M-token prefill may fit" if _free_gib() > 150 else ""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,7 @@ the same rows as a local run, the endpoint recorded; refusals for a wrong model 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
@@ -17,6 +15,7 @@ pytest.importorskip("uvicorn")
 from contextlab.bench.run import run_benchmark
 from contextlab.bench.spec import RunSpec
 from contextlab.bench.store import RunStore
+from tests.bench.test_bench_cli import bench as run_bench
 from tests.serve.server import free_port, start_server, stop_server
 
 COMMON = dict(methods=["full", "snapkv:0.5"], lengths=[900], samples=3, batch_size=3)
@@ -65,27 +64,8 @@ def test_shared_context_turns_reuse_the_compressed_context(server, tmp_path):
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "contextlab.cli",
-            "bench",
-            *args,
-            "--tasks",
-            "niah_single_1",
-            "--lengths",
-            "300",
-            "--samples",
-            "1",
-            "--quiet",
-            "--no-report",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    fixed = ("--tasks", "niah_single_1", "--lengths", "300", "--samples", "1", "--quiet", "--no-report")
+    return run_bench("bench", *args, *fixed)
 
 
 def test_refusals_name_the_problem(server, tmp_path):

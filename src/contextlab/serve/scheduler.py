@@ -182,8 +182,7 @@ class Scheduler:
         self.metrics.batch_done(len(rows), out.kv_bytes, time.perf_counter() - began)
         for job, (a, b) in zip(batch, spans, strict=True):
             limit = job.request.max_tokens
-            tokens = [t[:limit] for t in out.token_ids[a:b]]
-            reasons = ["length" if len(t) >= limit else "stop" for t in tokens]
+            tokens, reasons = _finished(out.token_ids[a:b], limit)
             share = (b - a) / len(rows)
             job.send(
                 "done",
@@ -215,12 +214,12 @@ class Scheduler:
         on_tokens = (lambda step: job.send("tokens", step)) if req.stream else None
         turn = session.ask(ids[req.prefix :], req.max_tokens, on_tokens=on_tokens)
         self.metrics.batch_done(1, turn.kv_bytes, time.perf_counter() - began)
-        tokens = [t[: req.max_tokens] for t in turn.token_ids]
+        tokens, reasons = _finished(turn.token_ids, req.max_tokens)
         job.send(
             "done",
             Outcome(
                 tokens=tokens,
-                reasons=["length" if len(t) >= req.max_tokens else "stop" for t in tokens],
+                reasons=reasons,
                 kv_bytes=turn.kv_bytes,
                 kv_bytes_full=turn.kv_bytes_full,
                 prefill_seconds=prefill_seconds,
@@ -229,3 +228,10 @@ class Scheduler:
                 reuse=reuse,
             ),
         )
+
+
+def _finished(rows: list[list[int]], limit: int) -> tuple[list[list[int]], list[str]]:
+    """Each row cut to the request's ``limit`` (a batch decodes to its longest request's), with OpenAI's finish
+    reason: "length" when the limit cut it, "stop" when it ended at EOS."""
+    tokens = [t[:limit] for t in rows]
+    return tokens, ["length" if len(t) >= limit else "stop" for t in tokens]
