@@ -91,6 +91,7 @@ def generate(
         decode_seconds=decode_seconds,
         kept_positions=kept,
         prompt_tokens=plan.total_tokens,
+        tokens_processed=sum(plan.total_tokens) + sum(len(t) for t in tokens),
     )
 
 

@@ -21,7 +21,12 @@ class GenerationResult:
     transformers cache would hold for the same prompt. ``peak_memory_bytes``: on CUDA
     ``torch.cuda.max_memory_allocated`` over the call (weights and activations included); on CPU the peak
     bytes held by the cache's buffers. ``kept_positions``: per layer, ``[B, kv_heads, slots]`` positions
-    (within each row) of the prompt tokens the cache holds, ascending, ``-1`` on unused slots.
+    (within each row) of the prompt tokens the cache holds, ascending, ``-1`` on unused slots (empty for an
+    input-level strategy, whose reads hold other prompts than the one given).
+    ``calls``: model calls behind the result (1 for a method; an input-level strategy's scoring passes, worker
+    and final reads, summed over the batch); ``tokens_processed``: tokens that went through the model in all
+    of them (prompts prefilled plus tokens generated). ``routes``: per row, the path an input-level strategy
+    took (the router's choice), else None.
     """
 
     texts: list[str]
@@ -36,6 +41,9 @@ class GenerationResult:
     kept_positions: list[torch.Tensor]
     prompt_tokens: list[int]
     kv_bytes_end: int = 0
+    calls: int = 1
+    tokens_processed: int = 0
+    routes: list[str | None] | None = None
 
     @property
     def text(self) -> str:

@@ -1,0 +1,146 @@
+"""Read only the chunks that matter: retrieve-then-read (BM25 or dense) and XL3M segment selection."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from contextlab.strategies.base import Reader, RowAnswer, Strategy, StrategyError
+from contextlab.strategies.chunking import Chunk, check_chunking, make_chunks, merge_spans
+from contextlab.strategies.scoring import SCORERS, bm25_scores, certainty_scores, dense_scores
+from contextlab.strategies.selection import select_top
+
+# Room a read keeps for the chat frame and the question beside the chunks when parameters are checked
+# before any row is seen (the exact check happens at each read).
+QUESTION_ROOM = 64
+
+
+def _check_selection(strategy, k: int, tokens: int | None) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"{strategy}: k must be a positive number of chunks, got {k!r}")
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+        raise ValueError(f"{strategy}: tokens must be a positive token budget, got {tokens!r}")
+
+
+def _check_fits(name: str, chunk: int, k: int, tokens: int | None, native: int | None, new: int) -> None:
+    if native is None:
+        return
+    if chunk + QUESTION_ROOM + new > native:
+        raise StrategyError(
+            f"{name}: a chunk of {chunk} tokens (+ the question and {new} new tokens) is larger than the model's "
+            f"window of {native}; use chunk <= {native - QUESTION_ROOM - new}"
+        )
+    selected = min(k * chunk, tokens) if tokens else k * chunk
+    if selected + QUESTION_ROOM + new > native:
+        raise StrategyError(
+            f"{name}: k x chunk = {k} x {chunk} = {k * chunk} tokens read at once pass the model's window of "
+            f"{native}; lower k or chunk, or cap the read with tokens=N"
+        )
+
+
+def read_selected(reader: Reader, chunks: list[Chunk], chosen: list[int], max_new_tokens: int):
+    """The final read: the chosen chunks in context order (overlaps merged), then the question."""
+    body = reader.prompt.body
+    spans = merge_spans([chunks[i] for i in chosen])
+    return reader.answer([t for s in spans for t in body[s.start : s.end]], max_new_tokens)
+
+
+def body_chunks(reader: Reader, chunk: int, overlap: int, unit: str) -> list[Chunk]:
+    chunks = make_chunks(reader.tokenizer, reader.prompt.body, chunk, overlap, unit)
+    if not chunks:
+        raise StrategyError("the context is empty once the chat template's tokens are set aside")
+    return chunks
+
+
+@dataclass(frozen=True)
+class RAG(Strategy):
+    """Retrieve-then-read: cut the context into chunks, score each against the question (BM25 or a dense
+    sentence embedding), read the top ``k`` in their original order with the question.
+
+    LaRA (arXiv 2502.09977) finds neither RAG nor long context wins everywhere; LongBench finds retrieval
+    helps models weak on long contexts. Costs: the retriever's seconds plus one read of about
+    ``k * chunk`` tokens, whatever the context's length."""
+
+    name = "rag"
+    paper = "LaRA, https://arxiv.org/abs/2502.09977"
+    k: int = field(default=8, metadata={"help": "chunks read"})
+    chunk: int = field(default=256, metadata={"help": "tokens per chunk"})
+    overlap: int = field(default=0, metadata={"help": "tokens two neighbouring chunks share"})
+    unit: str = field(default="sentence", metadata={"help": "chunk by token | sentence | paragraph"})
+    scorer: str = field(default="bm25", metadata={"help": "bm25 | dense (all-MiniLM-L6-v2)"})
+    tokens: int | None = field(default=None, metadata={"help": "cap on tokens read (default k x chunk)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chunking(self.chunk, self.overlap, self.unit)
+        _check_selection(self.name, self.k, self.tokens)
+        if self.scorer not in SCORERS:
+            raise ValueError(f"rag: scorer must be one of {SCORERS}, got {self.scorer!r}")
+
+    def check(self, native: int | None, max_new_tokens: int) -> None:
+        _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
+
+    def largest_read(self, native: int, max_new_tokens: int) -> int:
+        return min(self.k * self.chunk, self.tokens or self.k * self.chunk) + QUESTION_ROOM
+
+    def answer(self, reader: Reader, max_new_tokens: int) -> RowAnswer:
+        chunks = body_chunks(reader, self.chunk, self.overlap, self.unit)
+        body = reader.prompt.body
+        texts = reader.tokenizer.batch_decode([body[c.start : c.end] for c in chunks])
+        question = reader.tokenizer.decode(reader.prompt.query).strip()
+        score = bm25_scores if self.scorer == "bm25" else dense_scores
+        scores = reader.timed(score, texts, question)
+        chosen = select_top(scores, chunks, k=self.k, tokens=self.tokens)
+        return RowAnswer(read_selected(reader, chunks, chosen, max_new_tokens))
+
+
+@dataclass(frozen=True)
+class XL3M(Strategy):
+    """XL3M segment selection: score every segment by the model's own certainty about the question read
+    right after it (mean log-probability of the question's tokens), keep the ``k`` most certain segments in
+    their original order, answer from them.
+
+    XL3M (arXiv 2405.17755), training-free; "a Llama2-7B model is able to reason 20M long sequences".
+    Costs: one pass over the whole context in segments (no generation), then one read of about
+    ``k * chunk`` tokens."""
+
+    name = "xl3m"
+    paper = "XL3M, https://arxiv.org/abs/2405.17755"
+    k: int = field(default=4, metadata={"help": "segments read"})
+    chunk: int = field(default=512, metadata={"help": "tokens per segment"})
+    overlap: int = field(default=0, metadata={"help": "tokens two neighbouring segments share"})
+    unit: str = field(default="sentence", metadata={"help": "segment by token | sentence | paragraph"})
+    tokens: int | None = field(default=None, metadata={"help": "cap on tokens read (default k x chunk)"})
+    batch: int = field(default=4, metadata={"help": "segments scored per forward pass"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chunking(self.chunk, self.overlap, self.unit)
+        _check_selection(self.name, self.k, self.tokens)
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
+            raise ValueError(f"xl3m: batch must be a positive integer, got {self.batch!r}")
+
+    def check(self, native: int | None, max_new_tokens: int) -> None:
+        _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
+
+    def largest_read(self, native: int, max_new_tokens: int) -> int:
+        return min(self.k * self.chunk, self.tokens or self.k * self.chunk) + QUESTION_ROOM
+
+    def answer(self, reader: Reader, max_new_tokens: int) -> RowAnswer:
+        chunks = body_chunks(reader, self.chunk, self.overlap, self.unit)
+        body, query = reader.prompt.body, reader.prompt.query
+        pieces = [body[c.start : c.end] for c in chunks]
+        start = time.perf_counter()
+        scores = certainty_scores(reader.model, pieces, query, self.batch)
+        passes = sum(-(-n // self.batch) for n in _length_groups(pieces))
+        reader.ledger.add_forward(passes, sum(len(p) + len(query) for p in pieces), time.perf_counter() - start)
+        chosen = select_top(scores, chunks, k=self.k, tokens=self.tokens)
+        return RowAnswer(read_selected(reader, chunks, chosen, max_new_tokens))
+
+
+def _length_groups(pieces: list[list[int]]) -> list[int]:
+    """How many pieces share each length (certainty scoring batches equal lengths)."""
+    counts: dict[int, int] = {}
+    for p in pieces:
+        counts[len(p)] = counts.get(len(p), 0) + 1
+    return list(counts.values())
