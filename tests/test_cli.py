@@ -25,6 +25,9 @@ def test_methods_lists_every_method_with_its_paper():
     for name in ("full", "streaming", "snapkv", "pyramidkv", "tova", "h2o", "knorm", "random", "adakv"):
         assert f" {name} " in out.stdout
     assert "arxiv.org/abs/2404.14469" in out.stdout  # SnapKV
+    assert "input-level strategies" in out.stdout
+    for name in ("rag", "xl3m", "coa", "wim", "router"):
+        assert f" {name} " in out.stdout
 
 
 def test_generate_json(model_dir, tmp_path):
@@ -56,6 +59,8 @@ def test_generate_json(model_dir, tmp_path):
         (["--method", "snpkv:0.5"], "did you mean 'snapkv'"),
         (["--context-file", "/no/such/file"], "context file not found"),
         (["--empty"], "context is empty"),
+        (["--method", "rag:k=0"], "k must be a positive number of chunks"),
+        (["--method", "rag:chunk=4000"], "larger than the model's window of 2048"),
     ],
 )
 def test_generate_bad_input_exits_2(model_dir, tmp_path, args, message):
@@ -67,6 +72,19 @@ def test_generate_bad_input_exits_2(model_dir, tmp_path, args, message):
         base = base[:3] + base[5:]
     out = run_cli(*base, *extra)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_generate_with_a_strategy_reports_its_calls(model_dir, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("A red fox crossed the quiet river at dawn. " * 150)  # past the tiny model's 2048 window
+    args = ["generate", "--model", str(model_dir), "--context-file", str(ctx), "--max-new-tokens", "4", "--json"]
+    out = run_cli(*args, "--method", "router:k=2,chunk=64", "--question", "Who crossed the river?")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["route"] == "router:k=2,chunk=64".replace("router", "rag") and report["calls"] == 1
+    assert report["tokens_processed"] < report["prompt_tokens"] < 4 * 2048
+    missing = run_cli(*args, "--method", "rag")
+    assert missing.returncode == 2 and "rag answers a question about the context: give --question" in missing.stderr
 
 
 def test_unknown_subcommand_exits_2():

@@ -38,13 +38,15 @@ def command(name: str):
 @command("methods")
 def cmd_methods(args: argparse.Namespace) -> int:
     from contextlab.methods.spec import list_methods
+    from contextlab.strategies import list_strategies
 
     console = Console(width=args.width)
-    infos = list_methods()
-    if console.width >= WIDE_TABLE:
-        console.print(_methods_table(infos))
-    else:  # a four-column table at 80 columns folds words and URLs mid-way: one block per method instead
-        console.print(_methods_blocks(infos, console.width), soft_wrap=True, markup=False, highlight=False)
+    for title, infos in (("contextlab methods", list_methods()), ("input-level strategies", list_strategies())):
+        if console.width >= WIDE_TABLE:
+            console.print(_methods_table(infos, title))
+        else:  # a four-column table at 80 columns folds words and URLs mid-way: one block per method instead
+            console.print(f"{title}:\n", markup=False, highlight=False)
+            console.print(_methods_blocks(infos, console.width), soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
@@ -61,8 +63,8 @@ def _papers(paper: str) -> list[str]:
     return [p.strip() for p in paper.split("; ") if p.strip()] or ["-"]
 
 
-def _methods_table(infos) -> Table:
-    table = Table(title="contextlab methods", show_lines=True)
+def _methods_table(infos, title: str) -> Table:
+    table = Table(title=title, show_lines=True)
     table.add_column("method", no_wrap=True)
     table.add_column("what it does", ratio=3)
     table.add_column("parameters", ratio=3)
@@ -102,11 +104,13 @@ def _methods_blocks(infos, width: int) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlab as cl
     from contextlab.engine.resources import check_device
-    from contextlab.methods.spec import build_method
+    from contextlab.strategies import Strategy, build
     from contextlab.textfile import read_text_file
 
     # Everything that can be checked without the model is checked before it loads (seconds saved per typo).
-    method = build_method(args.method)
+    method = build(args.method)
+    if isinstance(method, Strategy) and args.question is None:
+        raise UsageError(f"{method.name} answers a question about the context: give --question")
     check_device(args.device)
     context_file = Path(args.context_file)
     if not context_file.is_file():
@@ -123,16 +127,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
         raise UsageError("--question is empty; leave it out to continue the context instead")
     model, tokenizer = cl.load(args.model, device=args.device)
-    out = cl.generate(
-        model,
-        tokenizer,
-        read.text,
-        args.question,
-        method=method,
-        max_new_tokens=args.max_new_tokens,
-        question_aware=not args.context_only_compression,
-        allow_beyond_window=args.allow_beyond_window,
-    )
+    options = {"max_new_tokens": args.max_new_tokens, "question_aware": not args.context_only_compression}
+    if isinstance(method, Strategy):
+        out = method.generate(model, tokenizer, read.text, args.question, **options)
+    else:
+        out = cl.generate(
+            model,
+            tokenizer,
+            read.text,
+            args.question,
+            method=method,
+            allow_beyond_window=args.allow_beyond_window,
+            **options,
+        )
     report = {
         "text": out.text,
         "method": out.method,
@@ -142,6 +149,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "peak_memory_bytes": out.peak_memory_bytes,
         "prefill_seconds": round(out.prefill_seconds, 4),
         "decode_seconds": round(out.decode_seconds, 4),
+        "calls": out.calls,
+        "tokens_processed": out.tokens_processed,
+        "route": (out.routes or [None])[0],
     }
     if args.json:
         print(json.dumps(report))
@@ -150,7 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(
             f"[{out.method}] {out.prompt_tokens[0]} prompt tokens, KV {out.kv_bytes / 2**20:.2f} MiB of "
             f"{out.kv_bytes_full / 2**20:.2f} MiB ({100 * out.kv_ratio:.0f}%), prefill {out.prefill_seconds:.3f}s, "
-            f"decode {out.decode_seconds:.3f}s",
+            f"decode {out.decode_seconds:.3f}s; {out.calls} model call(s), {out.tokens_processed} tokens processed"
+            + (f", route {out.routes[0]}" if out.routes and out.routes[0] else ""),
             file=sys.stderr,
         )
     return 0
@@ -167,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="reference",
         help="named model (smollm2-135m-instruct, gemma3-270m, reference), a .gguf file, a folder or a hub id",
     )
-    p.add_argument("--method", default="full", help="method spec, e.g. snapkv:0.5 or streaming:sink=4,window=1020")
+    p.add_argument(
+        "--method",
+        default="full",
+        help="method or input-level strategy spec, e.g. snapkv:0.5, streaming:sink=4,window=1020, rag:k=8+snapkv:0.5",
+    )
     p.add_argument("--context-file", required=True, help="UTF-8 text file holding the context")
     p.add_argument(
         "--decode-errors",

@@ -78,10 +78,19 @@ def spec() -> RunSpec:
     return RunSpec(model="reference", methods=["full"], tasks=["niah_single_1"], lengths=[512], samples=2)
 
 
-def test_row_fields_are_the_v1_columns_in_order():
-    assert SCHEMA_VERSION == 1
-    assert list(COLUMNS.items()) == list(SCHEMA_V1.items())
-    assert [f.name for f in dataclasses.fields(ResultRow)] == list(SCHEMA_V1)
+# Version 2 appended these (a version-1 file gains them, in this order, when opened).
+SCHEMA_V2 = {
+    **SCHEMA_V1,
+    "calls": "INTEGER NOT NULL DEFAULT 1",
+    "tokens_processed": "INTEGER",
+    "route": "TEXT",
+}
+
+
+def test_row_fields_are_the_v2_columns_in_order():
+    assert SCHEMA_VERSION == 2
+    assert list(COLUMNS.items()) == list(SCHEMA_V2.items())
+    assert [f.name for f in dataclasses.fields(ResultRow)] == list(SCHEMA_V2)
 
 
 def test_rows_round_trip_and_sqlite_fills_created_at(tmp_path):
@@ -115,7 +124,13 @@ def test_a_results_file_written_with_the_v1_schema_opens_and_takes_rows(tmp_path
         and len(store.rows()) == 1
         and store.done_keys() == {("full", "niah_single_1", 512, 0, 0)}
     )
+    (stored,) = store.rows()
+    assert (stored["calls"], stored["tokens_processed"], stored["route"]) == (1, None, None)
     store.close()
+    with sqlite3.connect(path) as conn:  # upgraded in place: the version-2 columns, in order
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert [r[1] for r in conn.execute("PRAGMA table_info(samples)")] == list(SCHEMA_V2)
+    conn.close()
 
 
 def test_add_rows_checks_mappings_against_the_columns(tmp_path):

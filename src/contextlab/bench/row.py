@@ -11,7 +11,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
 
@@ -51,15 +51,19 @@ class ResultRow:
     device: str
     versions: str
     created_at: str | None = db_default("CURRENT_TIMESTAMP", default=None, init=False)
+    # Schema version 2 (input-level strategies); a version-1 file gains these columns when opened.
+    calls: int = db_default("1", default=1)  # model calls behind the row (an input-level strategy makes many)
+    tokens_processed: int | None = None  # tokens through the model in those calls (prompts + generated)
+    route: str | None = None  # the path an input-level strategy took (a router's choice)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> ResultRow:
-        """A row from ``{column: value}``, every inserted column named (``created_at``, if there, is dropped:
+        """A row from ``{column: value}``, every required column named (``created_at``, if there, is dropped:
         SQLite sets it)."""
-        unknown, missing = sorted(set(values) - set(COLUMNS)), sorted(set(INSERTED) - set(values))
+        unknown, missing = sorted(set(values) - set(COLUMNS)), sorted(set(REQUIRED) - set(values))
         if unknown or missing:
             raise ValueError(f"a result row needs exactly the result columns: unknown {unknown}, missing {missing}")
-        return cls(**{name: values[name] for name in INSERTED})
+        return cls(**{name: values[name] for name in INSERTED if name in values})
 
 
 def sql_columns(row_type: type) -> dict[str, str]:
@@ -81,3 +85,5 @@ def _sql(hint, default: str | None) -> str:
 
 COLUMNS = sql_columns(ResultRow)
 INSERTED = tuple(f.name for f in fields(ResultRow) if f.init)  # the others are filled by SQLite
+# Columns every row must name; the others (added after version 0.1 results files) have defaults.
+REQUIRED = tuple(f.name for f in fields(ResultRow) if f.init and f.default is MISSING)

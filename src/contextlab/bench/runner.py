@@ -26,7 +26,8 @@ from contextlab.engine.generate import generate
 from contextlab.engine.resources import check_memory
 from contextlab.engine.session import Session
 from contextlab.engine.steps import check_window as engine_check_window
-from contextlab.methods.spec import build_method
+from contextlab.hf.rope import native_window
+from contextlab.strategies import Strategy, build
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,13 @@ def environment(model, device: torch.device) -> dict:
 
 def check_window(model, spec: RunSpec) -> None:
     """Every (method, length) of the run must fit what the method serves on this model (the engine's
-    check); ``--allow-beyond-window`` runs them anyway."""
+    check); ``--allow-beyond-window`` runs them anyway. An input-level strategy reads within the window
+    whatever the length: its parameters must fit a read in it."""
     for text in spec.methods:
-        method = build_method(text)
+        method = build(text)
+        if isinstance(method, Strategy):
+            method.check(native_window(model.config), spec.max_new_tokens)
+            continue
         for n in spec.lengths:
             try:
                 engine_check_window(
@@ -110,19 +115,30 @@ def check_window(model, spec: RunSpec) -> None:
 
 def check_memory_fits(model, spec: RunSpec) -> None:
     """Every method's longest prompts, a full batch of them, must fit the memory free on the model's device
-    (the engine's lower-bound estimate), checked before any sample is built."""
+    (the engine's lower-bound estimate), checked before any sample is built. A strategy's rows run one at
+    a time, each read no longer than its largest."""
     batch, longest = min(spec.batch_size, spec.samples), max(spec.lengths)
     for text in spec.methods:
-        what = f"{text} at length {longest} with batch {batch}"
-        check_memory(model, build_method(text), batch, longest, what)
+        method = build(text)
+        if isinstance(method, Strategy):
+            read = _largest_read(model, method, spec.max_new_tokens, longest)
+            check_memory(model, method.read_method, 1, read, f"{text}'s largest read ({read} tokens)")
+        else:
+            check_memory(model, method, batch, longest, f"{text} at length {longest} with batch {batch}")
+
+
+def _largest_read(model, strategy: Strategy, max_new_tokens: int, length: int) -> int:
+    native = native_window(model.config)
+    return min(length, strategy.largest_read(native, max_new_tokens)) if native else length
 
 
 def check_budgets(spec: RunSpec) -> None:
     """Token budgets must fit every length of the run (ratios always do)."""
     shortest = min(spec.lengths)
     for text in spec.methods:
+        method = build(text)
         try:
-            build_method(text).prompt_keep(shortest)
+            (method.read_method if isinstance(method, Strategy) else method).prompt_keep(shortest)
         except ValueError as err:
             raise ValueError(f"{text}: {err} at length {shortest}; use a ratio or a smaller budget") from None
 
@@ -145,6 +161,8 @@ def run_cell(ctx: RunContext, cell: Cell, indices: list[int]) -> Iterator[list[R
         batch = indices[start : start + size]
         if ctx.client is not None:
             runner = _endpoint_batch
+        elif isinstance(build(cell.method), Strategy):
+            runner = _strategy_batch
         else:
             runner = _shared_batch if cell.task.shared_context else _plain_batch
         began = time.perf_counter()
@@ -191,9 +209,29 @@ def _plain_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: li
     )
     cost = BatchCost.of(out, n, out.prefill_seconds, out.decode_seconds)
     return [
-        _row(ctx, cell, s, i, 0, text, len(tokens), cost)
+        _row(ctx, cell, s, i, 0, text, len(tokens), cost, Work(1, s.length + len(tokens)))
         for s, i, text, tokens in zip(samples, indices, out.texts, out.token_ids, strict=True)
     ]
+
+
+def _strategy_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[ResultRow]:
+    """An input-level strategy answers each sample (and each turn of a shared context: it re-reads the
+    context for every question, at its full cost) on its own, so every row's cost is its own."""
+    spec, strategy, rows = ctx.spec, build(cell.method), []
+    for s, i in zip(samples, indices, strict=True):
+        for turn, asked in enumerate(s.all_turns):
+            out = strategy.generate(
+                ctx.model,
+                ctx.tokenizer,
+                s.context_ids,
+                asked.question_ids,
+                max_new_tokens=spec.max_new_tokens,
+                question_aware=spec.question_aware,
+            )
+            cost = BatchCost.of(out, 1, out.prefill_seconds, out.decode_seconds)
+            work = Work(out.calls, out.tokens_processed, out.routes[0])
+            rows.append(_row(ctx, cell, s, i, turn, out.text, len(out.tokens), cost, work))
+    return rows
 
 
 def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: list[int]) -> list[ResultRow]:
@@ -214,7 +252,7 @@ def _shared_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices: l
         result = session.ask([s.all_turns[turn].question_ids for s in samples], spec.max_new_tokens)
         cost = BatchCost.of(result, n, session.prefill_seconds if turn == 0 else 0.0, result.seconds)
         rows += [
-            _row(ctx, cell, s, i, turn, text, len(tokens), cost)
+            _row(ctx, cell, s, i, turn, text, len(tokens), cost, _turn_work(s, turn, len(tokens)))
             for s, i, text, tokens in zip(samples, indices, result.texts, result.token_ids, strict=True)
         ]
     return rows
@@ -228,9 +266,10 @@ def _endpoint_batch(ctx: RunContext, cell: Cell, samples: list[Sample], indices:
         prompts = [s.context_ids + s.all_turns[turn].question_ids for s in samples]
         prefixes = [len(s.context_ids) if shared else 0 for s in samples]
         answers = ctx.client.complete_all(prompts, spec.max_new_tokens, cell.method, prefixes)
-        for s, i, answer in zip(samples, indices, answers, strict=True):
+        for s, i, prompt, answer in zip(samples, indices, prompts, answers, strict=True):
             cost = _endpoint_cost(answer, n)
-            rows.append(_row(ctx, cell, s, i, turn, answer.text, answer.completion_tokens, cost))
+            work = Work(1, len(prompt) + answer.completion_tokens)
+            rows.append(_row(ctx, cell, s, i, turn, answer.text, answer.completion_tokens, cost, work))
     return rows
 
 
@@ -247,8 +286,31 @@ def _endpoint_cost(answer, n: int) -> BatchCost:
     )
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a row cost in model work: calls, tokens through the model, and the route a router took."""
+
+    calls: int
+    tokens_processed: int
+    route: str | None = None
+
+
+def _turn_work(sample: Sample, turn: int, new_tokens: int) -> Work:
+    """A shared-context turn: the first reads context and question, a later one its question only."""
+    asked = len(sample.all_turns[turn].question_ids)
+    return Work(1, (sample.length if turn == 0 else asked) + new_tokens)
+
+
 def _row(
-    ctx: RunContext, cell: Cell, sample: Sample, index: int, turn: int, text: str, new_tokens: int, cost: BatchCost
+    ctx: RunContext,
+    cell: Cell,
+    sample: Sample,
+    index: int,
+    turn: int,
+    text: str,
+    new_tokens: int,
+    cost: BatchCost,
+    work: Work,
 ) -> ResultRow:
     asked = sample.all_turns[turn]
     return ResultRow(
@@ -269,6 +331,7 @@ def _row(
         prompt_chars=len(ctx.tokenizer.decode(sample.context_ids + asked.question_ids)),
         new_tokens=new_tokens,
         **asdict(cost),
+        **asdict(work),
         model=ctx.spec.model,
         device=ctx.device_name,
         versions=ctx.versions,

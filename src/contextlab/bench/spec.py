@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from contextlab.bench.tasks import SHARED_CONTEXT_TASKS, TASKS
 from contextlab.errors import ContextlabError
-from contextlab.methods.spec import build_method
 from contextlab.specstring import split_spec
+from contextlab.strategies import build
 
 # The main job (`make bench`): SmolLM2-135M-Instruct, a real instruction-following model that installs
 # offline from PyPI, at the KV ratio where methods part ways (0.75 removed), sized to finish in <= 10
@@ -84,7 +84,7 @@ class RunSpec:
         if not self.methods or not self.tasks or not self.lengths:
             raise ValueError("a run needs at least one method, one task and one length")
         for spec in self.methods:
-            build_method(spec)
+            build(spec)
         for task in self.tasks:
             TaskSpec.parse(task)
         if any(n < 16 for n in self.lengths):
@@ -160,5 +160,5 @@ def resumed_spec(stored: RunSpec, given: dict, extend: bool = False) -> RunSpec:
 
 def _canonical(name: str, value):
     if name == "methods":
-        return build_method(value).describe()
+        return build(value).describe()
     return TaskSpec.parse(value).key if name == "tasks" else value

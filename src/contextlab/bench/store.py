@@ -21,7 +21,9 @@ from contextlab.bench.spec import RunSpec
 from contextlab.errors import ContextlabError
 
 APPLICATION_ID = 0x434C4142  # "CLAB"
-SCHEMA_VERSION = 1
+# Version 2 added the calls, tokens_processed and route columns; a version-1 file is upgraded when opened.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 # Version of the run spec's JSON (the fields of RunSpec). Runs written before it was recorded hold version 1;
 # version 2 added the endpoint fields (a version-1 spec reads with them unset).
 SPEC_VERSION = 2
@@ -83,9 +85,9 @@ class RunStore:
         if app_id != APPLICATION_ID:
             conn.close()
             raise StoreError(f"{path} is a SQLite file but not a contextlab run (foreign file)")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             conn.close()
-            raise StoreError(f"{path} has results schema {version}; this contextlab reads {SCHEMA_VERSION}")
+            raise StoreError(f"{path} has results schema {version}; this contextlab reads {READABLE_SCHEMAS}")
         problems = _integrity_problems(conn)
         conn.close()
         if problems:
@@ -93,7 +95,23 @@ class RunStore:
                 f"{path} is corrupt ({problems}); its readable rows can be copied out with "
                 f"`sqlite3 {path} .recover`, or start a new run"
             )
-        return cls(path, _connect(path))
+        store = cls(path, _connect(path))
+        if version < SCHEMA_VERSION:
+            store._upgrade()
+        return store
+
+    def _upgrade(self) -> None:
+        """Add the columns of later schema versions (each has a default or allows NULL), so an older run
+        resumes and reports; a read-only file is read as it is (its rows lack the new columns)."""
+        present = {row[1] for row in self._query("PRAGMA table_info(samples)")}
+        try:
+            with self.conn:
+                for name, kind in COLUMNS.items():
+                    if name not in present:
+                        self.conn.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.OperationalError:
+            pass
 
     @property
     def run_dir(self) -> Path:
