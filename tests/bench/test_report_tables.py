@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -82,6 +83,13 @@ def test_decode_time_is_per_generated_token_and_ttft_is_first_turn_prefill():
     assert by_method["snapkv:0.5"].decode_ms_per_token == pytest.approx(10.0)
     assert by_method["tova:0.5"].decode_ms_per_token == pytest.approx(10.0)
     assert by_method["tova:0.5"].prefill_seconds == pytest.approx(0.1)  # later turns do not dilute it
+
+
+def test_calls_and_tokens_per_answer_are_summarised():
+    rows = samples("rag:k=2", 5, calls=3, tokens_processed=600) + samples("full", 5)  # full: a schema-1 run
+    by_method = {m.method: m for m in summarise(rows)}
+    assert (by_method["rag:k=2"].calls_per_answer, by_method["rag:k=2"].tokens_per_answer) == (3.0, 600.0)
+    assert by_method["full"].calls_per_answer == 1.0 and math.isnan(by_method["full"].tokens_per_answer)
 
 
 @pytest.fixture

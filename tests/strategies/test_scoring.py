@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from contextlab.bench.tasks.text import kjv_text, split_sentences
-from contextlab.strategies import scoring
+from contextlab.strategies import build, scoring
 from contextlab.strategies.scoring import RetrievalError, bm25_scores, certainty_scores, dense_scores
 
 PLANTED = "The secret password of the lighthouse keeper on the northern island is marigold."
@@ -58,6 +58,9 @@ def test_a_missing_package_names_the_extra(monkeypatch, fn, package):
     )
     with pytest.raises(RetrievalError, match=rf"{package} is not installed.*contextlab\[rag\]"):
         fn(["some text"], "some question")
+    scorer = "bm25" if fn is bm25_scores else "dense"
+    with pytest.raises(RetrievalError, match=rf"{package} is not installed"):  # refused when the spec is read
+        build(f"rag:scorer={scorer}")
 
 
 def test_certainty_is_the_mean_log_probability_of_the_question(llama):

