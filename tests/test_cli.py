@@ -59,7 +59,7 @@ def test_generate_json(model_dir, tmp_path):
         (["--method", "snpkv:0.5"], "did you mean 'snapkv'"),
         (["--context-file", "/no/such/file"], "context file not found"),
         (["--empty"], "context is empty"),
-        (["--method", "rag:k=0"], "k must be a positive number of chunks"),
+        (["--method", "rag:k=0"], "k (chunks read) must be an integer >= 1"),
         (["--method", "rag:chunk=4000"], "larger than the model's window of 2048"),
     ],
 )

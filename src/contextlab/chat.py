@@ -62,5 +62,22 @@ def _build_frame(tokenizer) -> ChatFrame:
     return ChatFrame(head=_encode(tokenizer, before), tail=_encode(tokenizer, after))
 
 
+def prefix_ids(tokenizer) -> list[int]:
+    """The tokens before the context: a chat model's template head (BOS, system turn, user header), else
+    what the tokenizer puts before a sequence (usually just BOS), found by encoding one word."""
+    frame = chat_frame(tokenizer)
+    if frame is not None:
+        return list(frame.head)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(without)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == without else []
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added."""
+    return _encode(tokenizer, text)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []

@@ -29,8 +29,11 @@ def strategy_run(model_dir, tmp_path_factory):
 def test_the_methods_flag_spells_strategies_like_methods():
     assert _csv("rag:k=8,chunk=256,snapkv:0.5,coa:chunk=2048") == ["rag:k=8,chunk=256", "snapkv:0.5", "coa:chunk=2048"]
     assert RunSpec(methods=["rag:k=8+snapkv:0.5"]).methods == ["rag:k=8+snapkv:0.5"]
-    with pytest.raises(ValueError, match="k must be a positive number of chunks"):
+    assert _csv("router:k=2,kv=snapkv:0.5,full") == ["router:k=2,kv=snapkv:0.5", "full"]  # a spec as a value
+    with pytest.raises(ValueError, match=r"k \(chunks read\) must be an integer >= 1"):
         RunSpec(methods=["rag:k=0"])
+    with pytest.raises(ValueError, match="input-level strategies run against a local model"):
+        RunSpec(methods=["rag"], endpoint="http://127.0.0.1:9/v1", model="served")
 
 
 def test_every_row_records_its_work(strategy_run):

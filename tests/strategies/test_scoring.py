@@ -67,7 +67,8 @@ def test_certainty_is_the_mean_log_probability_of_the_question(llama):
     torch.manual_seed(0)
     chunks = [torch.randint(3, 250, (n,)).tolist() for n in (12, 12, 7, 12)]
     question = [40, 41, 42, 43, 44]
-    got = certainty_scores(llama, chunks, question, batch=2)
+    got, passes = certainty_scores(llama, chunks, question, batch=2)
+    assert passes == 3  # three chunks of 12 tokens in batches of 2, one of 7
     for chunk, value in zip(chunks, got, strict=True):
         ids = torch.tensor([chunk + question])
         logp = llama(input_ids=ids).logits[0].log_softmax(-1)  # [T, V]

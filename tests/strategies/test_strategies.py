@@ -7,8 +7,10 @@ import pytest
 
 import contextlab as cl
 from contextlab.bench.tasks import TASKS
+from contextlab.chat import prefix_ids
 from contextlab.methods.base import Method
 from contextlab.strategies import STRATEGIES, Strategy, StrategyError, base, build, is_strategy, retrieval
+from contextlab.strategies.base import split_prompt
 from contextlab.strategies.router import Router
 
 # Small parameters so each strategy runs in seconds on the reference model (native window 4096).
@@ -42,19 +44,31 @@ def test_every_strategy_is_registered_apart_from_methods():
 def test_specs_parse_like_methods_and_compose_with_a_read_method():
     rag = build("rag:k=8,chunk=256+snapkv:0.5")
     assert isinstance(rag, Strategy) and (rag.k, rag.chunk, rag.read) == (8, 256, "snapkv:0.5")
-    assert rag.describe() == "rag+snapkv:0.5"  # k=8 and chunk=256 are the defaults
+    assert rag.describe() == "rag+snapkv:ratio=0.5"  # k=8 and chunk=256 are the defaults
     assert build("rag:k=4,chunk=256").describe() == "rag:k=4"
     assert isinstance(rag.read_method, Method)
     assert build("rag(k=2,tokens=300)").tokens == 300
     assert build("router:kv_mb=1").kv_mb == 1.0  # an integer for a float field
     assert isinstance(build("snapkv:0.5"), Method)
     assert is_strategy("coa:chunk=2048") and not is_strategy("snapkv:0.5")
+    # spellings of the same read method describe alike (one cell on resume and in reports)
+    assert build("rag+snapkv:0.5").describe() == build("rag+snapkv:ratio=0.5").describe() == "rag+snapkv:ratio=0.5"
+    assert build("router:kv=snapkv:ratio=0.5").describe() == "router"  # the default kv, spelled otherwise
+
+
+def test_a_base_model_prompt_splits_into_bos_body_question_and_answer_cue(reference, long_samples):
+    _, tok = reference  # no chat template: BOS is the head, "\nAnswer:" the cue the answer follows
+    s = long_samples[0]
+    p = split_prompt(tok, s.context_ids, s.question_ids)
+    assert p.head == prefix_ids(tok) and len(p.head) == 1
+    assert p.head + p.body == s.context_ids and p.query + p.tail + p.prefix == s.question_ids
+    assert tok.decode(p.prefix) == "\nAnswer:" and tok.decode(p.query).startswith("\n\nQuestion: What is")
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("rag:k=0", "k must be a positive number of chunks"),
+        ("rag:k=0", r"k \(chunks read\) must be an integer >= 1"),
         ("rag:chunk=0", "chunk must be a positive number of tokens"),
         ("rag:overlap=300", "overlap must be an integer in"),
         ("rag:scorer=tfidf", "scorer must be one of"),
@@ -64,7 +78,9 @@ def test_specs_parse_like_methods_and_compose_with_a_read_method():
         ("snapkv:0.5+rag:k=8", "an input-level strategy goes first"),
         ("rag:k=8+snapkv:2.0", "read method 'snapkv:2.0'"),
         ("router+snapkv:0.5", "router picks its own read method"),
-        ("coa:note=0", "note must be a positive number of tokens"),
+        ("rag+snapkv:budget=512", "keeps a fixed number of tokens, but a strategy's reads vary in length"),
+        ("router:kv=streaming:budget=512", "keeps a fixed number of tokens"),
+        ("coa:note=0", "note must be an integer >= 1"),
         ("ragg:k=8", "input-level strategies: coa, rag, router, wim, xl3m"),
     ],
 )
@@ -112,11 +128,9 @@ def test_strategies_run_past_the_window_and_book_every_call(reference, long_samp
         return out
 
     def spy_certainty(model, chunks, question, batch):
-        groups = {}
-        for c in chunks:
-            groups[len(c)] = groups.get(len(c), 0) + 1
-        calls.append((sum(-(-n // batch) for n in groups.values()), sum(len(c) + len(question) for c in chunks)))
-        return real_certainty(model, chunks, question, batch)
+        scores, passes = real_certainty(model, chunks, question, batch)
+        calls.append((passes, sum(len(c) + len(question) for c in chunks)))
+        return scores, passes
 
     monkeypatch.setattr(base, "generate", spy_generate)
     monkeypatch.setattr(retrieval, "certainty_scores", spy_certainty)
@@ -159,7 +173,7 @@ def test_a_composed_read_method_compresses_the_final_read(reference, long_sample
     evicted = build("rag:k=4,chunk=256+snapkv:0.5").generate(
         model, tok, s.context_ids, s.question_ids, max_new_tokens=4
     )
-    assert evicted.method == "rag:k=4+snapkv:0.5"
+    assert evicted.method == "rag:k=4+snapkv:ratio=0.5"
     assert evicted.kv_bytes < 0.6 * plain.kv_bytes
 
 

@@ -24,8 +24,9 @@ def _csv(text: str) -> list[str]:
         part = part.strip()
         if not part:
             continue
-        if items and ":" in items[-1] and "=" in part and ":" not in part:
-            items[-1] += "," + part  # a parameter of the previous spec
+        key = part.split("=", 1)[0]
+        if items and ":" in items[-1] and "=" in part and ":" not in key and "(" not in key:
+            items[-1] += "," + part  # a parameter of the previous spec (its value may be a spec: kv=snapkv:0.5)
         else:
             items.append(part)
     return items

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from contextlab.bench.tasks import SHARED_CONTEXT_TASKS, TASKS
 from contextlab.errors import ContextlabError
 from contextlab.specstring import split_spec
-from contextlab.strategies import build
+from contextlab.strategies import Strategy, build
 
 # The main job (`make bench`): SmolLM2-135M-Instruct, a real instruction-following model that installs
 # offline from PyPI, at the KV ratio where methods part ways (0.75 removed), sized to finish in <= 10
@@ -84,7 +84,11 @@ class RunSpec:
         if not self.methods or not self.tasks or not self.lengths:
             raise ValueError("a run needs at least one method, one task and one length")
         for spec in self.methods:
-            build(spec)
+            if isinstance(build(spec), Strategy) and self.endpoint is not None:
+                raise ValueError(
+                    f"{spec}: input-level strategies run against a local model; an endpoint would answer the whole "
+                    "prompt under its own method"
+                )
         for task in self.tasks:
             TaskSpec.parse(task)
         if any(n < 16 for n in self.lengths):

@@ -110,8 +110,11 @@ class RunStore:
                     if name not in present:
                         self.conn.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.OperationalError:
-            pass
+        except sqlite3.OperationalError as err:
+            if "readonly" not in str(err).replace(" ", "").lower():
+                raise StoreError(
+                    f"{self.path}: cannot add the results schema {SCHEMA_VERSION} columns: {err}"
+                ) from None
 
     @property
     def run_dir(self) -> Path:

@@ -91,7 +91,8 @@ def generate(
         decode_seconds=decode_seconds,
         kept_positions=kept,
         prompt_tokens=plan.total_tokens,
-        tokens_processed=sum(plan.total_tokens) + sum(len(t) for t in tokens),
+        # question copies fed between chunks (InfiniRetri) count at the batch's widest question
+        tokens_processed=sum(plan.total_tokens) + done.copies * len(tokens) + sum(len(t) for t in tokens),
     )
 
 

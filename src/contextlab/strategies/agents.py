@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from contextlab.methods.base import check_int
 from contextlab.strategies.base import Reader, RowAnswer, Strategy, StrategyError
 from contextlab.strategies.chunking import check_chunking
 from contextlab.strategies.retrieval import QUESTION_ROOM, body_chunks
@@ -18,11 +19,6 @@ MARGIN = (
     "exactly). If it does not, reply NONE."
 )
 NOTES_HEADER = "Notes taken while reading a long text:\n"
-
-
-def _check_note(name: str, what: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: {what} must be a positive number of tokens, got {value!r}")
 
 
 def _check_window(name: str, chunk: int, note_room: int, native: int | None, new: int) -> None:
@@ -50,7 +46,7 @@ class ChainOfAgents(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_chunking(self.chunk, 0, self.unit)
-        _check_note(self.name, "note", self.note)
+        check_int(f"{self.name}: note", self.note, 1)
 
     def check(self, native: int | None, max_new_tokens: int) -> None:
         _check_window(self.name, self.chunk, 2 * self.note, native, max_new_tokens)
@@ -65,7 +61,7 @@ class ChainOfAgents(Strategy):
             text = reader.encode("Text:\n") + body[c.start : c.end]
             if note:
                 text += reader.encode("\n\nNotes so far:\n") + note
-            note = reader.note(text, WORKER.format(question=question), self.note).token_ids[0]
+            note = reader.note([text], WORKER.format(question=question), self.note).token_ids[0]
         return RowAnswer(reader.answer(reader.encode(NOTES_HEADER) + note, max_new_tokens))
 
 
@@ -74,7 +70,8 @@ class WritingInMargins(Strategy):
     """Writing in the Margins: after each chunk the model writes a margin note for the question (NONE when the
     chunk is irrelevant); irrelevant margins are dropped and the answer reads the relevant ones. When the
     whole prompt and the margins fit the window, the answer reads the context too, as in the paper;
-    beyond the window it reads the margins alone.
+    beyond the window it reads the margins alone (and when every margin says NONE, the question alone:
+    the model found nothing, and its answer says so or guesses).
 
     WiM (arXiv 2408.14906): "average enhancement of 7.5% in accuracy for reasoning skills" and "more than a
     30.0% increase in the F1-score for aggregation tasks". Here each margin is written from its own chunk
@@ -92,9 +89,8 @@ class WritingInMargins(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_chunking(self.chunk, 0, self.unit)
-        _check_note(self.name, "margin", self.margin)
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
-            raise ValueError(f"wim: batch must be a positive integer, got {self.batch!r}")
+        check_int(f"{self.name}: margin", self.margin, 1)
+        check_int(f"{self.name}: batch", self.batch, 1)
 
     def check(self, native: int | None, max_new_tokens: int) -> None:
         _check_window(self.name, self.chunk, self.margin, native, max_new_tokens)
@@ -105,14 +101,13 @@ class WritingInMargins(Strategy):
     def answer(self, reader: Reader, max_new_tokens: int) -> RowAnswer:
         prompt = reader.prompt
         question = reader.tokenizer.decode(prompt.query).strip()
-        instruction = reader.encode(MARGIN.format(question=question)) + prompt.tail
         chunks = body_chunks(reader, self.chunk, 0, self.unit)
         margins: list[list[int]] = []
         for start in range(0, len(chunks), self.batch):
-            contexts = [prompt.head + prompt.body[c.start : c.end] for c in chunks[start : start + self.batch]]
-            out = reader.ask_batch(contexts, instruction, self.margin)
+            bodies = [prompt.body[c.start : c.end] for c in chunks[start : start + self.batch]]
+            out = reader.note(bodies, MARGIN.format(question=question), self.margin)
             margins += [ids for ids, text in zip(out.token_ids, out.texts, strict=True) if _relevant(text)]
-        room = (reader.window or 1 << 62) - prompt.total + len(prompt.body) - max_new_tokens
+        room = reader.room - max_new_tokens if reader.room is not None else 1 << 62
         notes = reader.encode(NOTES_HEADER)
         for m in margins:  # margins past what a read can hold are dropped, the latest first
             line = m + reader.encode("\n")
@@ -120,7 +115,7 @@ class WritingInMargins(Strategy):
                 break
             notes += line
         with_context = reader.encode("\n\n") + notes
-        if reader.window is None or prompt.total + len(with_context) + max_new_tokens <= reader.window:
+        if len(prompt.body) + len(with_context) <= room:
             return RowAnswer(reader.answer(prompt.body + with_context, max_new_tokens))
         return RowAnswer(reader.answer(notes, max_new_tokens))
 

@@ -8,8 +8,9 @@ with ``+``: ``rag:k=8+snapkv:0.5``) and must fit the model's native window, so s
 past the window without any position extension.
 
 A prompt is split into the parts a strategy rearranges (:class:`Prompt`): the chat template's head, the
-context body, the question, the template's tail and the task's answer prefix. Reads are rebuilt from token
-ids, so nothing is re-tokenized and the final read asks the question exactly as the task did.
+context body, the question, the template's tail and the task's answer prefix. Reads are rebuilt from the row's token
+ids (the context is never re-tokenized), so the final read asks the question exactly as the task did;
+worker and margin instructions quote the question as decoded text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from contextlab.chat import chat_frame
+from contextlab.chat import chat_frame, encode, prefix_ids
 from contextlab.engine.generate import generate
 from contextlab.engine.inputs import normalise
 from contextlab.engine.result import GenerationResult, full_cache_bytes
@@ -49,21 +50,20 @@ class Prompt:
 
 
 def split_prompt(tokenizer, context: list[int], question: list[int]) -> Prompt:
-    """Find the chat frame (when the tokenizer has one and the row was built with it) around a row."""
-    frame = chat_frame(tokenizer)
-    head, tail = (frame.head, frame.tail) if frame else ([], [])
+    """Split a row into its parts: the head is the chat template's head (or, for a base model, the BOS the
+    tokenizer puts first) when the context starts with it; the tail is the template's tail, the prefix what
+    follows it (a task's ``Answer:``). Without a template, a short last line ending in ``:`` is the prefix."""
+    head = prefix_ids(tokenizer)
     if not head or context[: len(head)] != head:
         head = []
-    at = _last_index(question, tail) if tail else -1
-    if at < 0:
-        return Prompt(head=head, body=context[len(head) :], query=question, tail=[], prefix=[])
-    return Prompt(
-        head=head,
-        body=context[len(head) :],
-        query=question[:at],
-        tail=question[at : at + len(tail)],
-        prefix=question[at + len(tail) :],
-    )
+    body = context[len(head) :]
+    frame = chat_frame(tokenizer)
+    at = _last_index(question, frame.tail) if frame and frame.tail else -1
+    if at >= 0:
+        end = at + len(frame.tail)
+        return Prompt(head, body, question[:at], question[at:end], question[end:])
+    cut = _answer_prefix_start(tokenizer, question)
+    return Prompt(head, body, question[:cut], [], question[cut:])
 
 
 def _last_index(seq: list[int], sub: list[int]) -> int:
@@ -73,10 +73,21 @@ def _last_index(seq: list[int], sub: list[int]) -> int:
     return -1
 
 
+def _answer_prefix_start(tokenizer, question: list[int]) -> int:
+    """Where a base model's prompt cue starts (``\nAnswer:``), or the question's end when there is none."""
+    pieces = tokenizer.batch_decode([[t] for t in question])
+    for i in range(len(pieces) - 1, 0, -1):
+        if "\n" in pieces[i]:
+            rest = "".join(pieces[i:]).strip()
+            return i if rest.endswith(":") and 0 < len(rest) <= 24 else len(question)
+    return len(question)
+
+
 @dataclass
 class Ledger:
     """What one row's calls cost, summed (bytes: the most any one call held, since calls run one after
-    another). Time spent outside the model (retrieval) counts as prefill time: it comes before the answer."""
+    another). Everything before the final answer's first token is prefill time: retrieval outside the model,
+    scoring passes, and worker or margin reads with their generated notes; decode time is the answer's."""
 
     calls: int = 0
     tokens_processed: int = 0
@@ -86,11 +97,11 @@ class Ledger:
     kv_bytes_end: int = 0
     peak_memory_bytes: int = 0
 
-    def add(self, out: GenerationResult) -> None:
+    def add(self, out: GenerationResult, final: bool) -> None:
         self.calls += out.calls
         self.tokens_processed += out.tokens_processed
-        self.prefill_seconds += out.prefill_seconds
-        self.decode_seconds += out.decode_seconds
+        self.prefill_seconds += out.prefill_seconds + (0.0 if final else out.decode_seconds)
+        self.decode_seconds += out.decode_seconds if final else 0.0
         self.kv_bytes = max(self.kv_bytes, out.kv_bytes)
         self.kv_bytes_end = max(self.kv_bytes_end, out.kv_bytes_end)
         self.peak_memory_bytes = max(self.peak_memory_bytes, out.peak_memory_bytes)
@@ -115,22 +126,30 @@ class Reader:
     ledger: Ledger = field(default_factory=Ledger)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(self.tokenizer, text)
 
-    def answer(self, body: list[int], max_new_tokens: int, query: list[int] | None = None) -> GenerationResult:
-        """Answer the row's question (or ``query``) about ``body``, in the task's own answer format."""
+    @property
+    def room(self) -> int | None:
+        """Tokens a read may give the context body when it asks the row's own question (None: no window)."""
         p = self.prompt
-        return self.ask(p.head + body, (p.query if query is None else query) + p.tail + p.prefix, max_new_tokens)
+        return None if self.window is None else self.window - (p.total - len(p.body))
 
-    def note(self, body: list[int], instruction: str, max_new_tokens: int) -> GenerationResult:
-        """Write a note about ``body`` following ``instruction`` (the assistant turn starts empty)."""
-        return self.ask(self.prompt.head + body, self.encode(instruction) + self.prompt.tail, max_new_tokens)
+    def answer(self, body: list[int], max_new_tokens: int) -> GenerationResult:
+        """The final read: the row's question about ``body``, in the task's own answer format."""
+        p = self.prompt
+        return self.ask_batch([p.head + body], p.query + p.tail + p.prefix, max_new_tokens, final=True)
 
-    def ask(self, context: list[int], question: list[int], max_new_tokens: int) -> GenerationResult:
-        return self.ask_batch([context], question, max_new_tokens)
+    def note(self, bodies: list[list[int]], instruction: str, max_new_tokens: int) -> GenerationResult:
+        """Notes about each of ``bodies`` (one batched call) following ``instruction``; the assistant turn
+        starts empty (a base model's starts after ``Notes:``)."""
+        cue = self.prompt.tail if self.prompt.tail else self.encode("\nNotes:")
+        contexts = [self.prompt.head + b for b in bodies]
+        return self.ask_batch(contexts, self.encode(instruction) + cue, max_new_tokens, final=False)
 
-    def ask_batch(self, contexts: list[list[int]], question: list[int], max_new_tokens: int) -> GenerationResult:
-        """One ``generate`` call over several contexts with the same question (left-padded batch)."""
+    def ask_batch(
+        self, contexts: list[list[int]], question: list[int], max_new_tokens: int, final: bool
+    ) -> GenerationResult:
+        """One ``generate`` call over contexts sharing a question (left-padded batch), booked in the ledger."""
         for context in contexts:
             needed = len(context) + len(question) + max_new_tokens
             if self.window and needed > self.window:
@@ -147,7 +166,7 @@ class Reader:
             max_new_tokens=max_new_tokens,
             question_aware=self.question_aware,
         )
-        self.ledger.add(out)
+        self.ledger.add(out, final)
         return out
 
     def timed(self, fn, *args):
@@ -164,6 +183,25 @@ class RowAnswer:
     route: str | None = None
 
 
+def check_read_method(strategy: str, spec: str) -> Method:
+    """The KV method a strategy reads under; a fixed token budget is refused (reads vary in length, and a
+    budget larger than a short read fails in the middle of a run)."""
+    try:
+        method = build_method(spec)
+    except ValueError as err:
+        raise ValueError(f"{strategy}: its read method {spec!r}: {err}") from None
+    try:
+        fixed = method.prompt_keep(1 << 14) is not None and method.prompt_keep(1 << 14) == method.prompt_keep(1 << 15)
+    except ValueError:
+        fixed = True
+    if fixed:
+        raise ValueError(
+            f"{strategy}: its read method {spec!r} keeps a fixed number of tokens, but a strategy's reads vary in "
+            "length; give it a ratio (e.g. snapkv:0.5)"
+        )
+    return method
+
+
 @dataclass(frozen=True)
 class Strategy:
     """Base of the input-level strategies. Subclasses set ``name``/``paper`` and implement :meth:`answer`.
@@ -175,23 +213,23 @@ class Strategy:
     read: str = field(default="full", metadata={"help": "KV method of every read, set with '+'"})
 
     def __post_init__(self) -> None:
-        try:
-            build_method(self.read)
-        except ValueError as err:
-            raise ValueError(f"{self.name}: its read method {self.read!r}: {err}") from None
+        check_read_method(self.name, self.read)
 
     @property
     def read_method(self) -> Method:
         return build_method(self.read)
 
     def describe(self) -> str:
-        params = [
-            f"{f.name}={getattr(self, f.name)}"
-            for f in dataclasses.fields(self)
-            if f.name != "read" and getattr(self, f.name) != f.default
-        ]
+        params = []
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if f.name == "kv":  # a method spec: compared in its canonical spelling
+                value, default = build_method(value).describe(), build_method(default).describe()
+            if f.name != "read" and value != default:
+                params.append(f"{f.name}={value}")
         text = f"{self.name}:{','.join(params)}" if params else self.name
-        return text if self.read == "full" else f"{text}+{self.read}"
+        read = self.read_method.describe()
+        return text if read == "full" else f"{text}+{read}"
 
     def largest_read(self, native: int, max_new_tokens: int) -> int:
         """Tokens of the longest single read at most (for memory checks); the window by default."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from contextlab.methods.base import check_int
 from contextlab.strategies.base import Reader, RowAnswer, Strategy, StrategyError
 from contextlab.strategies.chunking import Chunk, check_chunking, make_chunks, merge_spans
 from contextlab.strategies.scoring import SCORERS, bm25_scores, certainty_scores, dense_scores, require
@@ -16,10 +17,8 @@ QUESTION_ROOM = 64
 
 
 def _check_selection(strategy, k: int, tokens: int | None) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"{strategy}: k must be a positive number of chunks, got {k!r}")
-    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
-        raise ValueError(f"{strategy}: tokens must be a positive token budget, got {tokens!r}")
+    check_int(f"{strategy}: k (chunks read)", k, 1)
+    check_int(f"{strategy}: tokens (token budget)", tokens, 1, allow_none=True)
 
 
 def _check_fits(name: str, chunk: int, k: int, tokens: int | None, native: int | None, new: int) -> None:
@@ -36,6 +35,15 @@ def _check_fits(name: str, chunk: int, k: int, tokens: int | None, native: int |
             f"{name}: k x chunk = {k} x {chunk} = {k * chunk} tokens read at once pass the model's window of "
             f"{native}; lower k or chunk, or cap the read with tokens=N"
         )
+
+
+def select(reader: Reader, scores: list[float], chunks: list[Chunk], k: int, tokens: int | None, new: int):
+    """The top ``k`` chunks, their tokens capped by ``tokens`` and by the room the row's read has in the
+    window beside its chat frame, question and answer."""
+    if reader.room is not None:
+        room = reader.room - new
+        tokens = min(tokens, room) if tokens else room
+    return select_top(scores, chunks, k=k, tokens=tokens)
 
 
 def read_selected(reader: Reader, chunks: list[Chunk], chosen: list[int], max_new_tokens: int):
@@ -91,15 +99,16 @@ class RAG(Strategy):
         question = reader.tokenizer.decode(reader.prompt.query).strip()
         score = bm25_scores if self.scorer == "bm25" else dense_scores
         scores = reader.timed(score, texts, question)
-        chosen = select_top(scores, chunks, k=self.k, tokens=self.tokens)
+        chosen = select(reader, scores, chunks, self.k, self.tokens, max_new_tokens)
         return RowAnswer(read_selected(reader, chunks, chosen, max_new_tokens))
 
 
 @dataclass(frozen=True)
 class XL3M(Strategy):
     """XL3M segment selection: score every segment by the model's own certainty about the question read
-    right after it (mean log-probability of the question's tokens), keep the ``k`` most certain segments in
-    their original order, answer from them.
+    right after it (mean log-probability of the question's tokens; a segment is scored as plain text, with
+    no chat template around it), keep the ``k`` most certain segments in their original order, answer from
+    them.
 
     XL3M (arXiv 2405.17755), training-free; "a Llama2-7B model is able to reason 20M long sequences".
     Costs: one pass over the whole context in segments (no generation), then one read of about
@@ -118,8 +127,7 @@ class XL3M(Strategy):
         super().__post_init__()
         check_chunking(self.chunk, self.overlap, self.unit)
         _check_selection(self.name, self.k, self.tokens)
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
-            raise ValueError(f"xl3m: batch must be a positive integer, got {self.batch!r}")
+        check_int("xl3m: batch", self.batch, 1)
 
     def check(self, native: int | None, max_new_tokens: int) -> None:
         _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
@@ -131,17 +139,13 @@ class XL3M(Strategy):
         chunks = body_chunks(reader, self.chunk, self.overlap, self.unit)
         body, query = reader.prompt.body, reader.prompt.query
         pieces = [body[c.start : c.end] for c in chunks]
+        longest = max(len(p) for p in pieces) + len(query)
+        if reader.window is not None and longest > reader.window:
+            raise StrategyError(
+                f"xl3m: a segment and the question ({longest} tokens) pass the model's window of {reader.window}"
+            )
         start = time.perf_counter()
-        scores = certainty_scores(reader.model, pieces, query, self.batch)
-        passes = sum(-(-n // self.batch) for n in _length_groups(pieces))
+        scores, passes = certainty_scores(reader.model, pieces, query, self.batch)
         reader.ledger.add_forward(passes, sum(len(p) + len(query) for p in pieces), time.perf_counter() - start)
-        chosen = select_top(scores, chunks, k=self.k, tokens=self.tokens)
+        chosen = select(reader, scores, chunks, self.k, self.tokens, max_new_tokens)
         return RowAnswer(read_selected(reader, chunks, chosen, max_new_tokens))
-
-
-def _length_groups(pieces: list[list[int]]) -> list[int]:
-    """How many pieces share each length (certainty scoring batches equal lengths)."""
-    counts: dict[int, int] = {}
-    for p in pieces:
-        counts[len(p)] = counts.get(len(p), 0) + 1
-    return list(counts.values())

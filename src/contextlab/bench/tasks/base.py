@@ -18,7 +18,7 @@ import numpy as np
 from contextlab.bench.metrics import METRIC_FUNCTIONS
 from contextlab.bench.tasks.haystack import resolve_haystack
 from contextlab.bench.tasks.text import TokenizedHaystack
-from contextlab.chat import chat_frame
+from contextlab.chat import chat_frame, encode, prefix_ids
 
 
 class Filler(Protocol):
@@ -74,22 +74,6 @@ class Sample:
                 f"sample of task {self.task!r} has {len(self.context_ids) + len(self.question_ids)} tokens, "
                 f"expected exactly {self.length}"
             )
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def prefix_ids(tokenizer) -> list[int]:
-    """The tokens before the context: a chat model's template head (BOS, system turn, user header), else
-    what the tokenizer puts before a sequence (usually just BOS), found by encoding one word."""
-    frame = chat_frame(tokenizer)
-    if frame is not None:
-        return list(frame.head)
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_special) - len(without)
-    return list(with_special[:n]) if n > 0 and with_special[n:] == without else []
 
 
 def question_ids(tokenizer, question: str, answer_prefix: str = "Answer:") -> list[int]:
