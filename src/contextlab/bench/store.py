@@ -111,10 +111,8 @@ class RunStore:
                         self.conn.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.OperationalError as err:
-            if "readonly" not in str(err).replace(" ", "").lower():
-                raise StoreError(
-                    f"{self.path}: cannot add the results schema {SCHEMA_VERSION} columns: {err}"
-                ) from None
+            if "readonly" not in str(err).replace(" ", "").lower():  # a missing table, a locked file...
+                raise StoreError(f"{self.path} cannot be read as a contextlab run ({err}); it may be corrupt") from None
 
     @property
     def run_dir(self) -> Path:

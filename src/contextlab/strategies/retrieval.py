@@ -61,7 +61,24 @@ def body_chunks(reader: Reader, chunk: int, overlap: int, unit: str) -> list[Chu
 
 
 @dataclass(frozen=True)
-class RAG(Strategy):
+class ChunkSelection(Strategy):
+    """What rag and xl3m share: chunk the context, score, read the top ``k`` chunks (their subclasses
+    declare ``k``, ``chunk``, ``overlap``, ``unit`` and ``tokens``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chunking(self.chunk, self.overlap, self.unit)
+        _check_selection(self.name, self.k, self.tokens)
+
+    def check(self, native: int | None, max_new_tokens: int) -> None:
+        _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
+
+    def largest_read(self, native: int, max_new_tokens: int) -> int:
+        return min(self.k * self.chunk, self.tokens or self.k * self.chunk) + QUESTION_ROOM
+
+
+@dataclass(frozen=True)
+class RAG(ChunkSelection):
     """Retrieve-then-read: cut the context into chunks, score each against the question (BM25 or a dense
     sentence embedding), read the top ``k`` in their original order with the question.
 
@@ -80,17 +97,9 @@ class RAG(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_chunking(self.chunk, self.overlap, self.unit)
-        _check_selection(self.name, self.k, self.tokens)
         if self.scorer not in SCORERS:
             raise ValueError(f"rag: scorer must be one of {SCORERS}, got {self.scorer!r}")
         require(self.scorer)
-
-    def check(self, native: int | None, max_new_tokens: int) -> None:
-        _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
-
-    def largest_read(self, native: int, max_new_tokens: int) -> int:
-        return min(self.k * self.chunk, self.tokens or self.k * self.chunk) + QUESTION_ROOM
 
     def answer(self, reader: Reader, max_new_tokens: int) -> RowAnswer:
         chunks = body_chunks(reader, self.chunk, self.overlap, self.unit)
@@ -104,7 +113,7 @@ class RAG(Strategy):
 
 
 @dataclass(frozen=True)
-class XL3M(Strategy):
+class XL3M(ChunkSelection):
     """XL3M segment selection: score every segment by the model's own certainty about the question read
     right after it (mean log-probability of the question's tokens; a segment is scored as plain text, with
     no chat template around it), keep the ``k`` most certain segments in their original order, answer from
@@ -125,15 +134,7 @@ class XL3M(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_chunking(self.chunk, self.overlap, self.unit)
-        _check_selection(self.name, self.k, self.tokens)
         check_int("xl3m: batch", self.batch, 1)
-
-    def check(self, native: int | None, max_new_tokens: int) -> None:
-        _check_fits(self.name, self.chunk, self.k, self.tokens, native, max_new_tokens)
-
-    def largest_read(self, native: int, max_new_tokens: int) -> int:
-        return min(self.k * self.chunk, self.tokens or self.k * self.chunk) + QUESTION_ROOM
 
     def answer(self, reader: Reader, max_new_tokens: int) -> RowAnswer:
         chunks = body_chunks(reader, self.chunk, self.overlap, self.unit)
