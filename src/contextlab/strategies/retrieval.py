@@ -119,7 +119,10 @@ class XL3M(ChunkSelection):
     no chat template around it), keep the ``k`` most certain segments in their original order, answer from
     them.
 
-    XL3M (arXiv 2405.17755), training-free; "a Llama2-7B model is able to reason 20M long sequences".
+    XL3M (arXiv 2405.17755), training-free; "a Llama2-7B model is able to reason 20M long sequences". The
+    paper ranks segments by the entropy of the model's predictions over the question (low entropy: certain);
+    here certainty is the question's own mean log-probability, which also rewards a segment that makes the
+    question's rare words (a needle's key) predictable.
     Costs: one pass over the whole context in segments (no generation), then one read of about
     ``k * chunk`` tokens."""
 

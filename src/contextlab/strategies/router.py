@@ -13,8 +13,11 @@ from contextlab.strategies.retrieval import RAG
 
 @dataclass(frozen=True)
 class Router(Strategy):
-    """Route each prompt by a fixed, documented rule (LaRA, arXiv 2502.09977: neither RAG nor long context
-    wins everywhere, so the choice must depend on length and budget):
+    """Route each prompt: rag when it does not fit the window or exceeds the token budget, the ``kv`` method
+    when a full cache would exceed ``kv_mb`` MiB, else the whole prompt; the route is recorded per row.
+
+    LaRA (arXiv 2502.09977): neither RAG nor long context wins everywhere, so the choice must depend on
+    length and budget. The rule, in order:
 
     1. the prompt and its answer do not fit the model's window -> ``rag`` (nothing else runs unextended);
     2. the prompt is longer than ``tokens`` (the token budget per answer; 0 = the window) -> ``rag``;
