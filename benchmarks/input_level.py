@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Input-level strategies measured on SmolLM2-135M-Instruct (native window 8K), with their full cost.
+
+1. ``retrieval``: single needle (``niah_single_2``) and multi-key (``niah_multikey_1``) at 16K, 32K and
+   64K tokens (needles at 10-90% depth): rag (BM25), rag (dense, all-MiniLM-L6-v2) and xl3m, each reading
+   one chunk (see ``RAG``), where full attention cannot run at all (past the window: refused, shown so).
+2. ``aggregation``: common-word extraction (``cwe``, RULER's aggregation task, where retrieval alone is
+   known to fail) at 8K (inside the window, so full attention runs too): rag vs coa vs wim vs full.
+3. ``router``: single needle at 4K and 7K tokens: the router at its default rule (whole prompt inside the
+   window) and with a 1024-token budget, against rag and full attention on the same samples, with routes.
+
+Every cell records Wilson 95% intervals, and per answer: model calls, tokens through the model (prompts
+plus generated), prefill seconds (retrieval and scoring included), decode seconds and wall seconds.
+Each cell is written to ``benchmarks/results/input_level.json`` as soon as it finishes and is not run again
+(delete the file to start over); ``--samples``/``--few`` set n per cell (see the plan in ``main``).
+
+    PYTHONPATH=. python benchmarks/input_level.py [--sections retrieval aggregation router]
+        [--samples 30] [--few 10] [--threads N]
+
+Writes benchmarks/results/input_level.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from benchmarks._accuracy import markdown, samples
+from benchmarks._machine import cpu_name
+
+import contextlab as cl
+from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.report import interval
+from contextlab.strategies import Strategy, build
+
+RESULTS = Path(__file__).parent / "results"
+STORE = RESULTS / "input_level.json"
+NEEDLE_TASKS = ("niah_single_2", "niah_multikey_1")
+# One chunk read: SmolLM2-135M answers a needle from ~250 tokens far better than from 2K (tuned on other
+# samples, seed 99 at 16K, n=12: BM25 rag k=1 0.92, k=2 0.42, k=4 0.25, k=8 0.17; k=2,chunk=128 0.75).
+RAG, DENSE, XL3M = "rag:k=1", "rag:k=1,scorer=dense", "xl3m:k=1,chunk=256"
+AGGREGATORS = ("full", RAG, "coa", "wim")
+# The router at its default rule (whole prompt when it fits the window) and with a 1024-token budget per
+# answer (rag beyond it): its length rule cannot see that this small model reads needles badly at length.
+ROUTED = ("full", RAG, "router:k=1", "router:k=1,tokens=1024")
+
+
+def task_samples(tok, task: str, length: int, n: int, seed: int):
+    if task.startswith("niah"):
+        rng = random.Random(seed)
+        return samples(tok, task, length, n, seed=seed + length, depths=[0.1 + 0.8 * rng.random() for _ in range(n)])
+    return samples(tok, task, length, n, seed=seed + length)
+
+
+def run(model, tok, spec: str, items, max_new_tokens: int) -> dict:
+    """Each sample answered alone (batch 1); per-answer means of every cost."""
+    method = build(spec)
+    keys = ("calls", "tokens", "prefill_s", "decode_s", "wall_s")
+    scores, sums, routes = [], dict.fromkeys(keys, 0.0), {}
+    for s in items:
+        start = time.perf_counter()
+        if isinstance(method, Strategy):
+            out = method.generate(model, tok, s.context_ids, s.question_ids, max_new_tokens=max_new_tokens)
+        else:
+            out = cl.generate(model, tok, s.context_ids, s.question_ids, method=method, max_new_tokens=max_new_tokens)
+        wall = time.perf_counter() - start
+        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+        for key, value in zip(
+            keys, (out.calls, out.tokens_processed, out.prefill_seconds, out.decode_seconds, wall), strict=True
+        ):
+            sums[key] += value
+        route = (out.routes or [None])[0] or "-"
+        routes[route] = routes.get(route, 0) + 1
+    return {"scores": scores, **{k: v / len(items) for k, v in sums.items()}, "routes": routes}
+
+
+def cells(store: dict, section: str, model, tok, plan: list[tuple[str, int, str, int]], max_new: int) -> None:
+    pools: dict[tuple[str, int], list] = {}
+    for task, length, spec, n in plan:
+        key = f"{section}|{task}|{length}|{spec}"
+        if key in store and len(store[key].get("scores", [])) >= n:
+            continue
+        if spec == "full" and length + max_new > model.config.max_position_embeddings:
+            store[key] = {"skipped": f"prompt of {length} tokens is past the {model.config.max_position_embeddings}"}
+        else:
+            if (task, length) not in pools:
+                pools[(task, length)] = task_samples(
+                    tok, task, length, max(p[3] for p in plan if p[:2] == (task, length)), 11
+                )
+            store[key] = run(model, tok, spec, pools[(task, length)][:n], max_new)
+        save(store)
+        print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
+
+
+def plan_retrieval(n: int, few: int) -> list[tuple[str, int, str, int]]:
+    """The CPU budget of one session: BM25 rag at n everywhere; on the single needle dense rag and xl3m at n
+    at 16K and at ``few`` beyond (xl3m is one model pass over the whole context per answer: ~100 s at 32K
+    here); on multi-key xl3m at ``few`` at 16K only; rag at its defaults (k=8) once, at 16K."""
+    out = []
+    for task in NEEDLE_TASKS:
+        for length in (16384, 32768, 65536):
+            first = length == 16384 and task == NEEDLE_TASKS[0]
+            out += [(task, length, "full", n), (task, length, RAG, n)]
+            if task == NEEDLE_TASKS[0]:
+                out += [(task, length, DENSE, n if first else few), (task, length, XL3M, n if first else few)]
+            elif length == 16384:
+                out.append((task, length, XL3M, few))
+            if first:
+                out.append((task, length, "rag", n))
+    return out
+
+
+def save(store: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
+
+
+def table(store: dict, section: str) -> str:
+    head = [
+        "task",
+        "tokens",
+        "method",
+        "accuracy",
+        "95% CI",
+        "n",
+        "calls",
+        "tokens processed",
+        "prefill s",
+        "decode s",
+        "wall s",
+        "routes",
+    ]
+    rows = []
+    for key, r in store.items():
+        name, task, length, spec = key.split("|")
+        if name != section:
+            continue
+        if "skipped" in r:
+            rows.append([task, length, spec, "cannot run", "-", "-", "-", "-", "-", "-", "-", r["skipped"] + " window"])
+            continue
+        stat = interval(r["scores"])
+        routes = (
+            ", ".join(f"{k} x{v}" for k, v in r["routes"].items()) if r["routes"] != {"-": len(r["scores"])} else "-"
+        )
+        rows.append(
+            [
+                task,
+                length,
+                spec,
+                f"{stat.mean:.2f}",
+                f"[{stat.low:.2f}, {stat.high:.2f}]",
+                str(len(r["scores"])),
+                f"{r['calls']:.1f}",
+                f"{r['tokens']:.0f}",
+                f"{r['prefill_s']:.1f}",
+                f"{r['decode_s']:.1f}",
+                f"{r['wall_s']:.1f}",
+                routes,
+            ]
+        )
+    return markdown(head, rows)
+
+
+def report(store: dict, threads: int) -> str:
+    return "\n\n".join(
+        [
+            "# Input-level strategies on SmolLM2-135M-Instruct (native window 8192)",
+            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy. "
+            "Accuracy: the task's metric, mean with a Wilson 95% interval. Costs are per answer: model calls, "
+            "tokens through the model (prompts + generated), prefill seconds (retrieval and scoring included), "
+            "decode seconds, wall seconds. Produced by `PYTHONPATH=. python benchmarks/input_level.py`.",
+            "## Single needle and multi-key past the window (16K-64K)",
+            table(store, "retrieval"),
+            "## Aggregation inside the window (8K)",
+            table(store, "aggregation"),
+            "## Router inside the window (4K, 7K)",
+            table(store, "router"),
+            f"Platform: {platform.platform()}",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["retrieval", "router", "aggregation"])
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--few", type=int, default=10)
+    parser.add_argument("--aggregation-samples", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    for section in args.sections:
+        if section == "retrieval":
+            cells(store, section, model, tok, plan_retrieval(args.samples, args.few), 16)
+        elif section == "router":
+            plan = [("niah_single_2", n, spec, args.samples) for n in (4096, 7168) for spec in ROUTED]
+            cells(store, section, model, tok, plan, 16)
+        elif section == "aggregation":
+            plan = [("cwe", 8000, spec, args.aggregation_samples) for spec in AGGREGATORS]
+            cells(store, section, model, tok, plan, 48)
+        else:
+            raise SystemExit(f"unknown section {section!r}")
+    out = RESULTS / "input_level.md"
+    out.write_text(report(store, args.threads) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
