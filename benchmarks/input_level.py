@@ -173,7 +173,9 @@ def report(store: dict, threads: int) -> str:
             f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy. "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Costs are per answer: model calls, "
             "tokens through the model (prompts + generated), prefill seconds (retrieval and scoring included), "
-            "decode seconds, wall seconds. Produced by `PYTHONPATH=. python benchmarks/input_level.py`.",
+            "decode seconds, wall seconds. Produced by `PYTHONPATH=. python benchmarks/input_level.py`. Cells are "
+            "run one after another on a shared machine: where other work ran beside a cell its seconds are upper "
+            "bounds (calls and tokens do not depend on it). `full` past the window is refused, not run.",
             "## Single needle and multi-key past the window (16K-64K)",
             table(store, "retrieval"),
             "## Aggregation inside the window (8K)",
