@@ -119,6 +119,11 @@ class MethodInfo:
     params: dict[str, tuple[str, str]]  # name -> (default, help)
 
 
+def doc_summary(cls: type) -> str:
+    """A class docstring's first paragraph on one line (what listings show)."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def list_methods() -> list[MethodInfo]:
     """Every registered method with its parameters (default and meaning) and paper."""
     infos = []
@@ -132,6 +137,5 @@ def list_methods() -> list[MethodInfo]:
                 params["ratio | budget"] = ("required", "fraction removed | tokens kept")
             else:
                 params[f.name] = (repr(f.default), f.metadata.get("help", ""))
-        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        infos.append(MethodInfo(name=name, summary=summary, paper=cls.paper, params=params))
+        infos.append(MethodInfo(name=name, summary=doc_summary(cls), paper=cls.paper, params=params))
     return infos

@@ -12,7 +12,7 @@ import types
 import typing
 
 from contextlab.methods.base import Method
-from contextlab.methods.spec import MethodInfo, build_method
+from contextlab.methods.spec import MethodInfo, build_method, doc_summary
 from contextlab.registry import Registry
 from contextlab.specstring import name_and_args, split_spec, split_top
 from contextlab.strategies.base import Strategy, StrategyError
@@ -107,6 +107,5 @@ def list_strategies() -> list[MethodInfo]:
     for name in STRATEGIES.names():
         cls = STRATEGIES.get(name)
         params = {f.name: (repr(f.default), f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
-        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        infos.append(MethodInfo(name=name, summary=summary, paper=cls.paper, params=params))
+        infos.append(MethodInfo(name=name, summary=doc_summary(cls), paper=cls.paper, params=params))
     return infos
