@@ -88,3 +88,9 @@ def test_merge_spans_unites_overlaps_in_order():
 def test_bad_chunking_is_named(size, overlap, unit, message):
     with pytest.raises(ValueError, match=message):
         make_chunks(None, [1, 2, 3], size, overlap, unit)
+
+
+def test_colons_decimals_and_quotes_in_sentences():
+    # "is: 7" keeps a needle's key with its value; "3.14" is one number; a quote may close a sentence.
+    pieces = ["for", " X", " is", ":", " 7", ".", " Pi", " is", " 3", ".", "1", ".", '"', " Yes", ";", " no", "."]
+    assert unit_ends(pieces, "sentence") == [6, 13, 17]

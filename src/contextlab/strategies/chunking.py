@@ -12,7 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 UNITS = ("token", "sentence", "paragraph")
-_SENTENCE_ENDS = (".", "!", "?", ";", ":")
+# A sentence ends at . ! or ? (closing quotes or brackets may follow) unless the next token starts with a
+# lower-case letter or a digit (the point inside "3.14" or "e.g.x"); a colon or semicolon does not end one,
+# so a key and its value ("the number for X is: 7") stay in one unit.
+_SENTENCE_ENDS = (".", "!", "?")
+_CLOSERS = "\"')]”’"
 
 
 @dataclass(frozen=True)
@@ -53,18 +57,32 @@ def chunk_tokens(length: int, size: int, overlap: int = 0) -> list[Chunk]:
 def unit_ends(pieces: Sequence[str], unit: str) -> list[int]:
     """Token indices just after each sentence (or paragraph) ends, from each token's decoded text; the
     context's end is always one."""
-    ends = []
+    ends, closing = [], False  # closing: a sentence mark came, only closing quotes/brackets since
     for i, text in enumerate(pieces):
+        after = pieces[i + 1] if i + 1 < len(pieces) else ""
         if unit == "paragraph":
-            hit = "\n\n" in text or (text.endswith("\n") and i + 1 < len(pieces) and pieces[i + 1].startswith("\n"))
+            hit = "\n\n" in text or (text.endswith("\n") and after.startswith("\n"))
         else:
-            stripped = text.rstrip()
-            hit = "\n" in text or (stripped.endswith(_SENTENCE_ENDS) and stripped != "")
+            closing = _ends_sentence(text) or (closing and _only_closers(text))
+            hit = "\n" in text or (closing and not _continues(after))
         if hit:
             ends.append(i + 1)
     if not ends or ends[-1] != len(pieces):
         ends.append(len(pieces))
     return ends
+
+
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
+
+
+def _continues(text: str) -> bool:
+    """Whether a token right after a sentence mark carries the same sentence on (or closes it)."""
+    return text[:1].islower() or text[:1].isdigit() or _only_closers(text)
+
+
+def _only_closers(text: str) -> bool:
+    return text.strip() != "" and text.strip().strip(_CLOSERS) == ""
 
 
 def chunk_units(ends: Sequence[int], size: int, overlap: int = 0) -> list[Chunk]:
