@@ -15,7 +15,7 @@ from contextlab.bench.store import RESULTS_FILE, RunStore
 def strategy_run(model_dir, tmp_path_factory):
     spec = RunSpec(
         model=str(model_dir),
-        methods=_csv("rag:k=2,chunk=128,router:k=2,chunk=128,coa:chunk=900,note=8,full"),
+        methods=_csv("rag:k=2,chunk=128,router:k=2,chunk=128,tokens=1024,coa:chunk=900,note=8,full"),
         tasks=["niah_single_1", "scbench_kv:num_turns=2,num_needles=3"],
         lengths=[600],
         samples=2,
@@ -40,7 +40,7 @@ def test_every_row_records_its_work(strategy_run):
     by_method = {}
     for r in strategy_run:
         by_method.setdefault(r["method"], []).append(r)
-    assert set(by_method) == {"rag:k=2,chunk=128", "router:k=2,chunk=128", "coa:chunk=900,note=8", "full"}
+    assert set(by_method) == {"rag:k=2,chunk=128", "router:k=2,chunk=128,tokens=1024", "coa:chunk=900,note=8", "full"}
     assert len(by_method["rag:k=2,chunk=128"]) == 2 + 2 * 2  # needle samples + shared-context turns
     for r in by_method["full"]:
         assert r["calls"] == 1 and r["route"] is None
@@ -52,7 +52,7 @@ def test_every_row_records_its_work(strategy_run):
         assert r["calls"] == 1 and r["tokens_processed"] < r["prompt_tokens"]  # it read two chunks
     for r in by_method["coa:chunk=900,note=8"]:
         assert r["calls"] == 2 and r["tokens_processed"] > r["prompt_tokens"]  # one worker + the manager
-    assert {r["route"] for r in by_method["router:k=2,chunk=128"]} == {"full"}  # 600 tokens fit the 2048 window
+    assert {r["route"] for r in by_method["router:k=2,chunk=128,tokens=1024"]} == {"full"}  # 600 tokens: within budget
 
 
 def test_a_strategy_runs_past_the_window_without_the_escape_hatch(model_dir, tmp_path):

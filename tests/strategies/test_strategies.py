@@ -196,14 +196,17 @@ def test_engine_generate_books_one_call(reference):
 @pytest.mark.parametrize(
     ("router", "prompt", "route"),
     [
-        (Router(), 1000, "full"),  # fits the window and the default token budget (the window)
+        (Router(), 256, "full"),  # within the default token budget: an eighth of the 2048-token window
+        (Router(), 257, "rag"),  # past it
         (Router(), 2040, "rag"),  # 2040 + 16 new tokens pass the 2048-token window
+        (Router(tokens=2040), 2030, "full"),  # a budget as large as the window
+        (Router(tokens=2040), 2040, "rag"),  # ... still refuses a prompt whose answer passes the window
         (Router(tokens=500), 1000, "rag"),  # over the token budget
         (Router(tokens=500), 400, "full"),
-        (Router(kv_mb=0.01), 1000, "snapkv:ratio=0.5"),  # over the KV memory budget: the KV method
-        (Router(kv_mb=100.0), 1000, "full"),
-        (Router(kv_mb=0.01, kv="streaming:0.75"), 1000, "streaming:ratio=0.75"),
-        (Router(kv_mb=0.01), 3000, "rag"),  # past the window, rag wins over the KV method
+        (Router(tokens=1500, kv_mb=0.01), 1000, "snapkv:ratio=0.5"),  # over the KV memory budget: the KV method
+        (Router(tokens=1500, kv_mb=100.0), 1000, "full"),
+        (Router(tokens=1500, kv_mb=0.01, kv="streaming:0.75"), 1000, "streaming:ratio=0.75"),
+        (Router(tokens=1500, kv_mb=0.01), 3000, "rag"),  # past the window, rag wins over the KV method
     ],
 )
 def test_router_follows_its_documented_rule(llama, router, prompt, route):
@@ -213,7 +216,7 @@ def test_router_follows_its_documented_rule(llama, router, prompt, route):
 
 def test_router_records_its_choice_per_row(reference, long_samples):
     model, tok = reference
-    short = TASKS.get("niah_single_2")(tok, 1500, 5, num_samples=1)[0]
+    short = TASKS.get("niah_single_2")(tok, 400, 5, num_samples=1)[0]  # within 4096 // 8 tokens
     long = long_samples[0]
     out = build("router:k=4").generate(
         model, tok, [short.context_ids, long.context_ids], [short.question_ids, long.question_ids], max_new_tokens=8
