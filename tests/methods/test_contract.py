@@ -9,6 +9,8 @@ supported architecture.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
 from contextlab.methods.quantization import KIVI, KVQuant, ZipCache
+from contextlab.methods.sparse import Quest
 from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
@@ -36,6 +39,7 @@ COMPOSITES = {
         f"pyramidkv:0.0+decode(knorm,{NEVER})",
         "pyramidkv:0.5+decode(knorm,budget=30,every=3)",
     ),
+    "snapkv+quest": ("snapkv:0.0+quest:0.0", "snapkv:0.5+quest:budget=32,page=8"),
 }
 CHUNKED = {"snapkv chunked": ("snapkv:0.0,prefill_chunk=16", "snapkv:0.5,prefill_chunk=64")}
 # Window extension: defaults are full attention inside the window (STRING only with its offset past the
@@ -67,6 +71,7 @@ QUANTIZATION = {
     "snapkv+kvquant": ("snapkv:0.0+kvquant:group=16,residual=512", "snapkv:0.5+kvquant:bits=4,group=16,residual=8"),
     "snapkv+kivi": ("snapkv:0.0+kivi:group=16,residual=512", "snapkv:0.5+kivi:bits=2,group=16,residual=8"),
     "adakv+kivi": ("adakv:0.0+kivi:bits=2,group=16,residual=512", "adakv:0.5+kivi:bits=2,group=16,residual=8"),
+    "quest+kivi": ("quest:0.0+kivi:group=16,residual=512", "quest:budget=32,page=8+kivi:bits=4,group=32,residual=16"),
     "decode(h2o)+kivi": (
         f"decode(h2o,{NEVER})+kivi:group=16,residual=512",
         "decode(h2o,budget=24,every=8)+kivi:bits=3,group=16,residual=8",
@@ -185,6 +190,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
         expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
+        expected_bytes += sum(_quest_bytes(method, int(c), head_dim, itemsize) for c in counts)
         expected_bytes += _zipcache_seen_bytes(method, counts)
         expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
@@ -199,6 +205,17 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     )
     if evicted:
         assert out.kv_bytes < out.kv_bytes_full
+
+
+def _quest_bytes(method, count: int, head_dim: int, itemsize: int) -> int:
+    """Quest's page metadata of one KV head once the prompt is in (only when the cache is larger than what
+    a query reads): a min and a max key per page, the store column of every paged slot (int32), a count."""
+    parts = method.parts if isinstance(method, Composite) else (method,)
+    quest = next((p for p in parts if isinstance(p, Quest)), None)
+    if quest is None or count <= math.ceil(quest.read_tokens(count) / quest.page) * quest.page:
+        return 0
+    pages = math.ceil(count / quest.page)
+    return 2 * pages * head_dim * itemsize + pages * quest.page * 4 + 8
 
 
 def _zipcache_part(method) -> ZipCache | None:

@@ -27,6 +27,7 @@ PREFILL_EVICTION = "prefill eviction"
 DECODE_EVICTION = "decode eviction"
 POSITIONS = "position remapping"
 STORAGE = "storage"
+READ_SELECTION = "read selection"
 
 
 def param(text: str, default):
@@ -98,6 +99,12 @@ class Method:
     @property
     def compresses(self) -> bool:
         """True when the method may evict tokens."""
+        return False
+
+    @property
+    def sparse_reads(self) -> bool:
+        """True when decode queries read a subset of the cache chosen per query (the cache keeps every
+        token; its ``budget`` counts tokens read, not kept)."""
         return False
 
     def prefill_chunk_size(self) -> int | None:

@@ -2,7 +2,7 @@
 
 ``snapkv:0.5+decode(h2o,budget=512)`` evicts the prompt with SnapKV, then keeps generation bounded with
 H2O; ``selfextend+snapkv:0.5`` evicts at true positions and attends at Self-Extend's. Each part takes roles
-(prefill eviction, decode eviction, position remapping, storage; later: read selection); two parts taking
+(prefill eviction, decode eviction, position remapping, storage, read selection); two parts taking
 the same role make no sense together and are refused at construction, with both parts named.
 """
 
@@ -55,6 +55,10 @@ class Composite(Method):
     @property
     def compresses(self) -> bool:
         return any(p.compresses for p in self.parts)
+
+    @property
+    def sparse_reads(self) -> bool:
+        return any(p.sparse_reads for p in self.parts)
 
     def prefill_chunk_size(self) -> int | None:
         return next((c for c in (p.prefill_chunk_size() for p in self.parts) if c is not None), None)

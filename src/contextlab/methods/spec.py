@@ -38,6 +38,7 @@ for _name, _target in [
     ("kivi", "quantization:KIVI"),
     ("kvquant", "quantization:KVQuant"),
     ("zipcache", "quantization:ZipCache"),
+    ("quest", "sparse:Quest"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
@@ -90,7 +91,7 @@ def build_part(spec: str, *, need_budget: bool = True, **params) -> Method:
     if budget_args:
         merged["budget"] = Budget(**budget_args)
     method = cls(**merged)
-    if need_budget and "budget" in fields and not method.compresses:
+    if need_budget and "budget" in fields and not (method.compresses or method.sparse_reads):
         raise ValueError(
             f"method {name!r} needs a budget: '{name}:0.5' (fraction removed) or '{name}:budget=512' (tokens kept)"
         )

@@ -159,6 +159,7 @@ class DenseStore:
         self.growth = growth
         self.reallocations = 0
         self.fresh = 0  # slots appended since the last eviction (the only ones that can be cropped)
+        self.version = 0  # bumped whenever used slots move or disappear (eviction, crop, clear, restore)
         self._planned = 0
 
     # -- sizes ------------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class DenseStore:
         for g in self.groups:
             g.length -= count
         self.fresh -= count
+        self.version += 1
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (reorder, select or repeat rows) to every buffer's batch axis."""
@@ -260,6 +262,7 @@ class DenseStore:
     def clear(self) -> None:
         self.tracker.change(-self.nbytes())
         self.groups, self._planned, self.fresh = [], 0, 0
+        self.version += 1
 
     # -- reading ----------------------------------------------------------------------------------------
     def view(self) -> SlotView:
@@ -276,6 +279,7 @@ class DenseStore:
         kept count, grouped by that count; ``headroom`` free slots stay allocated after each group.
         ``shrink=False`` keeps a group's buffer when it was compacted in place (more tokens are coming)."""
         self.fresh = 0
+        self.version += 1
         per_head = kept.sum(-1).amax(0)  # [H]
         sizes = sorted(set(per_head.tolist()))
         if not self.split and len(sizes) == 1 and self.groups[0].prefix is None:

@@ -1,0 +1,204 @@
+"""Query-aware sparse reads at decode: keep every token, let each decode query read only what it needs.
+
+Eviction removes tokens for good; a sparse read keeps the whole cache and, for every decode query, picks
+the slots worth reading. Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context
+LLM Inference", https://arxiv.org/abs/2406.10774) cuts each head's cached keys into pages of ``page`` tokens
+and keeps, per page, the elementwise minimum and maximum of its keys. For a query ``q`` the largest score
+any key ``k`` of the page can reach is bounded by ``sum_d max(q_d * min_d, q_d * max_d)``; the pages with
+the highest bounds are read, up to the budget, together with the newest token.
+
+Pages are cut along each (row, KV head)'s own valid slots, in order (padding and evicted slots are skipped),
+so a row pages its tokens the same alone or in a batch. Page metadata grows with every appended token and
+is rebuilt from the store whenever another part of a composition moved or removed slots (the store's
+``version``). With a quantized store the bounds come from the keys as appended (full precision), while the
+read uses the stored (dequantized) keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from contextlab.methods.base import READ_SELECTION, Budget, Method, check_int, param
+from contextlab.methods.policy import LayerPolicy, ReadPlan, Step
+from contextlab.store import DenseStore
+
+
+def page_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound on ``q . k`` over each page: ``query [B, H, G, D]`` (G query heads per KV head),
+    ``kmin``/``kmax`` ``[B, H, P, D]`` -> ``[B, H, G, P]``, computed in float32."""
+    q = query.float()
+    positive = q.clamp(min=0)
+    return positive @ kmax.float().transpose(-1, -2) + (q - positive) @ kmin.float().transpose(-1, -2)
+
+
+@dataclass(frozen=True, eq=False)
+class Quest(Method):
+    """Quest: every decode query reads the pages of keys whose min/max bound promises the highest score, up
+    to ``budget`` tokens, plus the newest token; the cache keeps every token.
+
+    Tang et al., 2024 (arXiv 2406.10774): "up to 2.23x self-attention speedup" at a 4K-token budget with
+    "negligible accuracy loss" on long-dependency tasks. A budget at or above the cached tokens reads
+    everything (exactly full attention). Per KV head, a page's score is the largest bound among the query
+    heads that share it (grouped-query attention). A prompt, or several tokens fed at once after it, is
+    read in full; the selection applies to one-token decode steps."""
+
+    name = "quest"
+    paper = "Tang et al., 2024, Quest, https://arxiv.org/abs/2406.10774"
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
+        "tokens each decode query reads (budget=N), or the fraction of cached tokens it skips (0.875 reads 1/8)",
+        Budget(tokens=2048),
+    )
+    page: int = param("tokens per page (one min/max key pair of metadata per page and KV head)", 16)
+
+    def __post_init__(self) -> None:
+        check_int("quest: page", self.page, 1)
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"quest: budget must be a token count or a ratio, got {self.budget!r}")
+        if self.budget.tokens is not None and self.budget.tokens < self.page:
+            raise ValueError(
+                f"quest: a budget of {self.budget.tokens} tokens is smaller than one page of {self.page}; "
+                "raise the budget or lower page"
+            )
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+    def read_tokens(self, cached: int) -> int:
+        """Tokens a decode query reads out of ``cached`` older tokens (before rounding to pages)."""
+        if self.budget.tokens is not None:
+            return self.budget.tokens
+        return max(cached - math.floor(cached * self.budget.ratio), 1)
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return QuestPolicy(self)
+
+
+class QuestPolicy(LayerPolicy):
+    """Per-page key bounds of one layer, kept in step with its store; picks pages per decode query.
+
+    State per row and KV head: ``kmin``/``kmax [B, H, P, D]`` (page bounds), ``table [B, H, P * page]`` (the
+    store column of each valid slot by rank, -1 where none), ``counts [B, H]`` (valid slots paged).
+    ``covered``: store columns paged so far; ``version``: the store version they belong to."""
+
+    def __init__(self, method: Quest) -> None:
+        self.method = method
+        self.page = method.page
+        self.kmin: torch.Tensor | None = None
+        self.kmax: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.covered = 0
+        self.version = -1
+        self.last_read = 0  # slots the last selective step read per (row, head), newest token included
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        if step.phase != "decode" or step.tokens != 1:
+            return None
+        older = store.length - 1  # the newest slot is this step's own token
+        pages = self._pages(older)
+        if older <= pages * self.page:
+            return None  # everything fits the budget: full attention, exactly
+        self._sync(store, older)
+        return self._plan(store, step, pages)
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        """Page the slots once the prompt is in and after every later forward, so the metadata is counted
+        as soon as it exists (only while the cache is larger than what a query reads)."""
+        if step.phase != "prefill" and store.length > self._pages(store.length) * self.page:
+            self._sync(store, store.length)
+
+    def map_batch(self, fn) -> None:
+        for name in ("kmin", "kmax", "table", "counts"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.kmin, self.kmax, self.table, self.counts) if t is not None)
+
+    # -- page metadata --------------------------------------------------------------------------------------
+    def _pages(self, cached: int) -> int:
+        return math.ceil(self.method.read_tokens(cached) / self.page)
+
+    def _sync(self, store: DenseStore, upto: int) -> None:
+        """Page store columns ``[0, upto)``: only the new ones, or all of them after slots moved."""
+        if store.split:
+            raise ValueError(
+                "quest pages a cache whose KV heads share one slot count; a per-head budget (adakv) splits them. "
+                "Compose quest with a method that keeps the same number of tokens in every head"
+            )
+        if store.version != self.version or self.covered > upto:
+            self.kmin = self.kmax = self.table = self.counts = None
+            self.covered, self.version = 0, store.version
+        if upto > self.covered:
+            g = store.groups[0]
+            keys, _ = g.used()
+            valid = g.used_valid()
+            span = slice(self.covered, upto)
+            b, h = keys.shape[:2]
+            new_valid = (
+                torch.ones(b, h, upto - self.covered, dtype=torch.bool, device=keys.device)
+                if valid is None
+                else valid[:, :, span].expand(b, h, -1)
+            )
+            self._append(keys[:, :, span], new_valid, self.covered)
+            self.covered = upto
+
+    def _append(self, keys: torch.Tensor, valid: torch.Tensor, first: int) -> None:
+        """Add slots (``keys [B, H, T, D]``, ``valid [B, H, T]``, store columns from ``first``) to the pages."""
+        b, h, t, d = keys.shape
+        if self.counts is None:
+            self.counts = torch.zeros(b, h, dtype=torch.long, device=keys.device)
+            self.kmin = keys.new_full((b, h, 0, d), float("inf"))
+            self.kmax = keys.new_full((b, h, 0, d), float("-inf"))
+            self.table = torch.full((b, h, 0), -1, dtype=torch.int32, device=keys.device)
+        rank = self.counts.unsqueeze(-1) + valid.long().cumsum(-1) - 1  # [B, H, T]
+        self.counts = self.counts + valid.sum(-1)
+        self._grow(math.ceil(int(self.counts.max()) / self.page))
+        pages = self.kmin.shape[2]
+        dump_page, dump_slot = pages, pages * self.page  # where invalid slots are scattered, then dropped
+        page_of = torch.where(valid, rank // self.page, dump_page).unsqueeze(-1).expand(b, h, t, d)
+        for name, reduce, fill in (("kmin", "amin", float("inf")), ("kmax", "amax", float("-inf"))):
+            bounds = torch.cat([getattr(self, name), keys.new_full((b, h, 1, d), fill)], dim=2)
+            bounds.scatter_reduce_(2, page_of, keys, reduce=reduce, include_self=True)
+            setattr(self, name, bounds[:, :, :pages])
+        columns = torch.arange(first, first + t, dtype=torch.int32, device=keys.device).expand(b, h, t)
+        table = torch.cat([self.table, self.table.new_full((b, h, 1), -1)], dim=2)
+        table.scatter_(2, torch.where(valid, rank, dump_slot), columns)
+        self.table = table[:, :, :dump_slot]
+
+    def _grow(self, pages: int) -> None:
+        more = pages - self.kmin.shape[2]
+        if more <= 0:
+            return
+        b, h, _, d = self.kmin.shape
+        self.kmin = torch.cat([self.kmin, self.kmin.new_full((b, h, more, d), float("inf"))], dim=2)
+        self.kmax = torch.cat([self.kmax, self.kmax.new_full((b, h, more, d), float("-inf"))], dim=2)
+        self.table = torch.cat([self.table, self.table.new_full((b, h, more * self.page), -1)], dim=2)
+
+    # -- selection ------------------------------------------------------------------------------------------
+    def _plan(self, store: DenseStore, step: Step, pages: int) -> ReadPlan:
+        b, h, total, d = self.kmin.shape
+        query = step.queries[:, :, 0].reshape(b, h, -1, d)  # [B, H, G, D]
+        score = page_bounds(query, self.kmin, self.kmax).amax(2)  # [B, H, P]: the most promising query head
+        filled = torch.arange(total, device=score.device) * self.page < self.counts.unsqueeze(-1)  # [B, H, P]
+        score = score.masked_fill(~filled, float("-inf"))
+        take = min(pages, total)
+        chosen = score.topk(take, dim=-1).indices.sort(dim=-1).values  # [B, H, K] in context order
+        chosen_ok = filled.gather(-1, chosen)
+        offsets = torch.arange(self.page, device=score.device)
+        ranks = (chosen.unsqueeze(-1) * self.page + offsets).flatten(2)  # [B, H, K * page]
+        slots = self.table.gather(-1, ranks).long()
+        ok = (slots >= 0) & chosen_ok.repeat_interleave(self.page, dim=-1)
+        newest = torch.full((b, h, 1), store.length - 1, dtype=torch.long, device=slots.device)
+        indices = torch.cat([slots.clamp(min=0), newest], dim=-1)
+        valid = torch.cat([ok, torch.ones_like(newest, dtype=torch.bool)], dim=-1)
+        self.last_read = int(valid.sum(-1).max())
+        return ReadPlan(indices, valid)

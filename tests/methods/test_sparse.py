@@ -1,0 +1,187 @@
+"""Quest (query-aware page reads at decode): its bound, its pages against a plain reference, its metadata kept
+in step with the store, and whole generations (full budget = full attention; a batch = rows one by one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import contextlab as cl
+from contextlab.hf.cache import ContextlabCache
+from contextlab.hf.compat import cache_kwarg
+from contextlab.methods.policy import Step
+from contextlab.methods.sparse import Quest, QuestPolicy, page_bounds
+from contextlab.store import DenseStore
+
+CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 6
+CONTEXTS = [CONTEXT[:300], CONTEXT[:420], CONTEXT]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    heads=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    pages=st.integers(1, 6),
+    page=st.integers(1, 8),
+    dim=st.integers(1, 16),
+)
+def test_the_page_bound_is_never_below_a_real_score(seed, heads, groups, pages, page, dim):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, heads, pages, page, dim, generator=gen) * 3
+    query = torch.randn(1, heads, groups, dim, generator=gen) * 3
+    bound = page_bounds(query, keys.amin(3), keys.amax(3))  # [1, H, G, P]
+    scores = torch.einsum("bhgd,bhpsd->bhgps", query, keys)  # every real q.k
+    assert torch.all(bound >= scores.amax(-1) - 1e-4)
+    # ... and it is reached when a page holds one key
+    single = page_bounds(query, keys[:, :, :, 0], keys[:, :, :, 0])
+    torch.testing.assert_close(single, scores[..., 0], atol=1e-4, rtol=1e-4)
+
+
+def _store(keys: torch.Tensor, valid: torch.Tensor | None) -> DenseStore:
+    store = DenseStore()
+    store.append(keys, keys.clone())
+    store.mark_new(keys.shape[2], valid, None)
+    return store
+
+
+def _step(query: torch.Tensor) -> Step:
+    return Step(query, 1.0, "decode", None, 0, 1)
+
+
+def _reference_pages(keys, valid_row, query, page: int, pages: int) -> set[int]:
+    """Store columns Quest reads for one row and KV head, computed slot by slot."""
+    columns = [c for c in range(keys.shape[0] - 1) if valid_row[c]]  # the newest slot is read anyway
+    chunks = [columns[i : i + page] for i in range(0, len(columns), page)]
+    bounds = []
+    for chunk in chunks:
+        k = keys[chunk]
+        per_head = [(torch.maximum(q * k.amin(0), q * k.amax(0))).sum() for q in query]
+        bounds.append(max(float(b) for b in per_head))
+    best = sorted(range(len(chunks)), key=lambda i: -bounds[i])[:pages]
+    return {c for i in best for c in chunks[i]} | {keys.shape[0] - 1}
+
+
+def test_pages_match_a_slot_by_slot_reference_with_padding():
+    gen = torch.Generator().manual_seed(3)
+    b, h, g, s, d, page = 2, 2, 2, 90, 8, 8
+    keys = torch.randn(b, h, s, d, generator=gen)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :13] = False  # a left-padded row
+    valid[0, 40:43] = False  # and holes
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    method = Quest(budget=cl.methods.base.Budget(tokens=24), page=page)
+    plan = QuestPolicy(method).before_attend(_store(keys, valid), _step(query))
+    for row in range(b):
+        for head in range(h):
+            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+            q = query[row, head * g : (head + 1) * g, 0]
+            assert read == _reference_pages(keys[row, head], valid[row], q, page, 3), (row, head)
+
+
+def test_metadata_grown_token_by_token_equals_metadata_built_at_once():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 2, 70, 4, generator=gen)
+    valid = torch.rand(2, 70, generator=gen) > 0.2
+    method = Quest(budget=cl.methods.base.Budget(tokens=8), page=4)
+    once, grown = QuestPolicy(method), QuestPolicy(method)
+    once._sync(_store(keys, valid), 70)
+    store = _store(keys[:, :, :30], valid[:, :30])
+    grown._sync(store, 30)
+    for t in range(30, 70):
+        store.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
+        store.mark_new(1, valid[:, t : t + 1], None)
+        grown._sync(store, t + 1)
+    for name in ("kmin", "kmax", "table", "counts"):
+        assert torch.equal(getattr(once, name), getattr(grown, name)), name
+
+
+def test_metadata_is_rebuilt_after_another_part_evicts():
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(1, 1, 64, 4, generator=gen)
+    method = Quest(budget=cl.methods.base.Budget(tokens=8), page=4)
+    policy = QuestPolicy(method)
+    store = _store(keys, None)
+    policy._sync(store, 64)
+    kept = torch.arange(0, 64, 2).view(1, 1, -1)
+    store.keep(kept, torch.ones_like(kept, dtype=torch.bool))
+    policy._sync(store, store.length)
+    fresh = QuestPolicy(method)
+    fresh._sync(store, store.length)
+    assert int(policy.counts) == 32 and torch.equal(policy.kmax, fresh.kmax) and torch.equal(policy.table, fresh.table)
+
+
+@pytest.mark.parametrize("spec", ["quest:0.0", "quest:budget=4096", "snapkv:0.5+quest:budget=4096,page=4"])
+def test_a_budget_above_the_context_is_full_attention(llama, tokenizer, spec):
+    reference = "full" if spec.startswith("quest") else "snapkv:0.5"
+    full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=reference, max_new_tokens=20)
+    quest = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=20)
+    assert quest.tokens == full.tokens
+    assert quest.kv_bytes == full.kv_bytes  # no metadata while every query reads everything
+
+
+def _decode(model, cache, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Prefill ``ids`` into ``cache`` then decode greedily; the logits of every decode step."""
+    out = []
+    with torch.no_grad(), cl.attention_enabled(model):
+        logits = model(ids, **{cache_kwarg(model): cache}).logits[:, -1:]
+        for _ in range(steps):
+            logits = model(logits.argmax(-1), **{cache_kwarg(model): cache}).logits[:, -1:]
+            out.append(logits)
+    return out
+
+
+def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, tokenizer):
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    n = ids.shape[1]
+    runs = {}
+    for spec in ("full", "quest:budget=64,page=8"):
+        cache = ContextlabCache(llama.config, cl.method(spec))
+        cache.begin_prompt(n, [n], new_tokens=8)
+        runs[spec] = (_decode(llama, cache, ids, 8), cache)
+    cache = runs["quest:budget=64,page=8"][1]
+    for layer in cache.compressible:
+        assert layer.policy.last_read == 64 + 1  # 8 pages of 8 tokens and the newest token
+        assert layer.policy.counts.max() == layer.store.length  # every token paged (and still cached)
+        pages = math.ceil(layer.store.length / 8)
+        assert layer.policy.kmin.shape == (1, layer.kv_heads, pages, layer.store.groups[0].keys.shape[-1])
+        table = layer.kv_heads * pages * 8 * 4  # the store column of every paged slot, int32
+        assert layer.policy.nbytes() == layer.policy.kmin.nbytes * 2 + table + layer.policy.counts.nbytes
+    first = [torch.softmax(x[0, -1], -1) for x in (runs["full"][0][0], runs["quest:budget=64,page=8"][0][0])]
+    assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
+
+
+def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer):
+    spec = "quest:budget=32,page=8"
+    batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
+    for i, ctx in enumerate(CONTEXTS):
+        single = cl.generate(llama, tokenizer, ctx, "Which ledger?", method=spec, max_new_tokens=24)
+        assert batch.token_ids[i] == single.tokens, f"row {i}"
+
+
+def test_quest_composes_with_eviction_and_quantization(llama, tokenizer):
+    for spec in ("snapkv:0.5+quest:budget=32,page=8", "quest:budget=32,page=8+kivi:bits=4,group=16,residual=16"):
+        out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=12)
+        assert len(out.tokens) > 0 and out.method == cl.method(spec).describe()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("quest:budget=8,page=16", "smaller than one page of 16"),
+        ("quest:page=0", "page must be an integer >= 1"),
+        ("quest:budget=64+decode(snapkv,budget=64)+quest:budget=32", "read selection"),
+    ],
+)
+def test_bad_settings_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        cl.method(spec)
+
+
+def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer):
+    with pytest.raises(ValueError, match="per-head budget"):
+        cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method="adakv:0.5+quest:budget=32,page=8")
