@@ -1,5 +1,6 @@
-"""Quest (query-aware page reads at decode): its bound, its pages against a plain reference, its metadata kept
-in step with the store, and whole generations (full budget = full attention; a batch = rows one by one)."""
+"""Sparse reads at decode (quest, tokenselect, recycled): Quest's bound and pages against plain references,
+metadata kept in step with the store, the selectors' choices and refresh rules, and whole generations (full
+budget = full attention; a batch = rows one by one; composed with eviction and quantization)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import contextlab as cl
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.methods.policy import Step
-from contextlab.methods.sparse import Quest, QuestPolicy, page_bounds
+from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass, page_bounds
 from contextlab.store import DenseStore
 
 CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 6
@@ -115,9 +116,20 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
     assert int(policy.counts) == 32 and torch.equal(policy.kmax, fresh.kmax) and torch.equal(policy.table, fresh.table)
 
 
-@pytest.mark.parametrize("spec", ["quest:0.0", "quest:budget=4096", "snapkv:0.5+quest:budget=4096,page=4"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "quest:0.0",
+        "quest:budget=4096",
+        "snapkv:0.5+quest:budget=4096,page=4",
+        "tokenselect:0.0",
+        "tokenselect:budget=4096",
+        "recycled:0.0,every=3",
+        "snapkv:0.5+recycled:budget=4096",
+    ],
+)
 def test_a_budget_above_the_context_is_full_attention(llama, tokenizer, spec):
-    reference = "full" if spec.startswith("quest") else "snapkv:0.5"
+    reference = "snapkv:0.5" if spec.startswith("snapkv") else "full"
     full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=reference, max_new_tokens=20)
     quest = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=20)
     assert quest.tokens == full.tokens
@@ -155,16 +167,17 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
     assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
 
 
-def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer):
-    spec = "quest:budget=32,page=8"
+@pytest.mark.parametrize("spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4"])
+def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
     for i, ctx in enumerate(CONTEXTS):
         single = cl.generate(llama, tokenizer, ctx, "Which ledger?", method=spec, max_new_tokens=24)
         assert batch.token_ids[i] == single.tokens, f"row {i}"
 
 
-def test_quest_composes_with_eviction_and_quantization(llama, tokenizer):
-    for spec in ("snapkv:0.5+quest:budget=32,page=8", "quest:budget=32,page=8+kivi:bits=4,group=16,residual=16"):
+@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4"])
+def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
+    for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
         out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=12)
         assert len(out.tokens) > 0 and out.method == cl.method(spec).describe()
 
@@ -175,6 +188,9 @@ def test_quest_composes_with_eviction_and_quantization(llama, tokenizer):
         ("quest:budget=8,page=16", "smaller than one page of 16"),
         ("quest:page=0", "page must be an integer >= 1"),
         ("quest:budget=64+decode(snapkv,budget=64)+quest:budget=32", "read selection"),
+        ("quest:budget=64+tokenselect:budget=64", "read selection"),
+        ("tokenselect:similar=2", "similar \\(cosine\\) must be a number in"),
+        ("recycled:every=0", "every must be an integer >= 1"),
     ],
 )
 def test_bad_settings_are_refused(spec, message):
@@ -182,6 +198,65 @@ def test_bad_settings_are_refused(spec, message):
         cl.method(spec)
 
 
-def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer):
+@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32"])
+def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer, reader):
     with pytest.raises(ValueError, match="per-head budget"):
-        cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method="adakv:0.5+quest:budget=32,page=8")
+        cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=f"adakv:0.5+{reader}")
+
+
+def test_attention_mass_is_each_heads_softmax_summed_over_its_group():
+    gen = torch.Generator().manual_seed(11)
+    query, keys = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 3, 20, 8, generator=gen)
+    valid = torch.rand(2, 1, 20, generator=gen) > 0.3
+    mass = attention_mass(query, keys, valid, 0.5)
+    for b in range(2):
+        for h in range(3):
+            expected = torch.zeros(20)
+            for q in query[b, 2 * h : 2 * h + 2]:
+                scores = (keys[b, h] @ q * 0.5).masked_fill(~valid[b, 0], float("-inf"))
+                expected += scores.softmax(-1)
+            torch.testing.assert_close(mass[b, h], expected)
+
+
+def test_tokenselect_reads_the_tokens_with_the_most_attention():
+    gen = torch.Generator().manual_seed(13)
+    keys = torch.randn(2, 2, 50, 8, generator=gen)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[0, :7] = False
+    query = torch.randn(2, 4, 1, 8, generator=gen)
+    policy = TokenSelectPolicy(TokenSelect(budget=cl.methods.base.Budget(tokens=10)))
+    plan = policy.before_attend(_store(keys, valid), Step(query, 0.3, "decode", None, 0, 1))
+    mass = attention_mass(query[:, :, 0], keys[:, :, :49], valid[:, None, :49], 0.3)
+    for b in range(2):
+        for h in range(2):
+            read = {int(i) for i, ok in zip(plan.indices[b, h], plan.valid[b, h], strict=True) if ok}
+            top = set(mass[b, h].masked_fill(~valid[b, :49], -1).topk(10).indices.tolist())
+            assert read == top | {49}
+
+
+@pytest.mark.parametrize(("similar", "selections"), [(1.0, 12), (-1.0, 1)])
+def test_tokenselect_reuses_its_selection_while_queries_stay_similar(llama, tokenizer, similar, selections):
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    cache = ContextlabCache(llama.config, cl.method(f"tokenselect:budget=32,similar={similar}"))
+    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=12)
+    _decode(llama, cache, ids, 12)
+    for layer in cache.compressible:
+        assert layer.policy.selections == selections
+        assert layer.policy.last_read == (32 + 1 if similar == 1.0 else 32 + 12)  # + every token since
+
+
+def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(llama, tokenizer):
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    reads = []
+    cache = ContextlabCache(llama.config, cl.method("recycled:budget=32,every=4"))
+    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=10)
+    layer = cache.compressible[0]
+    with torch.no_grad(), cl.attention_enabled(llama):
+        logits = llama(ids, **{cache_kwarg(llama): cache}).logits[:, -1:]
+        for _ in range(10):
+            logits = llama(logits.argmax(-1), **{cache_kwarg(llama): cache}).logits[:, -1:]
+            reads.append(layer.policy.last_read)
+    n = ids.shape[1]
+    full = [n + 1 + i for i in range(10)]  # the whole cache at step i
+    assert reads == [full[0], 34, 35, 36, full[4], 34, 35, 36, full[8], 34]
+    assert layer.policy.selections == 3

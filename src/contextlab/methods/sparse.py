@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from contextlab.methods.base import READ_SELECTION, Budget, Method, check_int, param
+from contextlab.methods.base import READ_SELECTION, Budget, Method, check_int, check_number, param
 from contextlab.methods.policy import LayerPolicy, ReadPlan, Step
 from contextlab.store import DenseStore
 
@@ -202,3 +202,226 @@ class QuestPolicy(LayerPolicy):
         valid = torch.cat([ok, torch.ones_like(newest, dtype=torch.bool)], dim=-1)
         self.last_read = int(valid.sum(-1).max())
         return ReadPlan(indices, valid)
+
+
+def attention_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """``[B, H, S]`` attention each slot gets from one decode query, summed over the ``G`` query heads that
+    share its KV head (each head's softmax over the valid slots): ``query [B, H * G, D]``, ``keys [B, H, S,
+    D]``, ``valid [B, 1 | H, S]`` or None."""
+    b, h, _, d = keys.shape
+    scores = torch.einsum("bhgd,bhsd->bhgs", query.float().view(b, h, -1, d), keys.float()) * scaling
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    return scores.softmax(-1).sum(2)
+
+
+class SelectionPolicy(LayerPolicy):
+    """What token-level selectors share: per row, a selection of older slots (``selected [B, H, K]`` store
+    columns, ``chosen [B, H, K]`` valid flags) made at one step (``since [B]``: the store length then) and
+    read, with every slot appended since, until that row's next selection. Any move of the store's slots
+    (its ``version``) forces a new selection for every row."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.selected: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None
+        self.since: torch.Tensor | None = None
+        self.version = -1
+        self.last_read = 0  # slots the last step read per (row, head), at most
+        self.selections = 0  # row selections made (each scores the whole cache)
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        if step.phase != "decode" or step.tokens != 1:
+            return None
+        older = store.length - 1
+        keep = self._keep(older)
+        if older <= keep:
+            return None
+        if store.split:
+            raise ValueError(
+                f"{type(self).__name__} selects per KV head in a cache whose heads share one slot count; a "
+                "per-head budget (adakv) splits them"
+            )
+        b = step.queries.shape[0]
+        fresh = self.selected is None or store.version != self.version
+        due = torch.ones(b, dtype=torch.bool, device=step.queries.device) if fresh else self._due(step)
+        if bool(due.any()):
+            return self._select(store, step, keep, due)
+        return self._plan(store)
+
+    def _keep(self, cached: int) -> int:
+        if self.budget.tokens is not None:
+            return self.budget.tokens
+        return max(cached - math.floor(cached * self.budget.ratio), 1)
+
+    def _due(self, step: Step) -> torch.Tensor:
+        """``[B]``: rows that make a new selection at this step."""
+        raise NotImplementedError
+
+    def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> ReadPlan | None:
+        raise NotImplementedError
+
+    def _remember(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> None:
+        """Select, for ``rows [B]``, the ``keep`` older slots that get the most attention mass from this
+        step's query, per KV head; the other rows keep their selection."""
+        g = store.groups[0]
+        keys, _ = g.used()
+        older = keys.shape[2] - 1
+        b, h = keys.shape[:2]
+        valid = g.used_valid()
+        valid = (
+            torch.ones(b, h, older, dtype=torch.bool, device=keys.device)
+            if valid is None
+            else valid[:, :, :older].expand(b, h, -1)
+        )
+        mass = attention_mass(step.queries[:, :, 0], keys[:, :, :older], valid, step.scaling)
+        top = mass.masked_fill(~valid, float("-inf")).topk(min(keep, older), dim=-1).indices.sort(dim=-1).values
+        chosen = valid.gather(-1, top)
+        since = torch.full((b,), older, dtype=torch.long, device=keys.device)
+        if self.selected is not None and store.version == self.version and not bool(rows.all()):
+            width = max(top.shape[-1], self.selected.shape[-1])
+            top, old = _pad(top, width, 0), _pad(self.selected, width, 0)
+            chosen, old_chosen = _pad(chosen, width, False), _pad(self.chosen, width, False)
+            pick = rows.view(b, 1, 1)
+            top, chosen = torch.where(pick, top, old), torch.where(pick, chosen, old_chosen)
+            since = torch.where(rows, since, self.since)
+        self.selected, self.chosen, self.since, self.version = top, chosen, since, store.version
+        self.selections += int(rows.sum())
+
+    def _plan(self, store: DenseStore) -> ReadPlan:
+        """Each row's selection plus every slot appended since it was made (this step's token included)."""
+        b, h, _ = self.selected.shape
+        recent = torch.arange(int(self.since.min()), store.length, device=self.selected.device)
+        fresh = (recent.view(1, -1) >= self.since.view(-1, 1)).view(b, 1, -1).expand(b, h, -1)
+        indices = torch.cat([self.selected, recent.expand(b, h, -1)], dim=-1)
+        valid = torch.cat([self.chosen, fresh], dim=-1)
+        self.last_read = int(valid.sum(-1).max())
+        return ReadPlan(indices, valid)
+
+    def map_batch(self, fn) -> None:
+        if self.selected is not None:
+            self.selected, self.chosen, self.since = fn(self.selected), fn(self.chosen), fn(self.since)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.selected, self.chosen, self.since) if t is not None)
+
+
+def _pad(t: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """``t [B, H, K]`` padded with ``fill`` to ``width`` entries on the last axis."""
+    if t.shape[-1] == width:
+        return t
+    return torch.cat([t, t.new_full((*t.shape[:2], width - t.shape[-1]), fill)], dim=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenSelect(Method):
+    """TokenSelect: each decode query reads, per KV head, the ``budget`` older tokens with the most attention
+    (its query heads' softmax scores summed: a soft vote), plus its own token; a query close to the one that
+    made the last selection (cosine >= ``similar``) reuses it, with the tokens appended since.
+
+    Wu et al., 2024 (arXiv 2411.02886): "up to 23.84x speedup in attention computation and up to 2.28x
+    acceleration in end-to-end latency". The paper votes across all heads of a layer for one shared selection;
+    here the heads sharing a KV head vote (grouped-query attention), so each KV head reads its own tokens.
+    Scoring reads every cached key (not the values). The selection cache is per row: a row whose query moved
+    away selects again, the others read on (``similar=1.0``: every step selects). A budget at or above the
+    cache reads everything (exactly full attention)."""
+
+    name = "tokenselect"
+    paper = "Wu et al., 2024, TokenSelect, https://arxiv.org/abs/2411.02886"
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
+        "older tokens each decode query reads (budget=N), or the fraction it skips (0.875 reads 1/8)",
+        Budget(tokens=2048),
+    )
+    similar: float = param("reuse the last selection while the query's cosine to its query is >= this", 0.9)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"tokenselect: budget must be a token count or a ratio, got {self.budget!r}")
+        check_number("tokenselect: similar (cosine)", self.similar, -1.0, 1.0)
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return TokenSelectPolicy(self)
+
+
+class TokenSelectPolicy(SelectionPolicy):
+    def __init__(self, method: TokenSelect) -> None:
+        super().__init__(method.budget)
+        self.similar = method.similar
+        self.query: torch.Tensor | None = None  # [B, Hq * D]: the query that made each row's selection
+
+    def _due(self, step: Step) -> torch.Tensor:
+        query = step.queries[:, :, 0].flatten(1).float()
+        return torch.nn.functional.cosine_similarity(query, self.query, dim=-1) < self.similar
+
+    def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> ReadPlan:
+        self._remember(store, step, keep, rows)
+        query = step.queries[:, :, 0].flatten(1).float()
+        self.query = query if self.query is None else torch.where(rows.view(-1, 1), query, self.query)
+        return self._plan(store)
+
+    def map_batch(self, fn) -> None:
+        super().map_batch(fn)
+        self.query = None if self.query is None else fn(self.query)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.query is None else self.query.nbytes)
+
+
+@dataclass(frozen=True, eq=False)
+class Recycled(Method):
+    """Recycled Attention: every ``every`` decode steps one step reads the whole cache, and the ``budget``
+    tokens it attended to most (summed over the query heads of each KV head) are what the next ``every - 1``
+    steps read, with every token appended since.
+
+    Xu et al., 2024 (arXiv 2411.05787): on RULER and long-context language modelling, "comparable speedup to
+    baselines which only consider local context while improving the performance by 2x". The full step's
+    attention weights are computed beside the attention itself here (a fused kernel would return them). A
+    budget at or above the cache reads everything (exactly full attention)."""
+
+    name = "recycled"
+    paper = "Xu et al., 2024, Recycled Attention, https://arxiv.org/abs/2411.05787"
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
+        "older tokens the partial steps read (budget=N), or the fraction they skip (0.875 reads 1/8)",
+        Budget(tokens=2048),
+    )
+    every: int = param("one full-attention step every this many decode steps", 16)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"recycled: budget must be a token count or a ratio, got {self.budget!r}")
+        check_int("recycled: every", self.every, 1)
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return RecycledPolicy(self)
+
+
+class RecycledPolicy(SelectionPolicy):
+    def __init__(self, method: Recycled) -> None:
+        super().__init__(method.budget)
+        self.every = method.every
+        self.steps = 0  # decode steps since the last full step
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        plan = super().before_attend(store, step)
+        self.steps += step.phase == "decode" and step.tokens == 1
+        return plan
+
+    def _due(self, step: Step) -> torch.Tensor:
+        return torch.full((step.queries.shape[0],), self.steps >= self.every, device=step.queries.device)
+
+    def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> None:
+        """The full step: read everything (None), and keep its top tokens for the next steps."""
+        self._remember(store, step, keep, torch.ones_like(rows))
+        self.steps = 0
+        self.last_read = store.length
+        return None

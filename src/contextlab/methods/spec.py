@@ -39,6 +39,8 @@ for _name, _target in [
     ("kvquant", "quantization:KVQuant"),
     ("zipcache", "quantization:ZipCache"),
     ("quest", "sparse:Quest"),
+    ("tokenselect", "sparse:TokenSelect"),
+    ("recycled", "sparse:Recycled"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
