@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 import contextlab as cl
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
+from contextlab.kernels.sparse_read import page_bounds
 from contextlab.methods.policy import Step
-from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass, page_bounds
+from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass
 from contextlab.store import DenseStore
 
 CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 6

@@ -21,7 +21,9 @@ import torch
 
 from contextlab.hf import compat
 from contextlab.hf.compat import DynamicLayer
+from contextlab.kernels._triton import triton_available
 from contextlab.kernels.quant_attention import dense_attention_lse, merge_attention, quantized_attention
+from contextlab.kernels.sparse_read import gathered_attention
 from contextlab.methods.policy import LayerPolicy, Phase, ReadPlan, Step
 from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore, MemoryTracker, SlotGroup
@@ -273,10 +275,15 @@ class ContextlabLayer(DynamicLayer):
         g = self.store.groups[0]
         keys, values = g.used()
         d = keys.shape[-1]
-        gather = plan.indices.unsqueeze(-1).expand(*plan.indices.shape, d)
         valid = plan.valid
         if g.valid is not None:
             valid = valid & g.used_valid().expand(*plan.indices.shape[:2], -1).gather(-1, plan.indices)
+        if query.is_cuda and triton_available():  # read the selected slots in place (no gathered copy)
+            out, _ = gathered_attention(
+                query[:, :, 0], keys, values, plan.indices, valid, scaling, backend="triton", trusted=True
+            )
+            return out.to(query.dtype).unsqueeze(2)
+        gather = plan.indices.unsqueeze(-1).expand(*plan.indices.shape, d)
         return compat.attention(query, keys.gather(2, gather), values.gather(2, gather), valid[:, :, None, :], scaling)
 
     def _publish(self) -> None:

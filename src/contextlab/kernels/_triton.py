@@ -9,6 +9,15 @@ from types import ModuleType
 import torch
 
 
+def triton_available() -> bool:
+    """Whether the triton package imports (the ``auto`` backends use Triton for CUDA tensors only then)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_kernels(module: str, tensor: torch.Tensor) -> tuple[ModuleType, ModuleType]:
     """``(triton, kernels)`` for launching ``module``'s kernels on ``tensor``'s device.
 

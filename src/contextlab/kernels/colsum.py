@@ -21,6 +21,8 @@ from bisect import bisect_left
 
 import torch
 
+from contextlab.kernels._triton import triton_available
+
 BACKENDS = ("auto", "reference", "torch", "triton")
 # The torch path scores at most this many logits per block, so a block stays in the CPU's last-level cache
 # (measured on a 2-core Zen 4 with 32 MiB L3: blocks of 128 MiB run ~1.5x slower than blocks of 8 MiB).
@@ -75,7 +77,7 @@ def attention_column_sums(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     check_inputs(queries, keys, valid, chunk)
     if backend == "auto":
-        backend = "triton" if queries.is_cuda and _triton_importable() else "torch"
+        backend = "triton" if queries.is_cuda and triton_available() else "torch"
     if backend == "reference":
         return attention_column_sums_reference(queries, keys, valid, scaling, chunk=chunk)
     if backend == "torch":
@@ -83,14 +85,6 @@ def attention_column_sums(
     from contextlab.kernels.colsum_triton import attention_column_sums_triton
 
     return attention_column_sums_triton(queries, keys, valid, scaling)
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attention_column_sums_reference(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from contextlab.kernels._triton import triton_available
 from contextlab.store.codec import Codes, check_bits, dequantize_keys, dequantize_values, words
 
 BACKENDS = ("auto", "reference", "triton")
@@ -111,7 +112,7 @@ def quantized_attention(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     check_inputs(query, keys, values, valid, bits, key_group, value_group)
     if backend == "auto":
-        backend = "triton" if query.is_cuda and _triton_importable() else "reference"
+        backend = "triton" if query.is_cuda and triton_available() else "reference"
     if backend == "reference":
         return quantized_attention_reference(
             query, keys, values, valid, bits=bits, key_group=key_group, value_group=value_group, scaling=scaling
@@ -121,14 +122,6 @@ def quantized_attention(
     return quantized_attention_triton(
         query, keys, values, valid, bits=bits, key_group=key_group, value_group=value_group, scaling=scaling
     )
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def quantized_attention_reference(

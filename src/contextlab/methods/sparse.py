@@ -22,17 +22,10 @@ from typing import ClassVar
 
 import torch
 
+from contextlab.kernels.sparse_read import page_scores
 from contextlab.methods.base import READ_SELECTION, Budget, Method, check_int, check_number, param
 from contextlab.methods.policy import LayerPolicy, ReadPlan, Step
 from contextlab.store import DenseStore
-
-
-def page_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest's upper bound on ``q . k`` over each page: ``query [B, H, G, D]`` (G query heads per KV head),
-    ``kmin``/``kmax`` ``[B, H, P, D]`` -> ``[B, H, G, P]``, computed in float32."""
-    q = query.float()
-    positive = q.clamp(min=0)
-    return positive @ kmax.float().transpose(-1, -2) + (q - positive) @ kmin.float().transpose(-1, -2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,9 +178,8 @@ class QuestPolicy(LayerPolicy):
 
     # -- selection ------------------------------------------------------------------------------------------
     def _plan(self, store: DenseStore, step: Step, pages: int) -> ReadPlan:
-        b, h, total, d = self.kmin.shape
-        query = step.queries[:, :, 0].reshape(b, h, -1, d)  # [B, H, G, D]
-        score = page_bounds(query, self.kmin, self.kmax).amax(2)  # [B, H, P]: the most promising query head
+        b, h, total, _ = self.kmin.shape
+        score = page_scores(step.queries[:, :, 0], self.kmin, self.kmax)  # [B, H, P]: the most promising head
         filled = torch.arange(total, device=score.device) * self.page < self.counts.unsqueeze(-1)  # [B, H, P]
         score = score.masked_fill(~filled, float("-inf"))
         take = min(pages, total)
