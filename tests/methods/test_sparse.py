@@ -98,8 +98,10 @@ def test_metadata_grown_token_by_token_equals_metadata_built_at_once():
         store.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
         store.mark_new(1, valid[:, t : t + 1], None)
         grown._sync(store, t + 1)
-    for name in ("kmin", "kmax", "table", "counts"):
+    for name in ("kmin", "kmax"):
         assert torch.equal(getattr(once, name), getattr(grown, name)), name
+    for name in ("table", "counts"):
+        assert torch.equal(getattr(once.ranks, name), getattr(grown.ranks, name)), name
 
 
 def test_metadata_is_rebuilt_after_another_part_evicts():
@@ -114,7 +116,8 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
     policy._sync(store, store.length)
     fresh = QuestPolicy(method)
     fresh._sync(store, store.length)
-    assert int(policy.counts) == 32 and torch.equal(policy.kmax, fresh.kmax) and torch.equal(policy.table, fresh.table)
+    assert int(policy.ranks.counts) == 32 and torch.equal(policy.kmax, fresh.kmax)
+    assert torch.equal(policy.ranks.table, fresh.ranks.table)
 
 
 @pytest.mark.parametrize(
@@ -159,11 +162,11 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
     cache = runs["quest:budget=64,page=8"][1]
     for layer in cache.compressible:
         assert layer.policy.last_read == 64 + 1  # 8 pages of 8 tokens and the newest token
-        assert layer.policy.counts.max() == layer.store.length  # every token paged (and still cached)
+        assert layer.policy.ranks.counts.max() == layer.store.length  # every token paged (and still cached)
         pages = math.ceil(layer.store.length / 8)
         assert layer.policy.kmin.shape == (1, layer.kv_heads, pages, layer.store.groups[0].keys.shape[-1])
         table = layer.kv_heads * pages * 8 * 4  # the store column of every paged slot, int32
-        assert layer.policy.nbytes() == layer.policy.kmin.nbytes * 2 + table + layer.policy.counts.nbytes
+        assert layer.policy.nbytes() == layer.policy.kmin.nbytes * 2 + table + layer.policy.ranks.counts.nbytes
     first = [torch.softmax(x[0, -1], -1) for x in (runs["full"][0][0], runs["quest:budget=64,page=8"][0][0])]
     assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
 

@@ -72,22 +72,90 @@ class Quest(Method):
         return QuestPolicy(self)
 
 
+class RankTable:
+    """Each (row, KV head)'s valid slots numbered in order: ``table [B, H, N]`` maps a rank to its store
+    column (-1 where none), ``counts [B, H]`` holds how many are numbered. Kept in step with a store: new
+    columns are numbered as they come (:meth:`sync`), and everything is numbered again once the store moved
+    or dropped slots (its ``version``), so a row numbers its tokens the same alone or in a batch."""
+
+    def __init__(self, owner: str, unit: int) -> None:
+        self.owner, self.unit = owner, unit  # the table grows by whole units (pages, blocks)
+        self.table: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.covered = 0  # store columns numbered
+        self.version = -1
+
+    def stale(self, store: DenseStore, upto: int) -> bool:
+        """Whether the numbering must start again: the store moved or dropped slots since (or shrank)."""
+        return store.version != self.version or self.covered > upto
+
+    def sync(self, store: DenseStore, upto: int, on_new=None) -> None:
+        """Number store columns ``[0, upto)`` (from scratch when :meth:`stale`); ``on_new(keys [B, H, T, D],
+        valid [B, H, T], rank [B, H, T])`` sees every newly numbered span."""
+        if store.split:
+            raise ValueError(
+                f"{self.owner} reads a cache whose KV heads share one slot count; a per-head budget (adakv) splits "
+                "them. Compose it with a method that keeps the same number of tokens in every head"
+            )
+        if self.stale(store, upto):
+            self.table = self.counts = None
+            self.covered, self.version = 0, store.version
+        if upto > self.covered:
+            g = store.groups[0]
+            keys, _ = g.used()
+            valid = g.used_valid()
+            span = slice(self.covered, upto)
+            b, h = keys.shape[:2]
+            valid = (
+                torch.ones(b, h, upto - self.covered, dtype=torch.bool, device=keys.device)
+                if valid is None
+                else valid[:, :, span].expand(b, h, -1)
+            )
+            rank = self._number(valid, self.covered)
+            if on_new is not None:
+                on_new(keys[:, :, span], valid, rank)
+            self.covered = upto
+
+    def _number(self, valid: torch.Tensor, first: int) -> torch.Tensor:
+        b, h, _ = valid.shape
+        if self.counts is None:
+            self.counts = torch.zeros(b, h, dtype=torch.long, device=valid.device)
+            self.table = torch.full((b, h, 0), -1, dtype=torch.int32, device=valid.device)
+        rank = self.counts.unsqueeze(-1) + valid.long().cumsum(-1) - 1  # [B, H, T]
+        self.counts = self.counts + valid.sum(-1)
+        need = math.ceil(int(self.counts.max()) / self.unit) * self.unit
+        if need > self.table.shape[2]:
+            self.table = torch.cat([self.table, self.table.new_full((b, h, need - self.table.shape[2]), -1)], dim=2)
+        rows, heads, new = valid.nonzero(as_tuple=True)
+        self.table[rows, heads, rank[rows, heads, new]] = (new + first).to(torch.int32)
+        return rank
+
+    def columns(self, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store columns ``[B, H, K]`` (long) of ``ranks [B, H, K]`` and whether each exists."""
+        inside = (ranks >= 0) & (ranks < self.counts.unsqueeze(-1))
+        slots = self.table.gather(-1, ranks.clamp(0, self.table.shape[2] - 1)).long()
+        return slots.clamp(min=0), inside & (slots >= 0)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.table, self.counts) if t is not None)
+
+    def map_batch(self, fn) -> None:
+        if self.table is not None:
+            self.table, self.counts = fn(self.table), fn(self.counts)
+
+
 class QuestPolicy(LayerPolicy):
     """Per-page key bounds of one layer, kept in step with its store; picks pages per decode query.
 
-    State per row and KV head: ``kmin``/``kmax [B, H, P, D]`` (page bounds), ``table [B, H, P * page]`` (the
-    store column of each valid slot by rank, -1 where none), ``counts [B, H]`` (valid slots paged).
-    ``covered``: store columns paged so far; ``version``: the store version they belong to."""
+    State per row and KV head: ``kmin``/``kmax [B, H, P, D]`` (bounds of pages of ``page`` consecutive
+    ranks) beside the :class:`RankTable` of its slots."""
 
     def __init__(self, method: Quest) -> None:
         self.method = method
         self.page = method.page
+        self.ranks = RankTable("quest", method.page)
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
-        self.table: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
-        self.covered = 0
-        self.version = -1
         self.last_read = 0  # slots the last selective step read per (row, head), newest token included
 
     # -- hooks ----------------------------------------------------------------------------------------
@@ -108,13 +176,12 @@ class QuestPolicy(LayerPolicy):
             self._sync(store, store.length)
 
     def map_batch(self, fn) -> None:
-        for name in ("kmin", "kmax", "table", "counts"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, fn(value))
+        self.ranks.map_batch(fn)
+        if self.kmin is not None:
+            self.kmin, self.kmax = fn(self.kmin), fn(self.kmax)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.kmin, self.kmax, self.table, self.counts) if t is not None)
+        return self.ranks.nbytes() + sum(t.nbytes for t in (self.kmin, self.kmax) if t is not None)
 
     # -- page metadata --------------------------------------------------------------------------------------
     def _pages(self, cached: int) -> int:
@@ -122,78 +189,49 @@ class QuestPolicy(LayerPolicy):
 
     def _sync(self, store: DenseStore, upto: int) -> None:
         """Page store columns ``[0, upto)``: only the new ones, or all of them after slots moved."""
-        if store.split:
-            raise ValueError(
-                "quest pages a cache whose KV heads share one slot count; a per-head budget (adakv) splits them. "
-                "Compose quest with a method that keeps the same number of tokens in every head"
-            )
-        if store.version != self.version or self.covered > upto:
-            self.kmin = self.kmax = self.table = self.counts = None
-            self.covered, self.version = 0, store.version
-        if upto > self.covered:
-            g = store.groups[0]
-            keys, _ = g.used()
-            valid = g.used_valid()
-            span = slice(self.covered, upto)
-            b, h = keys.shape[:2]
-            new_valid = (
-                torch.ones(b, h, upto - self.covered, dtype=torch.bool, device=keys.device)
-                if valid is None
-                else valid[:, :, span].expand(b, h, -1)
-            )
-            self._append(keys[:, :, span], new_valid, self.covered)
-            self.covered = upto
+        if self.ranks.stale(store, upto):
+            self.kmin = self.kmax = None
+        self.ranks.sync(store, upto, self._bound)
 
-    def _append(self, keys: torch.Tensor, valid: torch.Tensor, first: int) -> None:
-        """Add slots (``keys [B, H, T, D]``, ``valid [B, H, T]``, store columns from ``first``) to the pages."""
-        b, h, t, d = keys.shape
-        if self.counts is None:
-            self.counts = torch.zeros(b, h, dtype=torch.long, device=keys.device)
+    def _bound(self, keys: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor) -> None:
+        """Fold newly numbered slots (``keys [B, H, T, D]``) into the bounds of their pages."""
+        b, h, _, d = keys.shape
+        pages = self.ranks.table.shape[2] // self.page
+        if self.kmin is None:
             self.kmin = keys.new_full((b, h, 0, d), float("inf"))
             self.kmax = keys.new_full((b, h, 0, d), float("-inf"))
-            self.table = torch.full((b, h, 0), -1, dtype=torch.int32, device=keys.device)
-        rank = self.counts.unsqueeze(-1) + valid.long().cumsum(-1) - 1  # [B, H, T]
-        self.counts = self.counts + valid.sum(-1)
-        self._grow(math.ceil(int(self.counts.max()) / self.page))
-        pages = self.kmin.shape[2]
-        dump_page, dump_slot = pages, pages * self.page  # where invalid slots are scattered, then dropped
-        page_of = torch.where(valid, rank // self.page, dump_page).unsqueeze(-1).expand(b, h, t, d)
-        for name, reduce, fill in (("kmin", "amin", float("inf")), ("kmax", "amax", float("-inf"))):
-            bounds = torch.cat([getattr(self, name), keys.new_full((b, h, 1, d), fill)], dim=2)
-            bounds.scatter_reduce_(2, page_of, keys, reduce=reduce, include_self=True)
-            setattr(self, name, bounds[:, :, :pages])
-        columns = torch.arange(first, first + t, dtype=torch.int32, device=keys.device).expand(b, h, t)
-        table = torch.cat([self.table, self.table.new_full((b, h, 1), -1)], dim=2)
-        table.scatter_(2, torch.where(valid, rank, dump_slot), columns)
-        self.table = table[:, :, :dump_slot]
-
-    def _grow(self, pages: int) -> None:
         more = pages - self.kmin.shape[2]
-        if more <= 0:
-            return
-        b, h, _, d = self.kmin.shape
-        self.kmin = torch.cat([self.kmin, self.kmin.new_full((b, h, more, d), float("inf"))], dim=2)
-        self.kmax = torch.cat([self.kmax, self.kmax.new_full((b, h, more, d), float("-inf"))], dim=2)
-        self.table = torch.cat([self.table, self.table.new_full((b, h, more * self.page), -1)], dim=2)
+        if more > 0:
+            self.kmin = torch.cat([self.kmin, self.kmin.new_full((b, h, more, d), float("inf"))], dim=2)
+            self.kmax = torch.cat([self.kmax, self.kmax.new_full((b, h, more, d), float("-inf"))], dim=2)
+        rows, heads, new = valid.nonzero(as_tuple=True)
+        flat = (rows * h + heads) * pages + rank[rows, heads, new] // self.page  # [V] page of each valid slot
+        picked = keys[rows, heads, new]  # [V, D]
+        index = flat.unsqueeze(-1).expand(-1, d)
+        self.kmin.view(-1, d).scatter_reduce_(0, index, picked, "amin")
+        self.kmax.view(-1, d).scatter_reduce_(0, index, picked, "amax")
 
     # -- selection ------------------------------------------------------------------------------------------
     def _plan(self, store: DenseStore, step: Step, pages: int) -> ReadPlan:
-        b, h, total, _ = self.kmin.shape
+        total = self.kmin.shape[2]
         score = page_scores(step.queries[:, :, 0], self.kmin, self.kmax)  # [B, H, P]: the most promising head
-        filled = torch.arange(total, device=score.device) * self.page < self.counts.unsqueeze(-1)  # [B, H, P]
+        filled = torch.arange(total, device=score.device) * self.page < self.ranks.counts.unsqueeze(-1)
         score = score.masked_fill(~filled, float("-inf"))
-        take = min(pages, total)
-        chosen = score.topk(take, dim=-1).indices.sort(dim=-1).values  # [B, H, K] in context order
+        chosen = score.topk(min(pages, total), dim=-1).indices.sort(dim=-1).values  # [B, H, K] in context order
         chosen_ok = filled.gather(-1, chosen)
         offsets = torch.arange(self.page, device=score.device)
-        ranks = (chosen.unsqueeze(-1) * self.page + offsets).flatten(2)  # [B, H, K * page]
-        slots = self.table.gather(-1, ranks).long()
-        ok = (slots >= 0) & chosen_ok.repeat_interleave(self.page, dim=-1)
-        newest = torch.full((b, h, 1), store.length - 1, dtype=torch.long, device=slots.device)
-        indices = torch.cat([slots.clamp(min=0), newest], dim=-1)
-        valid = torch.cat([ok, torch.ones_like(newest, dtype=torch.bool)], dim=-1)
-        self.last_read = int(valid.sum(-1).max())
-        return ReadPlan(indices, valid)
+        slots, ok = self.ranks.columns((chosen.unsqueeze(-1) * self.page + offsets).flatten(2))
+        ok = ok & chosen_ok.repeat_interleave(self.page, dim=-1)
+        return _with_newest(self, slots, ok, store.length - 1)
+
+
+def _with_newest(policy, slots: torch.Tensor, ok: torch.Tensor, newest: int) -> ReadPlan:
+    """A read plan of ``slots [B, H, K]`` (where ``ok``) and the newest slot; records how much it reads."""
+    b, h, _ = slots.shape
+    last = torch.full((b, h, 1), newest, dtype=torch.long, device=slots.device)
+    valid = torch.cat([ok, torch.ones_like(last, dtype=torch.bool)], dim=-1)
+    policy.last_read = int(valid.sum(-1).max())
+    return ReadPlan(torch.cat([slots, last], dim=-1), valid)
 
 
 def attention_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
