@@ -23,7 +23,7 @@ from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
 from contextlab.methods.quantization import KIVI, KVQuant, ZipCache
-from contextlab.methods.sparse import Quest
+from contextlab.methods.sparse import InfLLM, Quest
 from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
@@ -54,6 +54,8 @@ EXTENSION = {
     "linear": ("linear", "linear:factor=2"),
     "infiniretri": ("infiniretri:budget=1000,chunk=1000", "infiniretri:budget=40,chunk=64"),
 }
+# Decode-time sparse reads whose budget is no ratio: InfLLM reads sink + local + whole blocks.
+SPARSE = {"infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32")}
 # KV quantization (alone and under eviction): lossless = a full-precision window longer than every sequence
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
 QUANTIZATION = {
@@ -77,7 +79,7 @@ QUANTIZATION = {
         "decode(h2o,budget=24,every=8)+kivi:bits=3,group=16,residual=8",
     ),
 }
-SPECIAL = {**EXTENSION, **QUANTIZATION}
+SPECIAL = {**EXTENSION, **QUANTIZATION, **SPARSE}
 
 
 def _lossless(name: str) -> str:
@@ -190,7 +192,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
         expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
-        expected_bytes += sum(_quest_bytes(method, int(c), head_dim, itemsize) for c in counts)
+        expected_bytes += sum(_read_selection_bytes(method, int(c), head_dim, itemsize) for c in counts)
         expected_bytes += _zipcache_seen_bytes(method, counts)
         expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
@@ -207,15 +209,21 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
         assert out.kv_bytes < out.kv_bytes_full
 
 
-def _quest_bytes(method, count: int, head_dim: int, itemsize: int) -> int:
-    """Quest's page metadata of one KV head once the prompt is in (only when the cache is larger than what
-    a query reads): a min and a max key per page, the store column of every paged slot (int32), a count."""
+def _read_selection_bytes(method, count: int, head_dim: int, itemsize: int) -> int:
+    """Metadata of one KV head once the prompt is in, for the sparse readers that keep some then (only when
+    the cache is larger than what a query reads): the store column of every numbered slot (int32, in whole
+    pages or blocks) and a count (int64); Quest adds a min and a max key per page, InfLLM its blocks'
+    representative keys and a count of formed blocks."""
     parts = method.parts if isinstance(method, Composite) else (method,)
-    quest = next((p for p in parts if isinstance(p, Quest)), None)
-    if quest is None or count <= math.ceil(quest.read_tokens(count) / quest.page) * quest.page:
-        return 0
-    pages = math.ceil(count / quest.page)
-    return 2 * pages * head_dim * itemsize + pages * quest.page * 4 + 8
+    reader = next((p for p in parts if isinstance(p, (Quest, InfLLM))), None)
+    if isinstance(reader, Quest) and count > math.ceil(reader.read_tokens(count) / reader.page) * reader.page:
+        pages = math.ceil(count / reader.page)
+        return 2 * pages * head_dim * itemsize + pages * reader.page * 4 + 8
+    if isinstance(reader, InfLLM) and count > reader.budget.tokens:
+        blocks = max(0, (count - (reader.local - 1) - reader.sink) // reader.block)
+        table = math.ceil(count / reader.block) * reader.block * 4
+        return table + 8 + blocks * reader.reps * head_dim * itemsize + 8
+    return 0
 
 
 def _zipcache_part(method) -> ZipCache | None:

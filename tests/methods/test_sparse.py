@@ -129,6 +129,7 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
         "tokenselect:0.0",
         "tokenselect:budget=4096",
         "recycled:0.0,every=3",
+        "infllm:budget=4096,block=16,local=64",
         "snapkv:0.5+recycled:budget=4096",
     ],
 )
@@ -171,7 +172,12 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
     assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
 
 
-@pytest.mark.parametrize("spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4"])
+INFLLM = "infllm:budget=68,block=8,sink=4,local=32"
+
+
+@pytest.mark.parametrize(
+    "spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM]
+)
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
     for i, ctx in enumerate(CONTEXTS):
@@ -179,7 +185,9 @@ def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
         assert batch.token_ids[i] == single.tokens, f"row {i}"
 
 
-@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4"])
+@pytest.mark.parametrize(
+    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM]
+)
 def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
     for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
         out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=spec, max_new_tokens=12)
@@ -195,6 +203,9 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("quest:budget=64+tokenselect:budget=64", "read selection"),
         ("tokenselect:similar=2", "similar \\(cosine\\) must be a number in"),
         ("recycled:every=0", "every must be an integer >= 1"),
+        ("infllm:budget=100,local=1024", "leaves no room for one block"),
+        ("infllm:0.5", "budget must be a number of tokens"),
+        ("infllm:reps=200", "cannot exceed the block size"),
     ],
 )
 def test_bad_settings_are_refused(spec, message):
@@ -202,7 +213,7 @@ def test_bad_settings_are_refused(spec, message):
         cl.method(spec)
 
 
-@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32"])
+@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32", INFLLM])
 def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer, reader):
     with pytest.raises(ValueError, match="per-head budget"):
         cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=f"adakv:0.5+{reader}")
@@ -264,3 +275,29 @@ def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(ll
     full = [n + 1 + i for i in range(10)]  # the whole cache at step i
     assert reads == [full[0], 34, 35, 36, full[4], 34, 35, 36, full[8], 34]
     assert layer.policy.selections == 3
+
+
+def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():
+    gen = torch.Generator().manual_seed(17)
+    b, h, g, s, d = 1, 2, 2, 200, 8
+    keys = torch.randn(b, h, s, d, generator=gen) * 0.1
+    needle = torch.randn(d, generator=gen)
+    keys[:, :, 4 + 5 * 16 + 3] = needle * 3  # one token of block 5 (blocks of 16 after 4 sinks)
+    method = cl.method("infllm:budget=76,block=16,sink=4,local=40,reps=2")
+    policy = method.build(0, 1)
+    store = _store(keys, None)
+    prompt = torch.randn(b, h * g, 3, d, generator=gen)
+    prompt[:, :, -1] = needle  # the prompt's last query looks for the needle
+    policy.after_forward(store, Step(prompt, 1.0, "prompt_end", None, 0, 1))
+    # blocks that left the local window: (200 - 39 - 4) // 16 = 9
+    assert policy.formed.tolist() == [[9, 9]] and policy.reps.shape == (1, 2, 9, 2, d)
+    store.append(keys[:, :, :1], keys[:, :, :1])  # the decode token
+    query = needle.view(1, 1, 1, d).expand(b, h * g, 1, d)
+    plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
+    for head in range(h):
+        read = {int(i) for i, ok in zip(plan.indices[0, head], plan.valid[0, head], strict=True) if ok}
+        block5 = set(range(4 + 5 * 16, 4 + 6 * 16))
+        tail = set(range(4 + 9 * 16, 201))  # after the last formed block: the local window and a partial block
+        assert set(range(4)) | block5 | tail <= read  # sinks, the needle's block, the tail (and the newest)
+        assert len(read) == 4 + 2 * 16 + len(tail)  # budget 76 = 4 sinks + 40 local + 2 blocks of 16
+        assert len(read) <= 76 + 16 - 1 + 1

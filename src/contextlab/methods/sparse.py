@@ -455,3 +455,157 @@ class RecycledPolicy(SelectionPolicy):
         self.steps = 0
         self.last_read = store.length
         return None
+
+
+@dataclass(frozen=True, eq=False)
+class InfLLM(Method):
+    """InfLLM: every decode query reads the first ``sink`` tokens, the newest ``local`` tokens, and the memory
+    blocks of ``block`` tokens between them whose representative keys score highest, up to ``budget`` tokens.
+
+    Xiao et al., 2024 (arXiv 2402.04617): a sliding window plus "memory units" looked up per step, "without
+    any training", up to "1,024K" tokens. A block leaves the local window whole; its ``reps`` representative
+    tokens are those the queries of that moment score highest (summed ``q . k`` over the query heads of the KV
+    head: the prompt's last ``observe`` queries for blocks formed at the prompt's end, the decode query for
+    blocks formed later; the paper scores with the local window's queries). A block's relevance to a query is
+    the sum of ``q . k`` over its representatives and the query heads of its KV head. Tokens between the last
+    whole block and the local window are read too, so a query reads at most ``budget + block - 1`` tokens.
+    Every token stays cached on the device (moving unread blocks to host memory is not implemented yet). A
+    budget at or above the cache reads everything (exactly full attention)."""
+
+    name = "infllm"
+    paper = "Xiao et al., 2024, InfLLM, https://arxiv.org/abs/2402.04617"
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
+        "tokens each decode query reads: sink + local + the selected blocks (budget=N)", Budget(tokens=2048)
+    )
+    block: int = param("tokens per memory block", 128)
+    sink: int = param("first tokens always read", 4)
+    local: int = param("newest tokens always read (the query's own included)", 1024)
+    reps: int = param("representative tokens per block", 4)
+    observe: int = param("prompt queries that pick the representatives of blocks formed at the prompt's end", 32)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget) or self.budget.tokens is None:
+            raise ValueError(f"infllm: budget must be a number of tokens (budget=N), got {self.budget!r}")
+        check_int("infllm: block", self.block, 1)
+        check_int("infllm: sink", self.sink, 0)
+        check_int("infllm: local", self.local, 1)
+        check_int("infllm: observe", self.observe, 1)
+        check_int("infllm: reps (representatives per block)", self.reps, 1)
+        if self.reps > self.block:
+            raise ValueError(f"infllm: reps ({self.reps}) cannot exceed the block size ({self.block})")
+        if self.budget.tokens < self.sink + self.local + self.block:
+            raise ValueError(
+                f"infllm: a budget of {self.budget.tokens} tokens leaves no room for one block: it must be at least "
+                f"sink + local + block = {self.sink} + {self.local} + {self.block} = "
+                f"{self.sink + self.local + self.block}"
+            )
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+    @property
+    def blocks_read(self) -> int:
+        return (self.budget.tokens - self.sink - self.local) // self.block
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return InfLLMPolicy(self)
+
+
+class InfLLMPolicy(LayerPolicy):
+    """Representative keys of the memory blocks of one layer (``reps [B, H, N, R, D]``; ``formed [B, H]``
+    blocks so far per row and KV head) beside the :class:`RankTable` of its slots."""
+
+    def __init__(self, method: InfLLM) -> None:
+        self.method = method
+        self.ranks = RankTable("infllm", method.block)
+        self.reps: torch.Tensor | None = None
+        self.formed: torch.Tensor | None = None
+        self.last_read = 0
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        if step.phase != "decode" or step.tokens != 1 or store.length <= self.method.budget.tokens:
+            return None
+        self._sync(store, store.length - 1, step.queries)
+        return self._plan(store, step)
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        """Form the prompt's blocks once it is in, with its last queries (when the cache passes the budget)."""
+        if step.phase == "prompt_end" and store.length > self.method.budget.tokens:
+            self._sync(store, store.length, step.queries[:, :, -self.method.observe :])
+
+    def map_batch(self, fn) -> None:
+        self.ranks.map_batch(fn)
+        if self.reps is not None:
+            self.reps, self.formed = fn(self.reps), fn(self.formed)
+
+    def nbytes(self) -> int:
+        return self.ranks.nbytes() + sum(t.nbytes for t in (self.reps, self.formed) if t is not None)
+
+    # -- blocks -----------------------------------------------------------------------------------------------
+    def _sync(self, store: DenseStore, upto: int, queries: torch.Tensor) -> None:
+        """Number columns ``[0, upto)`` and form every block that has left the local window since."""
+        if self.ranks.stale(store, upto):
+            self.reps = self.formed = None
+        self.ranks.sync(store, upto)
+        m = self.method
+        ready = ((self.ranks.counts - (m.local - 1) - m.sink).clamp(min=0) // m.block).clamp(min=0)  # [B, H]
+        keys, _ = store.groups[0].used()
+        b, h, _, d = keys.shape
+        if self.reps is None:
+            self.reps = keys.new_zeros(b, h, 0, m.reps, d)
+            self.formed = torch.zeros(b, h, dtype=torch.long, device=keys.device)
+        top = int(ready.max())
+        if top > self.reps.shape[2]:
+            more = keys.new_zeros(b, h, top - self.reps.shape[2], m.reps, d)
+            self.reps = torch.cat([self.reps, more], dim=2)
+        for index in range(int(self.formed.min()), top):
+            rows = (self.formed <= index) & (index < ready)  # [B, H] rows and heads that form this block now
+            if bool(rows.any()):
+                self.reps[:, :, index] = torch.where(
+                    rows[..., None, None], self._representatives(keys, queries, index), self.reps[:, :, index]
+                )
+        self.formed = torch.maximum(self.formed, ready)
+
+    def _representatives(self, keys: torch.Tensor, queries: torch.Tensor, index: int) -> torch.Tensor:
+        """``[B, H, R, D]``: the keys of block ``index`` that ``queries [B, Hq, T, D]`` score highest."""
+        m = self.method
+        ranks = m.sink + index * m.block + torch.arange(m.block, device=keys.device)
+        b, h, _, d = keys.shape
+        slots, ok = self.ranks.columns(ranks.expand(b, h, -1))
+        block = keys.gather(2, slots.unsqueeze(-1).expand(b, h, m.block, d))  # [B, H, block, D]
+        q = queries.float().view(b, h, -1, queries.shape[2], d)  # [B, H, G, T, D]
+        score = torch.einsum("bhgtd,bhsd->bhs", q, block.float()).masked_fill(~ok, float("-inf"))
+        best = score.topk(m.reps, dim=-1).indices.sort(dim=-1).values
+        return block.gather(2, best.unsqueeze(-1).expand(b, h, m.reps, d))
+
+    def _plan(self, store: DenseStore, step: Step) -> ReadPlan:
+        m = self.method
+        counts = self.ranks.counts  # [B, H] older tokens numbered
+        b, h = counts.shape
+        device = counts.device
+        d = self.reps.shape[-1]
+        query = step.queries[:, :, 0].float().view(b, h, -1, d)  # [B, H, G, D]
+        relevance = torch.einsum("bhgd,bhnrd->bhn", query, self.reps.float())  # [B, H, N]
+        formed = torch.arange(self.reps.shape[2], device=device) < self.formed.unsqueeze(-1)
+        relevance = relevance.masked_fill(~formed, float("-inf"))
+        take = min(m.blocks_read, self.reps.shape[2])
+        chosen = relevance.topk(take, dim=-1).indices.sort(dim=-1).values  # [B, H, K]
+        chosen_ok = formed.gather(-1, chosen)
+        block_ranks = (m.sink + chosen.unsqueeze(-1) * m.block + torch.arange(m.block, device=device)).flatten(2)
+        # the sinks, then everything after the last formed block (the local window and a partial block)
+        tail_start = m.sink + self.formed * m.block  # [B, H]
+        tail = tail_start.unsqueeze(-1) + torch.arange(m.local - 1 + m.block - 1, device=device)
+        sinks = torch.arange(m.sink, device=device).expand(b, h, -1)
+        ranks = torch.cat([sinks, block_ranks, tail], dim=-1)
+        slots, ok = self.ranks.columns(ranks)
+        ok = ok & torch.cat(
+            [
+                torch.ones_like(sinks, dtype=torch.bool),
+                chosen_ok.repeat_interleave(m.block, dim=-1),
+                ok.new_ones(tail.shape),
+            ],
+            dim=-1,
+        )
+        return _with_newest(self, slots, ok, store.length - 1)

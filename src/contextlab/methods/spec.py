@@ -41,6 +41,7 @@ for _name, _target in [
     ("quest", "sparse:Quest"),
     ("tokenselect", "sparse:TokenSelect"),
     ("recycled", "sparse:Recycled"),
+    ("infllm", "sparse:InfLLM"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
