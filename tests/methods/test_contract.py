@@ -23,7 +23,7 @@ from contextlab.methods.compose import Composite
 from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
 from contextlab.methods.quantization import KIVI, KVQuant, ZipCache
-from contextlab.methods.sparse import InfLLM, Quest
+from contextlab.methods.sparse import InfLLM, Quest, Retrieval
 from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
@@ -55,7 +55,10 @@ EXTENSION = {
     "infiniretri": ("infiniretri:budget=1000,chunk=1000", "infiniretri:budget=40,chunk=64"),
 }
 # Decode-time sparse reads whose budget is no ratio: InfLLM reads sink + local + whole blocks.
-SPARSE = {"infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32")}
+SPARSE = {
+    "infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32"),
+    "retrieval": ("retrieval:budget=4096,local=16", "retrieval:budget=60,local=16,clusters=4"),
+}
 # KV quantization (alone and under eviction): lossless = a full-precision window longer than every sequence
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
 QUANTIZATION = {
@@ -213,9 +216,9 @@ def _read_selection_bytes(method, count: int, head_dim: int, itemsize: int) -> i
     """Metadata of one KV head once the prompt is in, for the sparse readers that keep some then (only when
     the cache is larger than what a query reads): the store column of every numbered slot (int32, in whole
     pages or blocks) and a count (int64); Quest adds a min and a max key per page, InfLLM its blocks'
-    representative keys and a count of formed blocks."""
+    representative keys and a count of formed blocks, retrieval its index (where it ends, centroids, lists)."""
     parts = method.parts if isinstance(method, Composite) else (method,)
-    reader = next((p for p in parts if isinstance(p, (Quest, InfLLM))), None)
+    reader = next((p for p in parts if isinstance(p, (Quest, InfLLM, Retrieval))), None)
     if isinstance(reader, Quest) and count > math.ceil(reader.read_tokens(count) / reader.page) * reader.page:
         pages = math.ceil(count / reader.page)
         return 2 * pages * head_dim * itemsize + pages * reader.page * 4 + 8
@@ -223,6 +226,10 @@ def _read_selection_bytes(method, count: int, head_dim: int, itemsize: int) -> i
         blocks = max(0, (count - (reader.local - 1) - reader.sink) // reader.block)
         table = math.ceil(count / reader.block) * reader.block * 4
         return table + 8 + blocks * reader.reps * head_dim * itemsize + 8
+    if isinstance(reader, Retrieval) and count > reader.budget.tokens:
+        table = math.ceil(count / 64) * 64 * 4
+        indexed = count - reader.local - reader.sink  # each indexed token's list (int64), float32 centroids
+        return table + 8 + 8 + reader.clusters * head_dim * 4 + indexed * 8
     return 0
 
 

@@ -16,7 +16,7 @@ from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.kernels.sparse_read import page_bounds
 from contextlab.methods.policy import Step
-from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass
+from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass, kmeans
 from contextlab.store import DenseStore
 
 CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 6
@@ -130,6 +130,7 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
         "tokenselect:budget=4096",
         "recycled:0.0,every=3",
         "infllm:budget=4096,block=16,local=64",
+        "retrieval:budget=4096,local=16",
         "snapkv:0.5+recycled:budget=4096",
     ],
 )
@@ -173,10 +174,11 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
 
 
 INFLLM = "infllm:budget=68,block=8,sink=4,local=32"
+RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
 
 
 @pytest.mark.parametrize(
-    "spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM]
+    "spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL]
 )
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
@@ -186,7 +188,7 @@ def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
 
 
 @pytest.mark.parametrize(
-    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM]
+    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL]
 )
 def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
     for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
@@ -206,6 +208,8 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("infllm:budget=100,local=1024", "leaves no room for one block"),
         ("infllm:0.5", "budget must be a number of tokens"),
         ("infllm:reps=200", "cannot exceed the block size"),
+        ("retrieval:budget=60", "leaves nothing to retrieve"),
+        ("retrieval:index=hnsw", "index must be one of"),
     ],
 )
 def test_bad_settings_are_refused(spec, message):
@@ -213,7 +217,9 @@ def test_bad_settings_are_refused(spec, message):
         cl.method(spec)
 
 
-@pytest.mark.parametrize("reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32", INFLLM])
+@pytest.mark.parametrize(
+    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32", INFLLM, RETRIEVAL]
+)
 def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer, reader):
     with pytest.raises(ValueError, match="per-head budget"):
         cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=f"adakv:0.5+{reader}")
@@ -301,3 +307,41 @@ def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():
         assert set(range(4)) | block5 | tail <= read  # sinks, the needle's block, the tail (and the newest)
         assert len(read) == 4 + 2 * 16 + len(tail)  # budget 76 = 4 sinks + 40 local + 2 blocks of 16
         assert len(read) <= 76 + 16 - 1 + 1
+
+
+def test_kmeans_finds_separated_clusters_and_ignores_invalid_points():
+    gen = torch.Generator().manual_seed(19)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(60) % 3
+    points = (centres[truth] + torch.randn(60, 2, generator=gen) * 0.5).view(1, 1, 60, 2)
+    valid = torch.ones(1, 1, 60, dtype=torch.bool)
+    points[0, 0, :6] = 1000.0  # invalid garbage must not pull a centroid
+    valid[0, 0, :6] = False
+    centroids, lists = kmeans(points, valid, 3, 10)
+    assert centroids.abs().max() < 20
+    found = lists[0, 0, 6:]
+    for c in range(3):  # each true cluster lands in exactly one list, and lists differ
+        assert found[truth[6:] == c].unique().numel() == 1
+    assert found.unique().numel() == 3
+
+
+@pytest.mark.parametrize("index", ["exact", "ivf:probe=all"])
+def test_retrieval_reads_sinks_the_best_keys_and_everything_past_the_index(index):
+    gen = torch.Generator().manual_seed(23)
+    b, h, g, s, d = 2, 2, 2, 120, 8
+    keys = torch.randn(b, h, s, d, generator=gen)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :9] = False  # a padded row
+    spec = "retrieval:budget=40,sink=4,local=16" + (",index=exact" if index == "exact" else ",clusters=5,probe=5")
+    policy = cl.method(spec).build(0, 1)
+    store = _store(keys, valid)
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
+    for row in range(b):
+        columns = [c for c in range(s - 1) if valid[row, c]]  # the newest slot is read anyway
+        indexed = columns[4 : len(columns) - 16]
+        for head in range(h):
+            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+            q = query[row, head * g : (head + 1) * g, 0].sum(0)
+            best = sorted(indexed, key=lambda c, q=q, head=head, row=row: -float(keys[row, head, c] @ q))[:20]
+            assert read == set(columns[:4]) | set(best) | set(columns[-16:]) | {s - 1}, (row, head)

@@ -609,3 +609,164 @@ class InfLLMPolicy(LayerPolicy):
             dim=-1,
         )
         return _with_newest(self, slots, ok, store.length - 1)
+
+
+INDEXES = ("ivf", "exact")
+
+
+@dataclass(frozen=True, eq=False)
+class Retrieval(Method):
+    """RetrievalAttention: the prompt's keys are indexed for maximum-inner-product search once it is in; each
+    decode query reads the first ``sink`` tokens, everything after the indexed part (the newest ``local``
+    prompt tokens and the answer so far), and the indexed keys the search returns, up to ``budget`` tokens.
+
+    Liu et al., 2024 (arXiv 2409.10516): approximate nearest-neighbour search over keys kept in CPU memory
+    serves "128K tokens in LLMs with 8B parameters" on a 24 GB GPU. ``index=ivf``: an inverted file built
+    here per row and KV head (k-means on the keys, ``clusters`` lists, 0 = about the square root of the
+    indexed tokens; a query probes the ``probe`` lists whose centroids score highest, summed over its query
+    heads, and ranks their keys exactly); ``index=exact``: every indexed key is ranked (the search's upper
+    bound). Not implemented from the paper: its attention-aware index for out-of-distribution queries, and
+    keeping the index in host memory. A budget at or above the cache reads everything (exactly full
+    attention)."""
+
+    name = "retrieval"
+    paper = "Liu et al., 2024, RetrievalAttention, https://arxiv.org/abs/2409.10516"
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
+        "tokens each decode query reads: sink + local + the retrieved keys (budget=N)", Budget(tokens=2048)
+    )
+    index: str = param("ivf (inverted file, k-means) | exact (rank every indexed key)", "ivf")
+    clusters: int = param("ivf lists per row and KV head; 0 = about sqrt(indexed tokens)", 0)
+    probe: int = param("ivf lists searched per query", 8)
+    sink: int = param("first tokens always read", 4)
+    local: int = param("newest prompt tokens left out of the index (always read)", 64)
+    iterations: int = param("k-means iterations when the index is built", 10)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget) or self.budget.tokens is None:
+            raise ValueError(f"retrieval: budget must be a number of tokens (budget=N), got {self.budget!r}")
+        if self.index not in INDEXES:
+            raise ValueError(f"retrieval: index must be one of {INDEXES}, got {self.index!r}")
+        for name, low in (("clusters", 0), ("probe", 1), ("sink", 0), ("local", 1), ("iterations", 1)):
+            check_int(f"retrieval: {name}", getattr(self, name), low)
+        if self.budget.tokens <= self.sink + self.local:
+            raise ValueError(
+                f"retrieval: a budget of {self.budget.tokens} tokens leaves nothing to retrieve beside sink + local = "
+                f"{self.sink + self.local}; raise the budget"
+            )
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+    @property
+    def retrieved(self) -> int:
+        return self.budget.tokens - self.sink - self.local
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        return RetrievalPolicy(self)
+
+
+class RetrievalPolicy(LayerPolicy):
+    """The index of one layer's prompt keys: ranks ``[sink, indexed)`` of every row and KV head, their
+    ``centroids [B, H, C, D]`` and ``lists [B, H, M]`` (the list of each indexed rank; ivf only)."""
+
+    def __init__(self, method: Retrieval) -> None:
+        self.method = method
+        self.ranks = RankTable("retrieval", 64)
+        self.indexed: torch.Tensor | None = None  # [B, H] ranks below this (and from sink) are in the index
+        self.centroids: torch.Tensor | None = None
+        self.lists: torch.Tensor | None = None
+        self.last_read = 0
+        self.last_scanned = 0  # indexed keys ranked exactly by the last search (per row and head, at most)
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        if step.phase == "prompt_end" and store.length > self.method.budget.tokens:
+            self._build(store, store.length)
+
+    def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        if step.phase != "decode" or step.tokens != 1 or store.length <= self.method.budget.tokens:
+            return None
+        if self.indexed is None or self.ranks.stale(store, store.length - 1):
+            self._build(store, store.length - 1)
+        else:
+            self.ranks.sync(store, store.length - 1)
+        return self._plan(store, step)
+
+    def map_batch(self, fn) -> None:
+        self.ranks.map_batch(fn)
+        for name in ("indexed", "centroids", "lists"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def nbytes(self) -> int:
+        return self.ranks.nbytes() + sum(t.nbytes for t in (self.indexed, self.centroids, self.lists) if t is not None)
+
+    # -- the index --------------------------------------------------------------------------------------------
+    def _build(self, store: DenseStore, upto: int) -> None:
+        """Index ranks ``[sink, count - local)`` of every row and KV head (the cache's tokens up to ``upto``)."""
+        m = self.method
+        self.ranks.sync(store, upto)
+        self.indexed = (self.ranks.counts - m.local).clamp(min=m.sink)
+        if m.index == "exact":
+            return
+        keys, valid = self._indexed_keys(store)  # [B, H, M, D], [B, H, M]
+        size = int(valid.sum(-1).max())
+        lists = m.clusters or max(1, round(math.sqrt(size)))
+        self.centroids, self.lists = kmeans(keys.float(), valid, lists, m.iterations)
+
+    def _indexed_keys(self, store: DenseStore) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.method
+        keys, _ = store.groups[0].used()
+        b, h, _, d = keys.shape
+        width = max(int(self.indexed.max()) - m.sink, 0)
+        ranks = m.sink + torch.arange(width, device=keys.device).expand(b, h, -1)
+        slots, ok = self.ranks.columns(ranks)
+        ok = ok & (ranks < self.indexed.unsqueeze(-1))
+        return keys.gather(2, slots.unsqueeze(-1).expand(b, h, width, d)), ok
+
+    def _plan(self, store: DenseStore, step: Step) -> ReadPlan:
+        m = self.method
+        keys, ok = self._indexed_keys(store)
+        b, h, width, d = keys.shape
+        query = step.queries[:, :, 0].float().view(b, h, -1, d).sum(2)  # [B, H, D]: the heads' summed query
+        scores = torch.einsum("bhd,bhmd->bhm", query, keys.float())
+        if m.index == "ivf" and self.centroids is not None:
+            near = torch.einsum("bhd,bhcd->bhc", query, self.centroids)
+            probed = near.topk(min(m.probe, near.shape[-1]), dim=-1).indices  # [B, H, probe]
+            hit = torch.zeros_like(near, dtype=torch.bool).scatter_(-1, probed, True)
+            ok = ok & hit.gather(-1, self.lists[:, :, :width])
+        self.last_scanned = int(ok.sum(-1).max())
+        found = scores.masked_fill(~ok, float("-inf")).topk(min(m.retrieved, width), dim=-1).indices
+        found = found.sort(dim=-1).values  # context order
+        found_ok = ok.gather(-1, found)
+        extra = int((self.ranks.counts - self.indexed).max())  # ranks past the index: local window, answer
+        tail = self.indexed.unsqueeze(-1) + torch.arange(extra, device=keys.device)
+        sinks = torch.arange(m.sink, device=keys.device).expand(b, h, -1)
+        slots, exists = self.ranks.columns(torch.cat([sinks, m.sink + found, tail], dim=-1))
+        chosen = torch.cat([exists.new_ones(sinks.shape), found_ok, exists.new_ones(tail.shape)], dim=-1)
+        return _with_newest(self, slots, exists & chosen, store.length - 1)
+
+
+def kmeans(
+    points: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means per row and head: ``points [B, H, M, D]`` (``valid [B, H, M]``) into ``clusters``
+    centroids ``[B, H, C, D]`` and each point's list ``[B, H, M]`` (long). Deterministic: the centroids start
+    at evenly spaced valid points; a list that empties keeps its centroid."""
+    b, h, m, d = points.shape
+    rank = valid.long().cumsum(-1) - 1  # [B, H, M]
+    size = valid.sum(-1, keepdim=True).clamp(min=1)  # [B, H, 1]
+    wanted = (torch.arange(clusters, device=points.device) * size) // clusters  # [B, H, C] ranks to start from
+    first = torch.where(valid, rank, m).unsqueeze(-2) == wanted.unsqueeze(-1)  # [B, H, C, M]
+    start = first.float().argmax(-1)  # index of each starting point
+    centroids = points.gather(2, start.unsqueeze(-1).expand(b, h, clusters, d))
+    lists = torch.zeros(b, h, m, dtype=torch.long, device=points.device)
+    for _ in range(iterations):  # squared distances, without the points' own norms: [B, H, M, C]
+        distance = centroids.pow(2).sum(-1).unsqueeze(2) - 2 * points @ centroids.transpose(-1, -2)
+        lists = distance.argmin(-1)
+        weight = valid.float().unsqueeze(-1)
+        sums = torch.zeros_like(centroids).scatter_add_(2, lists.unsqueeze(-1).expand(b, h, m, d), points * weight)
+        counts = torch.zeros(b, h, clusters, device=points.device).scatter_add_(2, lists, valid.float())
+        centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
+    return centroids, lists

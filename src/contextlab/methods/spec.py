@@ -42,6 +42,7 @@ for _name, _target in [
     ("tokenselect", "sparse:TokenSelect"),
     ("recycled", "sparse:Recycled"),
     ("infllm", "sparse:InfLLM"),
+    ("retrieval", "sparse:Retrieval"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
