@@ -195,7 +195,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
         expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
-        expected_bytes += sum(_read_selection_bytes(method, int(c), head_dim, itemsize) for c in counts)
+        expected_bytes += sum(_read_selection_bytes(method, layer, int(c), head_dim, itemsize) for c in counts)
         expected_bytes += _zipcache_seen_bytes(method, counts)
         expected = _expected_counts(method, layer, len(counts), n)
         if expected is None:  # AdaKV: the layer's total is H x budget, each head at least alpha x budget
@@ -212,13 +212,16 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
         assert out.kv_bytes < out.kv_bytes_full
 
 
-def _read_selection_bytes(method, count: int, head_dim: int, itemsize: int) -> int:
+def _read_selection_bytes(method, layer, count: int, head_dim: int, itemsize: int) -> int:
     """Metadata of one KV head once the prompt is in, for the sparse readers that keep some then (only when
     the cache is larger than what a query reads): the store column of every numbered slot (int32, in whole
     pages or blocks) and a count (int64); Quest adds a min and a max key per page, InfLLM its blocks'
-    representative keys and a count of formed blocks, retrieval its index (where it ends, centroids, lists)."""
+    representative keys and a count of formed blocks, retrieval its index (where it ends, centroids, lists).
+    Quest's first ``dense_layers`` read everything and keep nothing."""
     parts = method.parts if isinstance(method, Composite) else (method,)
     reader = next((p for p in parts if isinstance(p, (Quest, InfLLM, Retrieval))), None)
+    if isinstance(reader, Quest) and layer.layer_idx < reader.dense_layers:
+        return 0
     if isinstance(reader, Quest) and count > math.ceil(reader.read_tokens(count) / reader.page) * reader.page:
         pages = math.ceil(count / reader.page)
         return 2 * pages * head_dim * itemsize + pages * reader.page * 4 + 8

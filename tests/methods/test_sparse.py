@@ -157,11 +157,11 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
     ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
     n = ids.shape[1]
     runs = {}
-    for spec in ("full", "quest:budget=64,page=8"):
+    for spec in ("full", "quest:budget=64,page=8,dense_layers=0"):
         cache = ContextlabCache(llama.config, cl.method(spec))
         cache.begin_prompt(n, [n], new_tokens=8)
         runs[spec] = (_decode(llama, cache, ids, 8), cache)
-    cache = runs["quest:budget=64,page=8"][1]
+    cache = runs["quest:budget=64,page=8,dense_layers=0"][1]
     for layer in cache.compressible:
         assert layer.policy.last_read == 64 + 1  # 8 pages of 8 tokens and the newest token
         assert layer.policy.ranks.counts.max() == layer.store.length  # every token paged (and still cached)
@@ -169,16 +169,20 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
         assert layer.policy.kmin.shape == (1, layer.kv_heads, pages, layer.store.groups[0].keys.shape[-1])
         table = layer.kv_heads * pages * 8 * 4  # the store column of every paged slot, int32
         assert layer.policy.nbytes() == layer.policy.kmin.nbytes * 2 + table + layer.policy.ranks.counts.nbytes
-    first = [torch.softmax(x[0, -1], -1) for x in (runs["full"][0][0], runs["quest:budget=64,page=8"][0][0])]
+    first = [
+        torch.softmax(x[0, -1], -1) for x in (runs["full"][0][0], runs["quest:budget=64,page=8,dense_layers=0"][0][0])
+    ]
     assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
 
 
+QUEST = "quest:budget=32,page=8,dense_layers=0"  # every layer of the tiny models selects
 INFLLM = "infllm:budget=68,block=8,sink=4,local=32"
 RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
 
 
 @pytest.mark.parametrize(
-    "spec", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL]
+    "spec",
+    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL],
 )
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
@@ -188,7 +192,8 @@ def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
 
 
 @pytest.mark.parametrize(
-    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL]
+    "reader",
+    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL],
 )
 def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
     for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
@@ -201,6 +206,7 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
     [
         ("quest:budget=8,page=16", "smaller than one page of 16"),
         ("quest:page=0", "page must be an integer >= 1"),
+        ("quest:dense_layers=-1", "dense_layers must be an integer >= 0"),
         ("quest:budget=64+decode(snapkv,budget=64)+quest:budget=32", "read selection"),
         ("quest:budget=64+tokenselect:budget=64", "read selection"),
         ("tokenselect:similar=2", "similar \\(cosine\\) must be a number in"),
@@ -218,7 +224,8 @@ def test_bad_settings_are_refused(spec, message):
 
 
 @pytest.mark.parametrize(
-    "reader", ["quest:budget=32,page=8", "tokenselect:budget=32", "recycled:budget=32", INFLLM, RETRIEVAL]
+    "reader",
+    [QUEST, "tokenselect:budget=32", "recycled:budget=32", INFLLM, RETRIEVAL],
 )
 def test_per_head_budgets_are_refused_with_a_clear_message(llama, tokenizer, reader):
     with pytest.raises(ValueError, match="per-head budget"):
@@ -345,3 +352,10 @@ def test_retrieval_reads_sinks_the_best_keys_and_everything_past_the_index(index
             q = query[row, head * g : (head + 1) * g, 0].sum(0)
             best = sorted(indexed, key=lambda c, q=q, head=head, row=row: -float(keys[row, head, c] @ q))[:20]
             assert read == set(columns[:4]) | set(best) | set(columns[-16:]) | {s - 1}, (row, head)
+
+
+def test_quest_leaves_its_first_layers_dense(llama, tokenizer):
+    cache = ContextlabCache(llama.config, cl.method("quest:budget=32,page=8"))  # dense_layers=2 by default
+    assert [type(layer.policy).__name__ for layer in cache.compressible] == ["LayerPolicy"] * 2 + ["QuestPolicy"] * (
+        len(cache.compressible) - 2
+    )

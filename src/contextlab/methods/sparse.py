@@ -36,7 +36,8 @@ class Quest(Method):
     Tang et al., 2024 (arXiv 2406.10774): "up to 2.23x self-attention speedup" at a 4K-token budget with
     "negligible accuracy loss" on long-dependency tasks. A budget at or above the cached tokens reads
     everything (exactly full attention). Per KV head, a page's score is the largest bound among the query
-    heads that share it (grouped-query attention). A prompt, or several tokens fed at once after it, is
+    heads that share it (grouped-query attention). As in the paper, the first ``dense_layers`` layers read
+    everything (their attention is the least sparse). A prompt, or several tokens fed at once after it, is
     read in full; the selection applies to one-token decode steps."""
 
     name = "quest"
@@ -47,9 +48,11 @@ class Quest(Method):
         Budget(tokens=2048),
     )
     page: int = param("tokens per page (one min/max key pair of metadata per page and KV head)", 16)
+    dense_layers: int = param("first layers that read everything (the paper leaves the first two dense)", 2)
 
     def __post_init__(self) -> None:
         check_int("quest: page", self.page, 1)
+        check_int("quest: dense_layers", self.dense_layers, 0)
         if not isinstance(self.budget, Budget):
             raise ValueError(f"quest: budget must be a token count or a ratio, got {self.budget!r}")
         if self.budget.tokens is not None and self.budget.tokens < self.page:
@@ -69,7 +72,7 @@ class Quest(Method):
         return max(cached - math.floor(cached * self.budget.ratio), 1)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
-        return QuestPolicy(self)
+        return LayerPolicy() if layer_idx < self.dense_layers else QuestPolicy(self)
 
 
 class RankTable:

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Decode-time sparse reads on SmolLM2-135M-Instruct (8K window): accuracy at a 1/8 budget, what each step
+reads, and decode speed.
+
+1. ``accuracy``: RULER single needle (``niah_single_2``), multi-key (``niah_multikey_1``) and multi-query
+   (``niah_multiquery``) at 4K and 8K tokens, needles at 10-90% depth: full attention, every sparse reader
+   at 1/8 of the prompt, and SnapKV (the prefill eviction that keeps the same 1/8). The question is in the
+   prompt, so the first answer token comes from the prompt's full forward (as in the papers); the rest of
+   the answer is decoded with the sparse reads.
+2. ``shared``: SCBench-style shared context (``scbench_kv``, 4 questions about 8 needles on one cache, in
+   turns): each later question is fed after the answers, so what prefill eviction dropped for the first
+   question is gone for the next; the sparse readers keep every token. Score: mean over turns.
+3. ``speed``: one 32K-token prompt per method, then 32 decode steps: milliseconds per step (median, after
+   the first), the share of the cache each step reads (mean over layers), and KV bytes held with metadata.
+
+Each cell is saved to ``benchmarks/results/decode_sparse.json`` when it finishes and not run again (delete
+the file to start over).
+
+    PYTHONPATH=. python benchmarks/decode_sparse.py [--sections accuracy shared speed] [--samples 40]
+        [--lengths 4096 8192] [--speed-length 32768] [--threads N]
+
+Writes benchmarks/results/decode_sparse.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from benchmarks._accuracy import markdown, samples
+from benchmarks._machine import cpu_name
+
+import contextlab as cl
+from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.report import interval
+
+RESULTS = Path(__file__).parent / "results"
+STORE = RESULTS / "decode_sparse.json"
+TASKS = ("niah_single_2", "niah_multikey_1", "niah_multiquery")
+NEW_TOKENS = 32  # SmolLM2-Instruct often restates the question before the number
+
+
+def methods(length: int) -> list[str]:
+    """Full attention, each sparse reader at 1/8 of a ``length``-token prompt, and SnapKV keeping 1/8."""
+    eighth = length // 8
+    return [
+        "full",
+        "quest:0.875",
+        "tokenselect:0.875",
+        "recycled:0.875",
+        f"infllm:budget={eighth},block=64,local={length // 16}",
+        f"retrieval:budget={eighth}",
+        "snapkv:0.875",
+    ]
+
+
+def needle_items(tok, task: str, length: int, n: int, seed: int = 11):
+    rng = random.Random(seed)
+    return samples(tok, task, length, n, seed=seed + length, depths=[0.1 + 0.8 * rng.random() for _ in range(n)])
+
+
+def accuracy_cell(model, tok, spec: str, items) -> dict:
+    scores, seconds = [], 0.0
+    for s in items:
+        start = time.perf_counter()
+        out = cl.generate(model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=NEW_TOKENS)
+        seconds += time.perf_counter() - start
+        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+    return {"scores": scores, "seconds": seconds / len(items)}
+
+
+def shared_cell(model, tok, spec: str, items) -> dict:
+    """Every turn of every sample on one session per sample; a sample's score is its turns' mean."""
+    scores, turn_scores, seconds = [], [], 0.0
+    for s in items:
+        start = time.perf_counter()
+        session = cl.Session(model, tok, s.context_ids, s.question_ids, method=spec, mode="turns")
+        marks = []
+        for turn in s.all_turns:
+            answer = session.ask(turn.question_ids, max_new_tokens=NEW_TOKENS)
+            marks.append(METRIC_FUNCTIONS[turn.metric](answer.texts[0], turn.answers))
+        seconds += time.perf_counter() - start
+        scores.append(sum(marks) / len(marks))
+        turn_scores.append(marks)
+    by_turn = [sum(t[i] for t in turn_scores) / len(turn_scores) for i in range(len(turn_scores[0]))]
+    return {"scores": scores, "by_turn": by_turn, "seconds": seconds / len(items)}
+
+
+def speed_cell(model, tok, spec: str, item) -> dict:
+    """Prefill the prompt (with its question) once, then time each decode step through the token stream.
+    The prompt may pass the model's window: the answer is not scored here, only the work per step."""
+    start = time.perf_counter()
+    session = cl.Session(
+        model,
+        tok,
+        item.context_ids,
+        item.question_ids,
+        method=spec,
+        max_total_tokens=NEW_TOKENS,
+        allow_beyond_window=True,
+    )
+    prefill = time.perf_counter() - start
+    stamps: list[float] = []
+    session.ask(item.question_ids, max_new_tokens=NEW_TOKENS, on_tokens=lambda _: stamps.append(time.perf_counter()))
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    layers = _readers(session.state.cache.compressible)
+    reads = [getattr(layer.policy, "last_read", 0) or layer.store.length for layer in layers]
+    held = [layer.store.length for layer in layers]
+    return {
+        "ms_per_step": 1000 * statistics.median(steps) if steps else None,
+        "steps": len(steps),
+        "read_share": sum(r / h for r, h in zip(reads, held, strict=True)) / len(held),
+        "kv_bytes": session.state.cache.kv_bytes(),
+        "prefill_s": prefill,
+    }
+
+
+def _readers(layers):
+    return [layer for layer in layers if hasattr(layer, "store")]
+
+
+def save(store: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
+
+
+def cell(store: dict, key: str, work, *args) -> None:
+    """Run ``work(*args)`` into ``store[key]`` unless it is there already; save at once."""
+    if key in store:
+        return
+    store[key] = work(*args)
+    save(store)
+    print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
+
+
+def accuracy_table(store: dict, section: str) -> str:
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "s per answer"]
+    rows = []
+    for key, r in store.items():
+        name, task, length, spec = key.split("|")
+        if name != section:
+            continue
+        stat = interval(r["scores"])
+        extra = f" (turns: {', '.join(f'{x:.2f}' for x in r['by_turn'])})" if "by_turn" in r else ""
+        rows.append(
+            [
+                task,
+                length,
+                spec,
+                f"{stat.mean:.2f}{extra}",
+                f"[{stat.low:.2f}, {stat.high:.2f}]",
+                str(len(r["scores"])),
+                f"{r['seconds']:.1f}",
+            ]
+        )
+    return markdown(head, rows)
+
+
+def speed_table(store: dict) -> str:
+    head = ["method", "tokens", "ms per decode step", "vs full", "share of the cache read per step", "KV MiB"]
+    cells = {k.split("|")[3]: (k.split("|")[2], r) for k, r in store.items() if k.startswith("speed|")}
+    full = cells.get("full", (None, {}))[1].get("ms_per_step")
+    rows = []
+    for spec, (length, r) in cells.items():
+        ms = r["ms_per_step"]
+        ratio = f"{ms / full:.2f}x" if ms and full else "-"
+        rows.append(
+            [spec, length, f"{ms:.1f}" if ms else "-", ratio, f"{r['read_share']:.3f}", f"{r['kv_bytes'] / 2**20:.1f}"]
+        )
+    return markdown(head, rows)
+
+
+def report(store: dict, threads: int) -> str:
+    return "\n\n".join(
+        [
+            "# Decode-time sparse reads on SmolLM2-135M-Instruct (native window 8192)",
+            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy, "
+            f"{NEW_TOKENS} new tokens. Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
+            "`PYTHONPATH=. python benchmarks/decode_sparse.py`. Budgets: 1/8 of the prompt for every reader "
+            "(`:0.875` reads 1/8 of the cached tokens per step) and for SnapKV (keeps 1/8).",
+            "## RULER needles, 1/8 budget",
+            accuracy_table(store, "accuracy"),
+            "## Shared context (scbench_kv, 4 questions in turns on one cache), 1/8 budget",
+            accuracy_table(store, "shared"),
+            "## Decode speed and reads",
+            speed_table(store),
+            f"Platform: {platform.platform()}",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["accuracy", "shared", "speed"])
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--speed-length", type=int, default=32768)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    for section in args.sections:
+        if section == "accuracy":
+            for task in TASKS:
+                for length in args.lengths:
+                    items = needle_items(tok, task, length, args.samples)
+                    for spec in methods(length):
+                        cell(store, f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, items)
+        elif section == "shared":
+            for length in args.lengths:
+                items = samples(tok, "scbench_kv", length, args.samples, seed=7 + length)
+                for spec in methods(length):
+                    cell(store, f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
+        elif section == "speed":
+            length = args.speed_length
+            item = needle_items(tok, "niah_single_2", length, 1)[0]
+            for spec in methods(length)[:-1]:  # SnapKV's decode reads what it kept: nothing to time here
+                cell(store, f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
+        else:
+            raise SystemExit(f"unknown section {section!r}")
+    out = RESULTS / "decode_sparse.md"
+    out.write_text(report(store, args.threads) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
