@@ -29,7 +29,26 @@ from contextlab.store import DenseStore
 
 
 @dataclass(frozen=True, eq=False)
-class Quest(Method):
+class SparseReader(Method):
+    """What the sparse readers share: the read-selection role, and a ``budget`` of tokens read per decode
+    query (subclasses declare the field; ``tokens_only`` ones refuse a ratio)."""
+
+    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
+    tokens_only: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.tokens_only and (not isinstance(self.budget, Budget) or self.budget.tokens is None):
+            raise ValueError(f"{self.name}: budget must be a number of tokens (budget=N), got {self.budget!r}")
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"{self.name}: budget must be a token count or a ratio, got {self.budget!r}")
+
+    @property
+    def sparse_reads(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, eq=False)
+class Quest(SparseReader):
     """Quest: every decode query reads the pages of keys whose min/max bound promises the highest score, up
     to ``budget`` tokens, plus the newest token; the cache keeps every token.
 
@@ -42,7 +61,6 @@ class Quest(Method):
 
     name = "quest"
     paper = "Tang et al., 2024, Quest, https://arxiv.org/abs/2406.10774"
-    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
     budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
         "tokens each decode query reads (budget=N), or the fraction of cached tokens it skips (0.875 reads 1/8)",
         Budget(tokens=2048),
@@ -51,19 +69,14 @@ class Quest(Method):
     dense_layers: int = param("first layers that read everything (the paper leaves the first two dense)", 2)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int("quest: page", self.page, 1)
         check_int("quest: dense_layers", self.dense_layers, 0)
-        if not isinstance(self.budget, Budget):
-            raise ValueError(f"quest: budget must be a token count or a ratio, got {self.budget!r}")
         if self.budget.tokens is not None and self.budget.tokens < self.page:
             raise ValueError(
                 f"quest: a budget of {self.budget.tokens} tokens is smaller than one page of {self.page}; "
                 "raise the budget or lower page"
             )
-
-    @property
-    def sparse_reads(self) -> bool:
-        return True
 
     def read_tokens(self, cached: int) -> int:
         """Tokens a decode query reads out of ``cached`` older tokens (before rounding to pages)."""
@@ -347,7 +360,7 @@ def _pad(t: torch.Tensor, width: int, fill) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class TokenSelect(Method):
+class TokenSelect(SparseReader):
     """TokenSelect: each decode query reads, per KV head, the ``budget`` older tokens with the most attention
     (its query heads' softmax scores summed: a soft vote), plus its own token; a query close to the one that
     made the last selection (cosine >= ``similar``) reuses it, with the tokens appended since.
@@ -361,7 +374,6 @@ class TokenSelect(Method):
 
     name = "tokenselect"
     paper = "Wu et al., 2024, TokenSelect, https://arxiv.org/abs/2411.02886"
-    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
     budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
         "older tokens each decode query reads (budget=N), or the fraction it skips (0.875 reads 1/8)",
         Budget(tokens=2048),
@@ -369,13 +381,8 @@ class TokenSelect(Method):
     similar: float = param("reuse the last selection while the query's cosine to its query is >= this", 0.9)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, Budget):
-            raise ValueError(f"tokenselect: budget must be a token count or a ratio, got {self.budget!r}")
+        super().__post_init__()
         check_number("tokenselect: similar (cosine)", self.similar, -1.0, 1.0)
-
-    @property
-    def sparse_reads(self) -> bool:
-        return True
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return TokenSelectPolicy(self)
@@ -406,7 +413,7 @@ class TokenSelectPolicy(SelectionPolicy):
 
 
 @dataclass(frozen=True, eq=False)
-class Recycled(Method):
+class Recycled(SparseReader):
     """Recycled Attention: every ``every`` decode steps one step reads the whole cache, and the ``budget``
     tokens it attended to most (summed over the query heads of each KV head) are what the next ``every - 1``
     steps read, with every token appended since.
@@ -418,7 +425,6 @@ class Recycled(Method):
 
     name = "recycled"
     paper = "Xu et al., 2024, Recycled Attention, https://arxiv.org/abs/2411.05787"
-    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
     budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
         "older tokens the partial steps read (budget=N), or the fraction they skip (0.875 reads 1/8)",
         Budget(tokens=2048),
@@ -426,13 +432,8 @@ class Recycled(Method):
     every: int = param("one full-attention step every this many decode steps", 16)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, Budget):
-            raise ValueError(f"recycled: budget must be a token count or a ratio, got {self.budget!r}")
+        super().__post_init__()
         check_int("recycled: every", self.every, 1)
-
-    @property
-    def sparse_reads(self) -> bool:
-        return True
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return RecycledPolicy(self)
@@ -461,7 +462,7 @@ class RecycledPolicy(SelectionPolicy):
 
 
 @dataclass(frozen=True, eq=False)
-class InfLLM(Method):
+class InfLLM(SparseReader):
     """InfLLM: every decode query reads the first ``sink`` tokens, the newest ``local`` tokens, and the memory
     blocks of ``block`` tokens between them whose representative keys score highest, up to ``budget`` tokens.
 
@@ -476,8 +477,8 @@ class InfLLM(Method):
     budget at or above the cache reads everything (exactly full attention)."""
 
     name = "infllm"
+    tokens_only = True
     paper = "Xiao et al., 2024, InfLLM, https://arxiv.org/abs/2402.04617"
-    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
     budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
         "tokens each decode query reads: sink + local + the selected blocks (budget=N)", Budget(tokens=2048)
     )
@@ -488,8 +489,7 @@ class InfLLM(Method):
     observe: int = param("prompt queries that pick the representatives of blocks formed at the prompt's end", 32)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, Budget) or self.budget.tokens is None:
-            raise ValueError(f"infllm: budget must be a number of tokens (budget=N), got {self.budget!r}")
+        super().__post_init__()
         check_int("infllm: block", self.block, 1)
         check_int("infllm: sink", self.sink, 0)
         check_int("infllm: local", self.local, 1)
@@ -503,10 +503,6 @@ class InfLLM(Method):
                 f"sink + local + block = {self.sink} + {self.local} + {self.block} = "
                 f"{self.sink + self.local + self.block}"
             )
-
-    @property
-    def sparse_reads(self) -> bool:
-        return True
 
     @property
     def blocks_read(self) -> int:
@@ -618,7 +614,7 @@ INDEXES = ("ivf", "exact")
 
 
 @dataclass(frozen=True, eq=False)
-class Retrieval(Method):
+class Retrieval(SparseReader):
     """RetrievalAttention: the prompt's keys are indexed for maximum-inner-product search once it is in; each
     decode query reads the first ``sink`` tokens, everything after the indexed part (the newest ``local``
     prompt tokens and the answer so far), and the indexed keys the search returns, up to ``budget`` tokens.
@@ -633,8 +629,8 @@ class Retrieval(Method):
     attention)."""
 
     name = "retrieval"
+    tokens_only = True
     paper = "Liu et al., 2024, RetrievalAttention, https://arxiv.org/abs/2409.10516"
-    roles: ClassVar[frozenset[str]] = frozenset({READ_SELECTION})
     budget: Budget | None = param(  # noqa: RUF009 - a frozen Budget is a safe shared default
         "tokens each decode query reads: sink + local + the retrieved keys (budget=N)", Budget(tokens=2048)
     )
@@ -646,8 +642,7 @@ class Retrieval(Method):
     iterations: int = param("k-means iterations when the index is built", 10)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, Budget) or self.budget.tokens is None:
-            raise ValueError(f"retrieval: budget must be a number of tokens (budget=N), got {self.budget!r}")
+        super().__post_init__()
         if self.index not in INDEXES:
             raise ValueError(f"retrieval: index must be one of {INDEXES}, got {self.index!r}")
         for name, low in (("clusters", 0), ("probe", 1), ("sink", 0), ("local", 1), ("iterations", 1)):
@@ -657,10 +652,6 @@ class Retrieval(Method):
                 f"retrieval: a budget of {self.budget.tokens} tokens leaves nothing to retrieve beside sink + local = "
                 f"{self.sink + self.local}; raise the budget"
             )
-
-    @property
-    def sparse_reads(self) -> bool:
-        return True
 
     @property
     def retrieved(self) -> int:
