@@ -27,6 +27,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["avg", "max"])
     if field.name == "keys":
         return st.sampled_from(["tokenwise", "channel"])
+    if field.name == "index":
+        return st.sampled_from(["ivf", "exact"])
     if field.name in ("bits", "high", "low"):
         return st.sampled_from([2, 3, 4, 8])
     if "float" in kind:
