@@ -88,6 +88,19 @@ class Quest(SparseReader):
         return LayerPolicy() if layer_idx < self.dense_layers else QuestPolicy(self)
 
 
+def _span(store: DenseStore, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[B, H, T, D]`` of store columns ``[start, end)`` and their validity per head ``[B, H, T]``."""
+    g = store.groups[0]
+    keys, _ = g.used()
+    b, h = keys.shape[:2]
+    valid = g.used_valid()
+    if valid is None:
+        valid = torch.ones(b, h, end - start, dtype=torch.bool, device=keys.device)
+    else:
+        valid = valid[:, :, start:end].expand(b, h, -1)
+    return keys[:, :, start:end], valid
+
+
 class RankTable:
     """Each (row, KV head)'s valid slots numbered in order: ``table [B, H, N]`` maps a rank to its store
     column (-1 where none), ``counts [B, H]`` holds how many are numbered. Kept in step with a store: new
@@ -117,19 +130,10 @@ class RankTable:
             self.table = self.counts = None
             self.covered, self.version = 0, store.version
         if upto > self.covered:
-            g = store.groups[0]
-            keys, _ = g.used()
-            valid = g.used_valid()
-            span = slice(self.covered, upto)
-            b, h = keys.shape[:2]
-            valid = (
-                torch.ones(b, h, upto - self.covered, dtype=torch.bool, device=keys.device)
-                if valid is None
-                else valid[:, :, span].expand(b, h, -1)
-            )
+            keys, valid = _span(store, self.covered, upto)
             rank = self._number(valid, self.covered)
             if on_new is not None:
-                on_new(keys[:, :, span], valid, rank)
+                on_new(keys, valid, rank)
             self.covered = upto
 
     def _number(self, valid: torch.Tensor, first: int) -> torch.Tensor:
@@ -310,17 +314,10 @@ class SelectionPolicy(LayerPolicy):
     def _remember(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> None:
         """Select, for ``rows [B]``, the ``keep`` older slots that get the most attention mass from this
         step's query, per KV head; the other rows keep their selection."""
-        g = store.groups[0]
-        keys, _ = g.used()
-        older = keys.shape[2] - 1
-        b, h = keys.shape[:2]
-        valid = g.used_valid()
-        valid = (
-            torch.ones(b, h, older, dtype=torch.bool, device=keys.device)
-            if valid is None
-            else valid[:, :, :older].expand(b, h, -1)
-        )
-        mass = attention_mass(step.queries[:, :, 0], keys[:, :, :older], valid, step.scaling)
+        older = store.length - 1
+        keys, valid = _span(store, 0, older)
+        b = keys.shape[0]
+        mass = attention_mass(step.queries[:, :, 0], keys, valid, step.scaling)
         top = mass.masked_fill(~valid, float("-inf")).topk(min(keep, older), dim=-1).indices.sort(dim=-1).values
         chosen = valid.gather(-1, top)
         since = torch.full((b,), older, dtype=torch.long, device=keys.device)
