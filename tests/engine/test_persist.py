@@ -39,6 +39,11 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("qwen3", "zipcache:group=16,residual=16", 2),
         ("llama", "snapkv:0.5+zipcache:keys=channel,group=16,residual=8", 2),
         ("llama", "decode(h2o,budget=48,every=4)+zipcache:group=16,residual=8", 1),
+        ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16", 2),
+        ("llama", "quest:budget=32,page=8,dense_layers=0", 2),
+        ("qwen2", "tokenselect:budget=32", 1),
+        ("llama", "retrieval:budget=48,local=16,clusters=4,probe=2", 2),
+        ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16,offload=cpu", 2),
     ],
 )
 def test_a_loaded_cache_answers_as_the_one_in_memory(tmp_path, tokenizer, arch, spec, batch):

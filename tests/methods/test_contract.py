@@ -58,6 +58,10 @@ EXTENSION = {
 SPARSE = {
     "infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32"),
     "retrieval": ("retrieval:budget=4096,local=16", "retrieval:budget=60,local=16,clusters=4"),
+    "infllm offloaded": (  # the host is this machine's memory: the same bytes, counted once
+        "infllm:budget=4096,block=16,local=64,offload=cpu",
+        "infllm:budget=60,block=8,sink=4,local=32,offload=cpu",
+    ),
 }
 # KV quantization (alone and under eviction): lossless = a full-precision window longer than every sequence
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
@@ -103,7 +107,7 @@ def _lossy(name: str, budget: str) -> str:
     )
 
 
-CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED, *(q for q in QUANTIZATION if q not in cl.METHODS)]
+CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED, *(q for q in {**QUANTIZATION, **SPARSE} if q not in cl.METHODS)]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -214,6 +214,8 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("infllm:budget=100,local=1024", "leaves no room for one block"),
         ("infllm:0.5", "budget must be a number of tokens"),
         ("infllm:reps=200", "cannot exceed the block size"),
+        ("infllm:offload=gpu", "offload must be one of"),
+        ("infllm:offload=cpu+kivi:bits=4", "storage"),
         ("retrieval:budget=60", "leaves nothing to retrieve"),
         ("retrieval:index=hnsw", "index must be one of"),
     ],
@@ -314,6 +316,31 @@ def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():
         assert set(range(4)) | block5 | tail <= read  # sinks, the needle's block, the tail (and the newest)
         assert len(read) == 4 + 2 * 16 + len(tail)  # budget 76 = 4 sinks + 40 local + 2 blocks of 16
         assert len(read) <= 76 + 16 - 1 + 1
+
+
+def test_infllm_offloaded_reads_the_same_and_copies_only_the_host_slots_it_reads(llama, tokenizer):
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    n, steps = ids.shape[1], 6
+    runs = {}
+    for offload in ("none", "cpu"):
+        cache = ContextlabCache(llama.config, cl.method(f"{INFLLM},offload={offload}"))
+        cache.begin_prompt(n, [n], new_tokens=steps)
+        runs[offload] = (_decode(llama, cache, ids, steps), cache)
+    for here, there in zip(runs["none"][0], runs["cpu"][0], strict=True):
+        assert torch.equal(here, there)
+    for layer in runs["cpu"][1].compressible:
+        g = layer.store.groups[0]
+        assert g.quantized > 0 and g.tail < 32 + 2 * 8  # resident: the local window and up to two blocks
+        # per step at most the sinks, 4 blocks and one block being formed cross, far from the whole cache
+        per_slot = 2 * layer.kv_heads * g.keys.shape[-1] * g.keys.element_size()
+        assert 0 < layer.store.moved_bytes <= steps * per_slot * (4 + 4 * 8 + 8) < steps * per_slot * g.quantized
+
+
+@pytest.mark.parametrize("spec", [INFLLM, f"snapkv:0.5+{INFLLM}"])
+def test_infllm_offloaded_batches_match_the_resident_cache(llama, tokenizer, spec):
+    here = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=16)
+    there = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=f"{spec},offload=cpu", max_new_tokens=16)
+    assert here.token_ids == there.token_ids
 
 
 def test_kmeans_finds_separated_clusters_and_ignores_invalid_points():

@@ -253,7 +253,7 @@ class ContextlabLayer(DynamicLayer):
         return out.view(b, hq, tq, d)
 
     def _attend_group(self, g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        if g.prefix is not None and q.shape[2] == 1 and g.prefix.spec.direct_read:
+        if g.prefix is not None and q.shape[2] == 1 and g.prefix.direct_read:
             return _attend_codes(g, q, scaling)
         keys, values = g.used()
         tq, total = q.shape[2], g.length
@@ -273,18 +273,18 @@ class ContextlabLayer(DynamicLayer):
         if query.shape[2] != 1 or self.store.split:
             raise RuntimeError("a read plan applies to one decode query over unsplit heads")
         g = self.store.groups[0]
-        keys, values = g.used()
-        d = keys.shape[-1]
         valid = plan.valid
-        if g.valid is not None:
-            valid = valid & g.used_valid().expand(*plan.indices.shape[:2], -1).gather(-1, plan.indices)
-        if query.is_cuda and triton_available():  # read the selected slots in place (no gathered copy)
+        slot_valid = g.used_valid()
+        if slot_valid is not None:
+            valid = valid & slot_valid.expand(*plan.indices.shape[:2], -1).gather(-1, plan.indices)
+        if query.is_cuda and triton_available() and g.prefix is None:  # read the slots in place (no copy)
+            keys, values = g.used()
             out, _ = gathered_attention(
                 query[:, :, 0], keys, values, plan.indices, valid, scaling, backend="triton", trusted=True
             )
             return out.to(query.dtype).unsqueeze(2)
-        gather = plan.indices.unsqueeze(-1).expand(*plan.indices.shape, d)
-        return compat.attention(query, keys.gather(2, gather), values.gather(2, gather), valid[:, :, None, :], scaling)
+        keys, values = g.gather(plan.indices)  # from a prefix (codes, host memory) only the selected slots
+        return compat.attention(query, keys, values, valid[:, :, None, :], scaling)
 
     def _publish(self) -> None:
         """Mirror the used slots of a single all-heads group on ``keys``/``values`` for code that inspects

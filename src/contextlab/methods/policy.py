@@ -101,22 +101,50 @@ class LayerPolicy:
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """The policy's running state (counters, carried scores, buffered queries) as JSON-able scalars and
         named tensors, to save a cache. Attributes that are methods or scorers are rebuilt from the spec."""
-        scalars, tensors = {}, {}
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.clone()
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                scalars[name] = value
-        return scalars, tensors
+        return export_attributes(self)
 
     def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`export_state` on a freshly built policy of the same method."""
-        for name, value in scalars.items():
-            if name not in vars(self):
-                raise ValueError(f"saved policy state {name!r} does not belong to {type(self).__name__}")
-            setattr(self, name, value)
-        for name, value in tensors.items():
-            setattr(self, name, value)
+        load_attributes(self, scalars, tensors)
+
+
+class Stateful:
+    """State a policy holds in a helper object (a rank table): saved and loaded with the policy's own."""
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return export_attributes(self)
+
+    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        load_attributes(self, scalars, tensors)
+
+
+def export_attributes(owner) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Tensors, plain scalars and nested :class:`Stateful` helpers among ``owner``'s attributes."""
+    scalars, tensors = {}, {}
+    for name, value in vars(owner).items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.clone()
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            scalars[name] = value
+        elif isinstance(value, Stateful):
+            own_scalars, own_tensors = value.export_state()
+            scalars[name] = {"nested": own_scalars}
+            tensors.update({f"{name}.{k}": v for k, v in own_tensors.items()})
+    return scalars, tensors
+
+
+def load_attributes(owner, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+    for name, value in scalars.items():
+        if name not in vars(owner):
+            raise ValueError(f"saved policy state {name!r} does not belong to {type(owner).__name__}")
+        if isinstance(value, dict):
+            mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            getattr(owner, name).load_state(value["nested"], mine)
+        else:
+            setattr(owner, name, value)
+    for name, value in tensors.items():
+        if "." not in name:
+            setattr(owner, name, value)
 
 
 class CompositePolicy(LayerPolicy):

@@ -23,9 +23,11 @@ from typing import ClassVar
 import torch
 
 from contextlab.kernels.sparse_read import page_scores
-from contextlab.methods.base import READ_SELECTION, Budget, Method, check_int, check_number, param
-from contextlab.methods.policy import LayerPolicy, ReadPlan, Step
-from contextlab.store import DenseStore
+from contextlab.methods.base import READ_SELECTION, STORAGE, Budget, Method, check_int, check_number, param
+from contextlab.methods.policy import LayerPolicy, ReadPlan, Stateful, Step
+from contextlab.methods.positions import Rope
+from contextlab.store import DenseStore, MemoryTracker, SlotGroup
+from contextlab.store.offload import OffloadStore
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,20 +90,22 @@ class Quest(SparseReader):
         return LayerPolicy() if layer_idx < self.dense_layers else QuestPolicy(self)
 
 
-def _span(store: DenseStore, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``[B, H, T, D]`` of store columns ``[start, end)`` and their validity per head ``[B, H, T]``."""
+def _validity(store: DenseStore, start: int, end: int) -> torch.Tensor:
+    """``[B, H, end - start]``: whether each of store columns ``[start, end)`` holds a token, per head."""
     g = store.groups[0]
-    keys, _ = g.used()
-    b, h = keys.shape[:2]
+    b, h = g.keys.shape[:2]
     valid = g.used_valid()
     if valid is None:
-        valid = torch.ones(b, h, end - start, dtype=torch.bool, device=keys.device)
-    else:
-        valid = valid[:, :, start:end].expand(b, h, -1)
-    return keys[:, :, start:end], valid
+        return torch.ones(b, h, end - start, dtype=torch.bool, device=g.keys.device)
+    return valid[:, :, start:end].expand(b, h, -1)
 
 
-class RankTable:
+def _span(store: DenseStore, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[B, H, T, D]`` of store columns ``[start, end)`` and their validity per head ``[B, H, T]``."""
+    return store.groups[0].span(start, end)[0], _validity(store, start, end)
+
+
+class RankTable(Stateful):
     """Each (row, KV head)'s valid slots numbered in order: ``table [B, H, N]`` maps a rank to its store
     column (-1 where none), ``counts [B, H]`` holds how many are numbered. Kept in step with a store: new
     columns are numbered as they come (:meth:`sync`), and everything is numbered again once the store moved
@@ -130,10 +134,10 @@ class RankTable:
             self.table = self.counts = None
             self.covered, self.version = 0, store.version
         if upto > self.covered:
-            keys, valid = _span(store, self.covered, upto)
+            valid = _validity(store, self.covered, upto)
             rank = self._number(valid, self.covered)
             if on_new is not None:
-                on_new(keys, valid, rank)
+                on_new(store.groups[0].span(self.covered, upto)[0], valid, rank)
             self.covered = upto
 
     def _number(self, valid: torch.Tensor, first: int) -> torch.Tensor:
@@ -458,6 +462,9 @@ class RecycledPolicy(SelectionPolicy):
         return None
 
 
+OFFLOADS = ("none", "cpu")
+
+
 @dataclass(frozen=True, eq=False)
 class InfLLM(SparseReader):
     """InfLLM: every decode query reads the first ``sink`` tokens, the newest ``local`` tokens, and the memory
@@ -470,8 +477,14 @@ class InfLLM(SparseReader):
     blocks formed later; the paper scores with the local window's queries). A block's relevance to a query is
     the sum of ``q . k`` over its representatives and the query heads of its KV head. Tokens between the last
     whole block and the local window are read too, so a query reads at most ``budget + block - 1`` tokens.
-    Every token stays cached on the device (moving unread blocks to host memory is not implemented yet). A
-    budget at or above the cache reads everything (exactly full attention)."""
+    A budget at or above the cache reads everything (exactly full attention).
+
+    ``offload=cpu``: as in the paper, the memory blocks live in host memory and each step copies to the
+    device only the slots it reads there (:class:`~contextlab.store.offload.OffloadStore`: the newest
+    ``local + block`` slots stay on the device, older ones move to the host a block at a time; the bytes
+    copied are counted). The selection and the output are the same as with ``offload=none``. Not from the
+    paper: its GPU-side cache of recently used blocks (every step copies what it reads). Offloading is the
+    storage of the cache, so it does not compose with a quantized store."""
 
     name = "infllm"
     tokens_only = True
@@ -484,6 +497,7 @@ class InfLLM(SparseReader):
     local: int = param("newest tokens always read (the query's own included)", 1024)
     reps: int = param("representative tokens per block", 4)
     observe: int = param("prompt queries that pick the representatives of blocks formed at the prompt's end", 32)
+    offload: str = param("none | cpu (memory blocks in host memory, the read slots copied per step)", "none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -494,6 +508,8 @@ class InfLLM(SparseReader):
         check_int("infllm: reps (representatives per block)", self.reps, 1)
         if self.reps > self.block:
             raise ValueError(f"infllm: reps ({self.reps}) cannot exceed the block size ({self.block})")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"infllm: offload must be one of {OFFLOADS}, got {self.offload!r}")
         if self.budget.tokens < self.sink + self.local + self.block:
             raise ValueError(
                 f"infllm: a budget of {self.budget.tokens} tokens leaves no room for one block: it must be at least "
@@ -502,8 +518,17 @@ class InfLLM(SparseReader):
             )
 
     @property
+    def roles(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({READ_SELECTION, STORAGE}) if self.offload != "none" else frozenset({READ_SELECTION})
+
+    @property
     def blocks_read(self) -> int:
         return (self.budget.tokens - self.sink - self.local) // self.block
+
+    def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
+        if self.offload == "none":
+            return None
+        return OffloadStore(self.local + self.block, self.block, tracker, host=self.offload)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return InfLLMPolicy(self)
@@ -547,30 +572,30 @@ class InfLLMPolicy(LayerPolicy):
         self.ranks.sync(store, upto)
         m = self.method
         ready = ((self.ranks.counts - (m.local - 1) - m.sink).clamp(min=0) // m.block).clamp(min=0)  # [B, H]
-        keys, _ = store.groups[0].used()
-        b, h, _, d = keys.shape
+        g = store.groups[0]
+        b, h, _, d = g.keys.shape
         if self.reps is None:
-            self.reps = keys.new_zeros(b, h, 0, m.reps, d)
-            self.formed = torch.zeros(b, h, dtype=torch.long, device=keys.device)
+            self.reps = g.keys.new_zeros(b, h, 0, m.reps, d)
+            self.formed = torch.zeros(b, h, dtype=torch.long, device=g.keys.device)
         top = int(ready.max())
         if top > self.reps.shape[2]:
-            more = keys.new_zeros(b, h, top - self.reps.shape[2], m.reps, d)
+            more = g.keys.new_zeros(b, h, top - self.reps.shape[2], m.reps, d)
             self.reps = torch.cat([self.reps, more], dim=2)
         for index in range(int(self.formed.min()), top):
             rows = (self.formed <= index) & (index < ready)  # [B, H] rows and heads that form this block now
             if bool(rows.any()):
                 self.reps[:, :, index] = torch.where(
-                    rows[..., None, None], self._representatives(keys, queries, index), self.reps[:, :, index]
+                    rows[..., None, None], self._representatives(g, queries, index), self.reps[:, :, index]
                 )
         self.formed = torch.maximum(self.formed, ready)
 
-    def _representatives(self, keys: torch.Tensor, queries: torch.Tensor, index: int) -> torch.Tensor:
+    def _representatives(self, g: SlotGroup, queries: torch.Tensor, index: int) -> torch.Tensor:
         """``[B, H, R, D]``: the keys of block ``index`` that ``queries [B, Hq, T, D]`` score highest."""
         m = self.method
-        ranks = m.sink + index * m.block + torch.arange(m.block, device=keys.device)
-        b, h, _, d = keys.shape
+        b, h, _, d = g.keys.shape
+        ranks = m.sink + index * m.block + torch.arange(m.block, device=g.keys.device)
         slots, ok = self.ranks.columns(ranks.expand(b, h, -1))
-        block = keys.gather(2, slots.unsqueeze(-1).expand(b, h, m.block, d))  # [B, H, block, D]
+        block, _ = g.gather(slots, values=False)  # [B, H, block, D]
         q = queries.float().view(b, h, -1, queries.shape[2], d)  # [B, H, G, T, D]
         score = torch.einsum("bhgtd,bhsd->bhs", q, block.float()).masked_fill(~ok, float("-inf"))
         best = score.topk(m.reps, dim=-1).indices.sort(dim=-1).values
@@ -708,13 +733,13 @@ class RetrievalPolicy(LayerPolicy):
 
     def _indexed_keys(self, store: DenseStore) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.method
-        keys, _ = store.groups[0].used()
-        b, h, _, d = keys.shape
+        g = store.groups[0]
+        b, h = g.keys.shape[:2]
         width = max(int(self.indexed.max()) - m.sink, 0)
-        ranks = m.sink + torch.arange(width, device=keys.device).expand(b, h, -1)
+        ranks = m.sink + torch.arange(width, device=g.keys.device).expand(b, h, -1)
         slots, ok = self.ranks.columns(ranks)
         ok = ok & (ranks < self.indexed.unsqueeze(-1))
-        return keys.gather(2, slots.unsqueeze(-1).expand(b, h, width, d)), ok
+        return g.gather(slots, values=False)[0], ok
 
     def _plan(self, store: DenseStore, step: Step) -> ReadPlan:
         m = self.method

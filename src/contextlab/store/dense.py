@@ -93,6 +93,34 @@ class SlotGroup:
         old_keys, old_values = self.prefix.read(keys.dtype)
         return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
 
+    def span(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, Hg, end - start, D]`` keys and values of slots ``[start, end)``: views of the buffers when the
+        span lies there; only the span is read back from the prefix otherwise."""
+        q = self.quantized
+        if start >= q:
+            return self.keys[:, :, start - q : end - q], self.values[:, :, start - q : end - q]
+        old_keys, old_values = self.prefix.span(start, min(end, q), self.keys.dtype)
+        if end <= q:
+            return old_keys, old_values
+        keys, values = self.keys[:, :, : end - q], self.values[:, :, : end - q]
+        return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
+
+    def gather(self, indices: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys (and values) ``[B, Hg, K, D]`` of slots ``indices [B, Hg, K]`` (each in ``[0, length)``),
+        reading from the prefix only the slots it holds."""
+        index = (indices - self.quantized).clamp(0, max(self.tail - 1, 0))
+        expand = index.unsqueeze(-1).expand(*index.shape, self.keys.shape[-1])
+        keys = self.keys.gather(2, expand)
+        vals = self.values.gather(2, expand) if values else None
+        if self.prefix is None:
+            return keys, vals
+        old = indices < self.quantized
+        if not bool(old.any()):
+            return keys, vals
+        old_keys, old_values = self.prefix.gather(indices, old, keys.dtype, values)
+        keys = torch.where(old.unsqueeze(-1), old_keys, keys)
+        return keys, (torch.where(old.unsqueeze(-1), old_values, vals) if values else None)
+
     def used_valid(self) -> torch.Tensor | None:
         tail = None if self.valid is None else self.valid[:, :, : self.tail]
         old = None if self.prefix is None else self.prefix.used_valid()
@@ -120,6 +148,10 @@ class Prefix(Protocol):
     length: int
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def gather(
+        self, indices: torch.Tensor, wanted: torch.Tensor, dtype: torch.dtype, values: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def used_valid(self) -> torch.Tensor | None: ...
     def used_positions(self) -> torch.Tensor: ...
     def nbytes(self) -> int: ...
@@ -290,7 +322,7 @@ class DenseStore:
     # -- saving ---------------------------------------------------------------------------------------------
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """Everything needed to rebuild the store: JSON-able metadata and named tensors of the used slots."""
-        meta: dict = {"fresh": self.fresh, "groups": []}
+        meta: dict = {"fresh": self.fresh, "version": self.version, "groups": []}
         tensors: dict[str, torch.Tensor] = {}
         for i, g in enumerate(self.groups):
             group_meta, group_tensors = export_group(g)
@@ -313,6 +345,7 @@ class DenseStore:
                 g.prefix = self._restore_prefix(group_meta["prefix"], prefix)
             self.groups.append(g)
         self.fresh = meta["fresh"]
+        self.version = meta.get("version", self.version)  # the saved policy state refers to this numbering
 
     def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Prefix:
         raise ValueError("the saved cache holds quantized slots but this store is dense (load it with its method)")

@@ -26,7 +26,8 @@ import torch
 from contextlab.methods.positions import Rope
 from contextlab.store.codec import Codes, dequantize_keys, dequantize_values, quantize_keys, quantize_values, words
 from contextlab.store.dense import MemoryTracker, SlotGroup
-from contextlab.store.quantized import QuantizedPrefix, QuantizedStore, QuantSpec, _round_up
+from contextlab.store.prefix import round_up
+from contextlab.store.quantized import QuantizedPrefix, QuantizedStore, QuantSpec
 
 PROBE_SHARE = 0.05  # recent and random probes, each this share of a forward's queries (ZipCache)
 MIN_PROBES = 32
@@ -48,8 +49,8 @@ class MixedPrefix(QuantizedPrefix):
         spec.check_head_dim(d)
         self.spec, self.dim, self.tracker, self.rope = spec, d, tracker, rope
         self.channels = c = spec.channels(d)
-        self.length = 0
-        cap = -(-max(capacity, spec.group) // spec.group) * spec.group
+        self.device, self.unit, self.length = like.device, spec.group, 0
+        cap = round_up(max(capacity, spec.group), spec.group)
         device = like.device
         self.buffers = {"salient": torch.zeros(b, h, cap, dtype=torch.bool, device=device)}
         self.units = {"salient": 1}
@@ -65,7 +66,7 @@ class MixedPrefix(QuantizedPrefix):
         self.tier_units = {"key.scale": self.key_unit, "key.zero": self.key_unit}
         self.tier_length = {"high": 0, "low": 0}
         for tier, bits in (("high", spec.bits), ("low", spec.low_bits)):
-            n = _round_up(max(1, math.ceil(cap * share[tier])), spec.group)
+            n = round_up(max(1, math.ceil(cap * share[tier])), spec.group)
             self.tiers[tier] = {
                 "key.packed": torch.zeros(b, h, n, words(d, bits), dtype=torch.int32, device=device),
                 "key.scale": torch.zeros(b, h, n // self.key_unit, key_width, dtype=torch.float16, device=device),
@@ -196,7 +197,7 @@ class MixedPrefix(QuantizedPrefix):
         have = buffers["key.packed"].shape[2]
         if entries <= have:
             return
-        size = _round_up(max(entries, int(have * 1.5)), self.spec.group)
+        size = round_up(max(entries, int(have * 1.5)), self.spec.group)
         old = sum(t.nbytes for t in buffers.values())
         grown = {}
         for name, t in buffers.items():

@@ -36,7 +36,8 @@ from contextlab.store.codec import (
     quantize_values,
     words,
 )
-from contextlab.store.dense import SHRINK_SLACK, DenseStore, MemoryTracker, SlotGroup
+from contextlab.store.dense import MemoryTracker, SlotGroup
+from contextlab.store.prefix import BufferPrefix, PrefixStore, round_up
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class QuantSpec:
             )
 
 
-class QuantizedPrefix:
+class QuantizedPrefix(BufferPrefix):
     """Codes of a slot group's oldest slots, in buffers that grow geometrically (capacity ``cap`` slots).
 
     ``buffers``, each with its slot axis at dim 2: ``key.packed [B, Hg, cap, W]``, ``key.scale`` /
@@ -107,6 +108,8 @@ class QuantizedPrefix:
     slots per entry along dim 2 (``group`` for per-group key tensors, 1 otherwise).
     """
 
+    anchor = "key.packed"
+
     def __init__(
         self, spec: QuantSpec, like: torch.Tensor, capacity: int, tracker: MemoryTracker, rope: Rope | None = None
     ) -> None:
@@ -115,8 +118,8 @@ class QuantizedPrefix:
         if spec.pre_rope and rope is None:
             raise ValueError("keys quantized before RoPE need the model's rotary frequencies")
         self.spec, self.dim, self.tracker, self.rope = spec, d, tracker, rope
-        self.length = 0
-        cap = _round_up(max(capacity, spec.group), spec.group)
+        self.device, self.unit, self.length = like.device, spec.group, 0
+        cap = round_up(max(capacity, spec.group), spec.group)
         self.buffers: dict[str, torch.Tensor] = {}
         self.units: dict[str, int] = {}
         w, g, device = words(d, spec.bits), spec.group, like.device
@@ -142,31 +145,11 @@ class QuantizedPrefix:
             self.units[name] = unit
         tracker.change(self.nbytes())
 
-    anchor = "key.packed"  # a buffer with one entry per slot (capacity, batch size, device)
-
     @property
-    def capacity(self) -> int:
-        return self.buffers[self.anchor].shape[2]
-
-    @property
-    def valid(self) -> torch.Tensor | None:
-        return self.buffers.get("valid")
-
-    @property
-    def positions(self) -> torch.Tensor | None:
-        return self.buffers.get("positions")
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.buffers.values())
-
-    def used_bytes(self) -> int:
-        return sum(t.nbytes // t.shape[2] * (self.length // self.units[k]) for k, t in self.buffers.items())
+    def direct_read(self) -> bool:
+        return self.spec.direct_read
 
     # -- reading ----------------------------------------------------------------------------------------
-    def used(self) -> dict[str, torch.Tensor]:
-        """Views of every buffer's used entries."""
-        return {k: t[:, :, : self.length // self.units[k]] for k, t in self.buffers.items()}
-
     def codes(self) -> tuple[Codes, Codes]:
         """Views of the used key and value codes (``N = length`` slots)."""
         used = self.used()
@@ -186,27 +169,17 @@ class QuantizedPrefix:
             k = rotate(k, self.slot_positions(), self.rope)
         return k.to(dtype), v.to(dtype)
 
-    def used_valid(self) -> torch.Tensor | None:
-        return None if self.valid is None else self.valid[:, :, : self.length]
+    def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``[start, end)`` dequantized (the whole prefix is dequantized, then sliced)."""
+        keys, values = self.read(dtype)
+        return keys[:, :, start:end], values[:, :, start:end]
 
-    def used_positions(self) -> torch.Tensor:
-        if self.positions is None:
-            raise RuntimeError("the quantized slots carry no positions while newer slots do")
-        return self.positions[:, :, : self.length]
-
-    def slot_positions(self) -> torch.Tensor:
-        """``[B, 1 | Hg, length]`` position of every slot: explicit, or its rank among valid slots."""
-        if self.positions is not None:
-            return self.used_positions().long()
-        valid = self.used_valid()
-        if valid is None:
-            return torch.arange(self.length, device=self.buffers[self.anchor].device).view(1, 1, -1)
-        return (valid.long().cumsum(-1) - 1).clamp(min=0)
-
-    def valid_count(self) -> torch.Tensor | int:
-        """Valid slots held per row (``[B, 1 | Hg, 1]``), or an int when every slot is valid."""
-        valid = self.used_valid()
-        return self.length if valid is None else valid.long().sum(-1, keepdim=True)
+    def gather(self, indices: torch.Tensor, wanted: torch.Tensor, dtype: torch.dtype, values: bool = True):
+        """Slots ``indices [B, Hg, K]`` (where ``wanted``) as ``[B, Hg, K, D]`` keys and values: everything is
+        dequantized, then gathered (codes are not addressable one slot at a time here)."""
+        keys, vals = self.read(dtype)
+        index = indices.clamp(0, self.length - 1).unsqueeze(-1).expand(*indices.shape, self.dim)
+        return keys.gather(2, index), (vals.gather(2, index) if values else None)
 
     # -- writing ----------------------------------------------------------------------------------------
     def append(
@@ -229,84 +202,12 @@ class QuantizedPrefix:
         self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
-    def map_batch(self, fn) -> None:
-        self.buffers = {k: fn(t) for k, t in self.buffers.items()}
-
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Metadata and the used part of every buffer (see :meth:`QuantizedStore._restore_prefix`)."""
-        return {"length": self.length, "dim": self.dim}, {k: v.contiguous() for k, v in self.used().items()}
-
-    def restore(self, tensors: dict[str, torch.Tensor], length: int) -> None:
-        """Fill a fresh prefix (capacity >= ``length``) with an :meth:`export`."""
-        if set(tensors) - {"valid", "positions"} != set(self.buffers) - {"valid", "positions"}:
-            raise ValueError(
-                f"saved quantized slots hold {sorted(tensors)}; this method expects {sorted(self.buffers)}"
-            )
-        for name in ("valid", "positions"):
-            if name in tensors:
-                self._metadata(name, tensors[name].shape[1], tensors[name].dtype, fill=0)
-        for name, t in tensors.items():
-            self.buffers[name][:, :, : t.shape[2]] = t
-        self.length = length
-
-    # -- internals --------------------------------------------------------------------------------------
-    def _new_positions(self, m: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
-        """``[B, 1 | Hg, m]`` positions of slots about to be appended."""
-        if positions is not None:
-            return positions.long()
-        before = self.valid_count()
-        if valid is None:
-            steps = torch.arange(1, m + 1, device=self.buffers[self.anchor].device).view(1, 1, -1)
-        else:
-            steps = valid.long().cumsum(-1)
-        return (before + steps - 1).clamp(min=0)
-
-    def _append_metadata(
-        self, valid: torch.Tensor | None, positions: torch.Tensor | None, start: int, stop: int
-    ) -> None:
-        """Validity and positions of the slots ``start .. stop`` being appended."""
-        self._append_valid(valid, start, stop)
-        if (positions is None) != (self.positions is None) and (positions is None or start > 0):
-            raise RuntimeError("quantized slots must all carry explicit positions or none")
-        if positions is not None:
-            if self.positions is None:
-                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
-            self.positions[:, :, start:stop] = positions
-
-    def _append_valid(self, valid: torch.Tensor | None, start: int, stop: int) -> None:
-        if valid is None and self.valid is None:
-            return
-        heads = 1 if valid is None else valid.shape[1]
-        if self.valid is None:
-            self._metadata("valid", heads, torch.bool, fill=1)
-        elif self.valid.shape[1] < heads:  # per-head validity arrives: widen the shared row
-            old = self.valid
-            self._metadata("valid", heads, torch.bool, fill=1)
-            self.valid.copy_(old.expand_as(self.valid))
-            self.tracker.change(-old.nbytes)
-        self.valid[:, :, start:stop] = True if valid is None else valid
-
-    def _metadata(self, name: str, heads: int, dtype: torch.dtype, fill: int) -> None:
-        anchor = self.buffers[self.anchor]
-        out = torch.full((anchor.shape[0], heads, self.capacity), fill, dtype=dtype, device=anchor.device)
-        self.tracker.change(out.nbytes)
-        self.buffers[name], self.units[name] = out, 1
-
-    def _grow(self, capacity: int) -> None:
-        cap = _round_up(capacity, self.spec.group)
-        old = self.nbytes()
-
-        def grown(t: torch.Tensor, unit: int) -> torch.Tensor:
-            out = t.new_zeros(*t.shape[:2], cap // unit, *t.shape[3:])
-            out[:, :, : t.shape[2]] = t
-            return out
-
-        self.buffers = {k: grown(t, self.units[k]) for k, t in self.buffers.items()}
-        self.tracker.change(self.nbytes())  # both copies exist for a moment
-        self.tracker.change(-old)
+        meta, tensors = super().export()
+        return {**meta, "dim": self.dim}, tensors
 
 
-class QuantizedStore(DenseStore):
+class QuantizedStore(PrefixStore):
     """A dense store whose slots beyond the newest ``spec.residual`` are held as codes (module docstring)."""
 
     prefix_class = QuantizedPrefix
@@ -316,12 +217,10 @@ class QuantizedStore(DenseStore):
     ) -> None:
         super().__init__(tracker, growth)
         self.spec, self.rope = spec, rope
-        self._total = 0  # slots the caller planned for (sizes the prefix's first buffers)
+        self.kept, self.unit = spec.residual, spec.group
 
-    @property
-    def window(self) -> int:
-        """Dense slots needed between forwards: the residual plus one group still filling."""
-        return self.spec.residual + self.spec.group
+    def _new_prefix(self, g: SlotGroup) -> QuantizedPrefix:
+        return self.prefix_class(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
 
     def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedPrefix:
         n = meta["length"]
@@ -336,43 +235,3 @@ class QuantizedStore(DenseStore):
     def _first_group(self, keys, values) -> None:
         self.spec.check_head_dim(keys.shape[-1])
         super()._first_group(keys, values)
-
-    def reserve(self, slots: int) -> None:
-        self._total = max(self._total, slots)
-        if not self.groups:
-            super().reserve(slots)  # the first forward (the prompt) lands in the buffers whole
-            return
-        for g in self.groups:
-            need = min(slots - g.quantized, self.window)
-            if g.capacity < need:
-                self._resize(g, need)
-
-    def settle(self, queries: torch.Tensor | None = None, scaling: float | None = None) -> None:
-        for g in self.groups:
-            moved = (g.tail - self.spec.residual) // self.spec.group * self.spec.group
-            if moved > 0:
-                self._flush(g, moved)
-            target = max(g.tail, self.window)
-            if g.capacity > target + SHRINK_SLACK:
-                self._resize(g, target)
-        self.fresh = min(self.fresh, min((g.tail for g in self.groups), default=0))
-
-    def _flush(self, g: SlotGroup, count: int) -> None:
-        """Quantize the oldest ``count`` buffered slots of ``g`` into its prefix; the rest move to the front."""
-        rest = g.tail - count
-        if g.prefix is None:
-            g.prefix = self.prefix_class(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
-        valid = None if g.valid is None else g.valid[:, :, :count]
-        positions = None if g.positions is None else g.positions[:, :, :count]
-        self._encode(g, count, valid, positions)
-        for t in (g.keys, g.values, g.valid, g.positions):
-            if t is not None:
-                t[:, :, :rest] = t[:, :, count : count + rest].clone()
-
-    def _encode(self, g: SlotGroup, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
-        """Append the oldest ``count`` buffered slots of ``g`` to its prefix (before they leave the buffers)."""
-        g.prefix.append(g.keys[:, :, :count], g.values[:, :, :count], valid, positions)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
