@@ -235,8 +235,8 @@ def _read_selection_bytes(method, layer, count: int, head_dim: int, itemsize: in
         return table + 8 + blocks * reader.reps * head_dim * itemsize + 8
     if isinstance(reader, Retrieval) and count > reader.budget.tokens:
         table = math.ceil(count / 64) * 64 * 4
-        indexed = count - reader.local - reader.sink  # each indexed token's list (int64), float32 centroids
-        return table + 8 + 8 + reader.clusters * head_dim * 4 + indexed * 8
+        indexed = count - reader.local - reader.sink  # float32 centroids, inverted lists (int32) and their starts
+        return table + 8 + 8 + reader.clusters * head_dim * 4 + indexed * 4 + (reader.clusters + 1) * 4
     return 0
 
 

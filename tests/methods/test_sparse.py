@@ -175,6 +175,46 @@ def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, toke
     assert float((first[0] - first[1]).abs().sum()) < 0.5  # the read pages carry most of the attention
 
 
+def _recording(choose, plans: dict, key):
+    def wrapped(store, step):
+        plan = choose(store, step)
+        if plan is not None:
+            plans[key] = plan
+        return plan
+
+    return wrapped
+
+
+def test_a_decode_step_counts_the_slots_it_reads_and_what_choosing_them_read(llama, tokenizer):
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    n = ids.shape[1]
+    for spec in ("full", "quest:budget=64,page=8,dense_layers=0"):
+        cache = ContextlabCache(llama.config, cl.method(spec))
+        cache.begin_prompt(n, [n], new_tokens=1)
+        plans = {}
+        for layer in cache.compressible:  # record each layer's read plan
+            layer.policy.before_attend = _recording(layer.policy.before_attend, plans, layer.layer_idx)
+        _decode(llama, cache, ids, 1)
+        for layer in cache.compressible:
+            keys = layer.store.groups[0].keys
+            per_head_slot = 2 * keys.shape[-1] * keys.element_size()
+            assert layer.read_steps == 1
+            if spec == "full":  # everything held: n prompt slots and the new token
+                assert layer.read_bytes == (n + 1) * layer.kv_heads * per_head_slot
+            else:  # at most 8 pages of 8 and the newest token per head, after reading every page's bounds
+                read = plans[layer.layer_idx].valid.sum((0, 2))  # [H]
+                assert int(read.min()) >= 57 and int(read.max()) <= 65
+                bounds = layer.policy.kmin.nbytes + layer.policy.kmax.nbytes
+                assert layer.read_bytes == int(read.sum()) * per_head_slot + bounds
+        per_step = cache.read_bytes_per_step()
+        assert per_step == sum(layer.read_bytes for layer in cache.compressible)
+    out = cl.generate(
+        llama, tokenizer, CONTEXT, "Which ledger?", method="quest:budget=64,page=8,dense_layers=0", max_new_tokens=4
+    )
+    full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", max_new_tokens=4)
+    assert 0 < out.read_bytes_per_step < full.read_bytes_per_step / 2
+
+
 QUEST = "quest:budget=32,page=8,dense_layers=0"  # every layer of the tiny models selects
 INFLLM = "infllm:budget=68,block=8,sink=4,local=32"
 RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
@@ -379,6 +419,36 @@ def test_retrieval_reads_sinks_the_best_keys_and_everything_past_the_index(index
             q = query[row, head * g : (head + 1) * g, 0].sum(0)
             best = sorted(indexed, key=lambda c, q=q, head=head, row=row: -float(keys[row, head, c] @ q))[:20]
             assert read == set(columns[:4]) | set(best) | set(columns[-16:]) | {s - 1}, (row, head)
+
+
+def test_retrieval_ivf_scans_only_the_lists_it_probes():
+    gen = torch.Generator().manual_seed(29)
+    b, h, g, s, d = 2, 2, 2, 150, 8
+    keys = torch.randn(b, h, s, d, generator=gen)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :11] = False
+    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=6,probe=2").build(0, 1)
+    store = _store(keys, valid)
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
+    starts, members = policy.starts.long(), policy.members.long()
+    scanned = 0
+    for row in range(b):
+        columns = [c for c in range(s - 1) if valid[row, c]]
+        for head in range(h):
+            q = query[row, head * g : (head + 1) * g, 0].sum(0)
+            probed = (policy.centroids[row, head] @ q).topk(2).indices.tolist()
+            ranks = [
+                int(r) + 4 for c in probed for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]
+            ]
+            scanned = max(scanned, len(ranks))
+            best = sorted(ranks, key=lambda r, q=q, row=row, head=head: -float(keys[row, head, columns[r]] @ q))[:20]
+            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+            expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
+            assert read == expected, (row, head)
+    indexed = len(range(4, 150 - 16))
+    assert policy.last_scanned == scanned < indexed  # two lists of six, not the whole index
+    assert policy.selection_bytes() == b * h * scanned * d * 4 + policy.centroids.nbytes
 
 
 def test_quest_leaves_its_first_layers_dense(llama, tokenizer):

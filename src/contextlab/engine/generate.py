@@ -85,6 +85,7 @@ def generate(
         method=method.describe(),
         kv_bytes=kv_bytes,
         kv_bytes_end=kv_bytes_end,
+        read_bytes_per_step=done.cache.read_bytes_per_step(),
         kv_bytes_full=full_cache_bytes(model, len(plan.prompt), done.columns),
         peak_memory_bytes=int(peak),
         prefill_seconds=done.seconds,

@@ -26,7 +26,9 @@ class GenerationResult:
     ``calls``: model calls behind the result (1 for a method; an input-level strategy's scoring passes, worker
     and final reads, summed over the batch); ``tokens_processed``: tokens that went through the model in all
     of them (prompts prefilled plus tokens generated). ``routes``: per row, the path an input-level strategy
-    took (the router's choice), else None.
+    took (the router's choice), else None. ``read_bytes_per_step``: mean bytes a decode step read from the
+    cache, all layers (a sparse read: the slots it named plus what choosing them read; otherwise everything
+    held), the quantity that bounds decode speed on a GPU; 0 when nothing was decoded after the first token.
     """
 
     texts: list[str]
@@ -44,6 +46,7 @@ class GenerationResult:
     calls: int = 1
     tokens_processed: int = 0
     routes: list[str | None] | None = None
+    read_bytes_per_step: float = 0.0
 
     @property
     def text(self) -> str:

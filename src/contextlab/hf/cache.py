@@ -69,6 +69,17 @@ class ContextlabCache(Cache):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
+    def read_bytes_per_step(self) -> float:
+        """Mean bytes one decode step read from the cache, all layers: what each contextlab layer read (the
+        slots a sparse read named and what choosing them took, or everything it held) plus what sliding
+        layers hold now (each step reads their whole window). 0 before any decode step."""
+        layers = self.compressible
+        steps = max((layer.read_steps for layer in layers), default=0)
+        if not steps:
+            return 0.0
+        sliding = self.kv_bytes() - sum(layer.nbytes() for layer in layers)
+        return sum(layer.read_bytes for layer in layers) / steps + sliding
+
     @property
     def peak_bytes(self) -> int:
         """Peak bytes allocated by the contextlab layers' stores (capacity included) plus the current bytes of

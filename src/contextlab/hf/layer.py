@@ -71,6 +71,8 @@ class ContextlabLayer(DynamicLayer):
         self.seen = 0  # logical columns fed so far
         self.row_tokens: torch.Tensor | None = None  # [B, 1] real tokens per row so far
         self.waiting = 0  # tokens appended but not attended yet
+        self.read_steps = 0  # one-token decode steps attended
+        self.read_bytes = 0  # bytes those steps read from the cache (see :meth:`_bytes_read`)
 
     # -- transformers' Cache layer interface ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -177,6 +179,9 @@ class ContextlabLayer(DynamicLayer):
         else:
             out = self.policy.attend(self.store, step)
             out = self._attend_groups(query, scaling) if out is None else out
+        if step.phase == "decode" and tq == 1:
+            self.read_steps += 1
+            self.read_bytes += self._bytes_read(plan) + self.policy.selection_bytes()
         self.policy.after_forward(self.store, step)
         self.store.settle(query, scaling)
         if self.state.transient:  # trailing tokens that were not context (read, then evicted) take no position
@@ -267,6 +272,14 @@ class ContextlabLayer(DynamicLayer):
         if valid is not None:
             mask = mask & valid[:, :, None, :]
         return compat.attention(q, keys, values, mask, scaling)
+
+    def _bytes_read(self, plan: ReadPlan | None) -> int:
+        """Bytes of cached slots one decode step read: every held byte without a plan (codes where quantized,
+        per-slot metadata included); with one, keys and values of the slots it names, at full precision."""
+        if plan is None:
+            return self.store.used_bytes()
+        keys = self.store.groups[0].keys
+        return int(plan.valid.sum()) * 2 * keys.shape[-1] * keys.element_size()
 
     def _attend_plan(self, query: torch.Tensor, plan: ReadPlan, scaling: float) -> torch.Tensor:
         """Decode attention over the slots a policy selected (``plan.indices [B, H, K]``)."""

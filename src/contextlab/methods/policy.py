@@ -82,6 +82,11 @@ class LayerPolicy:
     def after_forward(self, store: DenseStore, step: Step) -> None:
         return None
 
+    def selection_bytes(self) -> int:
+        """Bytes the last :meth:`before_attend` read to choose what to read (page bounds, representative keys,
+        scored keys); the slots it then reads are counted by the layer."""
+        return 0
+
     def capacity_hint(self, columns: int) -> int:
         """Slots to preallocate for a prompt of ``columns`` columns (the store grows beyond if needed)."""
         return columns
@@ -159,6 +164,9 @@ class CompositePolicy(LayerPolicy):
             if plan is not None:
                 return plan  # composition allows one reading rule, so the first plan is the only one
         return None
+
+    def selection_bytes(self) -> int:
+        return sum(part.selection_bytes() for part in self.parts)
 
     def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
         # A position remap attends first: another part's attention (H2O's one-pass column sums) would use

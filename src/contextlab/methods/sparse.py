@@ -181,9 +181,11 @@ class QuestPolicy(LayerPolicy):
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
         self.last_read = 0  # slots the last selective step read per (row, head), newest token included
+        self.chose_bytes = 0
 
     # -- hooks ----------------------------------------------------------------------------------------
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        self.chose_bytes = 0
         if step.phase != "decode" or step.tokens != 1:
             return None
         older = store.length - 1  # the newest slot is this step's own token
@@ -236,8 +238,12 @@ class QuestPolicy(LayerPolicy):
         self.kmax.view(-1, d).scatter_reduce_(0, index, picked, "amax")
 
     # -- selection ------------------------------------------------------------------------------------------
+    def selection_bytes(self) -> int:
+        return self.chose_bytes
+
     def _plan(self, store: DenseStore, step: Step, pages: int) -> ReadPlan:
         total = self.kmin.shape[2]
+        self.chose_bytes = self.kmin.nbytes + self.kmax.nbytes
         score = page_scores(step.queries[:, :, 0], self.kmin, self.kmax)  # [B, H, P]: the most promising head
         filled = torch.arange(total, device=score.device) * self.page < self.ranks.counts.unsqueeze(-1)
         score = score.masked_fill(~filled, float("-inf"))
@@ -283,8 +289,10 @@ class SelectionPolicy(LayerPolicy):
         self.version = -1
         self.last_read = 0  # slots the last step read per (row, head), at most
         self.selections = 0  # row selections made (each scores the whole cache)
+        self.chose_bytes = 0
 
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        self.chose_bytes = 0
         if step.phase != "decode" or step.tokens != 1:
             return None
         older = store.length - 1
@@ -303,6 +311,9 @@ class SelectionPolicy(LayerPolicy):
             return self._select(store, step, keep, due)
         return self._plan(store)
 
+    def selection_bytes(self) -> int:
+        return self.chose_bytes
+
     def _keep(self, cached: int) -> int:
         if self.budget.tokens is not None:
             return self.budget.tokens
@@ -320,6 +331,7 @@ class SelectionPolicy(LayerPolicy):
         step's query, per KV head; the other rows keep their selection."""
         older = store.length - 1
         keys, valid = _span(store, 0, older)
+        self.chose_bytes += keys.nbytes
         b = keys.shape[0]
         mass = attention_mass(step.queries[:, :, 0], keys, valid, step.scaling)
         top = mass.masked_fill(~valid, float("-inf")).topk(min(keep, older), dim=-1).indices.sort(dim=-1).values
@@ -544,12 +556,17 @@ class InfLLMPolicy(LayerPolicy):
         self.reps: torch.Tensor | None = None
         self.formed: torch.Tensor | None = None
         self.last_read = 0
+        self.chose_bytes = 0
 
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        self.chose_bytes = 0
         if step.phase != "decode" or step.tokens != 1 or store.length <= self.method.budget.tokens:
             return None
         self._sync(store, store.length - 1, step.queries)
         return self._plan(store, step)
+
+    def selection_bytes(self) -> int:
+        return self.chose_bytes
 
     def after_forward(self, store: DenseStore, step: Step) -> None:
         """Form the prompt's blocks once it is in, with its last queries (when the cache passes the budget)."""
@@ -596,6 +613,7 @@ class InfLLMPolicy(LayerPolicy):
         ranks = m.sink + index * m.block + torch.arange(m.block, device=g.keys.device)
         slots, ok = self.ranks.columns(ranks.expand(b, h, -1))
         block, _ = g.gather(slots, values=False)  # [B, H, block, D]
+        self.chose_bytes += block.nbytes
         q = queries.float().view(b, h, -1, queries.shape[2], d)  # [B, H, G, T, D]
         score = torch.einsum("bhgtd,bhsd->bhs", q, block.float()).masked_fill(~ok, float("-inf"))
         best = score.topk(m.reps, dim=-1).indices.sort(dim=-1).values
@@ -609,6 +627,7 @@ class InfLLMPolicy(LayerPolicy):
         d = self.reps.shape[-1]
         query = step.queries[:, :, 0].float().view(b, h, -1, d)  # [B, H, G, D]
         relevance = torch.einsum("bhgd,bhnrd->bhn", query, self.reps.float())  # [B, H, N]
+        self.chose_bytes += self.reps.nbytes
         formed = torch.arange(self.reps.shape[2], device=device) < self.formed.unsqueeze(-1)
         relevance = relevance.masked_fill(~formed, float("-inf"))
         take = min(m.blocks_read, self.reps.shape[2])
@@ -646,9 +665,9 @@ class Retrieval(SparseReader):
     here per row and KV head (k-means on the keys, ``clusters`` lists, 0 = about the square root of the
     indexed tokens; a query probes the ``probe`` lists whose centroids score highest, summed over its query
     heads, and ranks their keys exactly); ``index=exact``: every indexed key is ranked (the search's upper
-    bound). Not implemented from the paper: its attention-aware index for out-of-distribution queries, and
-    keeping the index in host memory. A budget at or above the cache reads everything (exactly full
-    attention)."""
+    bound). A search reads the centroids, the probed lists and their keys only. Not implemented from the
+    paper: its attention-aware index for out-of-distribution queries, and keeping the index in host memory.
+    A budget at or above the cache reads everything (exactly full attention)."""
 
     name = "retrieval"
     tokens_only = True
@@ -684,23 +703,27 @@ class Retrieval(SparseReader):
 
 
 class RetrievalPolicy(LayerPolicy):
-    """The index of one layer's prompt keys: ranks ``[sink, indexed)`` of every row and KV head, their
-    ``centroids [B, H, C, D]`` and ``lists [B, H, M]`` (the list of each indexed rank; ivf only)."""
+    """The index of one layer's prompt keys: ranks ``[sink, indexed)`` of every row and KV head. ivf: their
+    ``centroids [B, H, C, D]`` and inverted lists, ``members [B, H, M]`` (indexed ranks minus ``sink``, list
+    by list, invalid ones last) with ``starts [B, H, C + 1]`` (where each list begins in ``members``)."""
 
     def __init__(self, method: Retrieval) -> None:
         self.method = method
         self.ranks = RankTable("retrieval", 64)
         self.indexed: torch.Tensor | None = None  # [B, H] ranks below this (and from sink) are in the index
         self.centroids: torch.Tensor | None = None
-        self.lists: torch.Tensor | None = None
+        self.members: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None
         self.last_read = 0
         self.last_scanned = 0  # indexed keys ranked exactly by the last search (per row and head, at most)
+        self.chose_bytes = 0
 
     def after_forward(self, store: DenseStore, step: Step) -> None:
         if step.phase == "prompt_end" and store.length > self.method.budget.tokens:
             self._build(store, store.length)
 
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
+        self.chose_bytes = 0
         if step.phase != "decode" or step.tokens != 1 or store.length <= self.method.budget.tokens:
             return None
         if self.indexed is None or self.ranks.stale(store, store.length - 1):
@@ -709,14 +732,18 @@ class RetrievalPolicy(LayerPolicy):
             self.ranks.sync(store, store.length - 1)
         return self._plan(store, step)
 
+    def selection_bytes(self) -> int:
+        return self.chose_bytes
+
     def map_batch(self, fn) -> None:
         self.ranks.map_batch(fn)
-        for name in ("indexed", "centroids", "lists"):
+        for name in ("indexed", "centroids", "members", "starts"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 
     def nbytes(self) -> int:
-        return self.ranks.nbytes() + sum(t.nbytes for t in (self.indexed, self.centroids, self.lists) if t is not None)
+        state = (self.indexed, self.centroids, self.members, self.starts)
+        return self.ranks.nbytes() + sum(t.nbytes for t in state if t is not None)
 
     # -- the index --------------------------------------------------------------------------------------------
     def _build(self, store: DenseStore, upto: int) -> None:
@@ -726,42 +753,70 @@ class RetrievalPolicy(LayerPolicy):
         self.indexed = (self.ranks.counts - m.local).clamp(min=m.sink)
         if m.index == "exact":
             return
-        keys, valid = self._indexed_keys(store)  # [B, H, M, D], [B, H, M]
-        size = int(valid.sum(-1).max())
-        lists = m.clusters or max(1, round(math.sqrt(size)))
-        self.centroids, self.lists = kmeans(keys.float(), valid, lists, m.iterations)
-
-    def _indexed_keys(self, store: DenseStore) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.method
-        g = store.groups[0]
-        b, h = g.keys.shape[:2]
         width = max(int(self.indexed.max()) - m.sink, 0)
-        ranks = m.sink + torch.arange(width, device=g.keys.device).expand(b, h, -1)
+        keys, valid = self._keys(store, m.sink + torch.arange(width, device=self.indexed.device))
+        size = int(valid.sum(-1).max())
+        clusters = m.clusters or max(1, round(math.sqrt(size)))
+        self.centroids, lists = kmeans(keys.float(), valid, clusters, m.iterations)
+        lists = lists.masked_fill(~valid, clusters)  # invalid entries sort after every list
+        self.members = lists.argsort(dim=-1, stable=True).to(torch.int32)
+        sizes = torch.zeros_like(self.centroids[..., 0], dtype=torch.long).scatter_add_(
+            -1, lists.clamp(max=clusters - 1), valid.long()
+        )
+        self.starts = torch.cat([sizes.new_zeros(*sizes.shape[:2], 1), sizes.cumsum(-1)], dim=-1).to(torch.int32)
+
+    def _keys(self, store: DenseStore, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[B, H, K, D]`` of ``ranks`` (``[K]`` or ``[B, H, K]``) and whether each is an indexed token."""
+        b, h = self.indexed.shape
+        ranks = ranks.expand(b, h, -1)
         slots, ok = self.ranks.columns(ranks)
-        ok = ok & (ranks < self.indexed.unsqueeze(-1))
-        return g.gather(slots, values=False)[0], ok
+        ok = ok & (ranks >= self.method.sink) & (ranks < self.indexed.unsqueeze(-1))
+        keys, _ = store.groups[0].gather(slots, values=False)
+        return keys, ok
+
+    def _probed(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranks ``[B, H, T]`` in the ``probe`` lists whose centroids score highest for ``query [B, H, D]``
+        (read from the inverted lists only), and which of them exist (lists differ in size)."""
+        near = torch.einsum("bhd,bhcd->bhc", query, self.centroids)
+        probed = near.topk(min(self.method.probe, near.shape[-1]), dim=-1).indices  # [B, H, P]
+        first = self.starts[..., :-1].long().gather(-1, probed)
+        sizes = self.starts[..., 1:].long().gather(-1, probed) - first  # [B, H, P]
+        ends = sizes.cumsum(-1)
+        total = int(ends[..., -1].max())
+        t = torch.arange(total, device=query.device)
+        which = (t.view(1, 1, -1, 1) >= ends.unsqueeze(-2)).sum(-1).clamp(max=probed.shape[-1] - 1)  # [B, H, T]
+        at = first.gather(-1, which) + t - (ends - sizes).gather(-1, which)
+        exists = t < ends[..., -1:]
+        members = self.members.long().gather(-1, at.clamp(0, self.members.shape[-1] - 1))
+        return self.method.sink + members, exists
 
     def _plan(self, store: DenseStore, step: Step) -> ReadPlan:
         m = self.method
-        keys, ok = self._indexed_keys(store)
-        b, h, width, d = keys.shape
+        b, h = self.indexed.shape
+        d = store.groups[0].keys.shape[-1]
         query = step.queries[:, :, 0].float().view(b, h, -1, d).sum(2)  # [B, H, D]: the heads' summed query
-        scores = torch.einsum("bhd,bhmd->bhm", query, keys.float())
         if m.index == "ivf" and self.centroids is not None:
-            near = torch.einsum("bhd,bhcd->bhc", query, self.centroids)
-            probed = near.topk(min(m.probe, near.shape[-1]), dim=-1).indices  # [B, H, probe]
-            hit = torch.zeros_like(near, dtype=torch.bool).scatter_(-1, probed, True)
-            ok = ok & hit.gather(-1, self.lists[:, :, :width])
+            candidates, exists = self._probed(query)
+        else:
+            width = max(int(self.indexed.max()) - m.sink, 0)
+            candidates = m.sink + torch.arange(width, device=query.device).expand(b, h, -1)
+            exists = torch.ones_like(candidates, dtype=torch.bool)
+        keys, ok = self._keys(store, candidates)
+        ok = ok & exists
         self.last_scanned = int(ok.sum(-1).max())
-        found = scores.masked_fill(~ok, float("-inf")).topk(min(m.retrieved, width), dim=-1).indices
-        found = found.sort(dim=-1).values  # context order
+        self.chose_bytes = keys.nbytes + (0 if self.centroids is None else self.centroids.nbytes)
+        scores = torch.einsum("bhd,bhmd->bhm", query, keys.float()).masked_fill(~ok, float("-inf"))
+        found = scores.topk(min(m.retrieved, scores.shape[-1]), dim=-1).indices
         found_ok = ok.gather(-1, found)
+        found = candidates.gather(-1, found)
+        found = torch.where(found_ok, found, torch.iinfo(found.dtype).max).sort(dim=-1).values  # context order
+        found_ok = found < torch.iinfo(found.dtype).max
         extra = int((self.ranks.counts - self.indexed).max())  # ranks past the index: local window, answer
-        tail = self.indexed.unsqueeze(-1) + torch.arange(extra, device=keys.device)
-        sinks = torch.arange(m.sink, device=keys.device).expand(b, h, -1)
-        slots, exists = self.ranks.columns(torch.cat([sinks, m.sink + found, tail], dim=-1))
-        chosen = torch.cat([exists.new_ones(sinks.shape), found_ok, exists.new_ones(tail.shape)], dim=-1)
-        return _with_newest(self, slots, exists & chosen, store.length - 1)
+        tail = self.indexed.unsqueeze(-1) + torch.arange(extra, device=query.device)
+        sinks = torch.arange(m.sink, device=query.device).expand(b, h, -1)
+        slots, exist = self.ranks.columns(torch.cat([sinks, found.clamp(max=2**31 - 1), tail], dim=-1))
+        chosen = torch.cat([exist.new_ones(sinks.shape), found_ok, exist.new_ones(tail.shape)], dim=-1)
+        return _with_newest(self, slots, exist & chosen, store.length - 1)
 
 
 def kmeans(

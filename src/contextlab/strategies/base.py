@@ -288,4 +288,5 @@ def combine(model, method: str, rows: list[tuple[Reader, RowAnswer]], prompt_tok
         calls=sum(x.calls for x in ledgers),
         tokens_processed=sum(x.tokens_processed for x in ledgers),
         routes=[a.route for _, a in rows],
+        read_bytes_per_step=sum(a.out.read_bytes_per_step for _, a in rows),
     )
