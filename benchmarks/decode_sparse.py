@@ -11,7 +11,10 @@ reads, and decode speed.
    turns): each later question is fed after the answers, so what prefill eviction dropped for the first
    question is gone for the next; the sparse readers keep every token. Score: mean over turns.
 3. ``speed``: one 32K-token prompt per method, then 32 decode steps: milliseconds per step (median, after
-   the first), the share of the cache each step reads (mean over layers), and KV bytes held with metadata.
+   the first), bytes each step reads from the cache (all layers: the slots read and what choosing them
+   read), bytes InfLLM copies from host memory per step with ``offload=cpu``, and KV bytes held.
+
+Every cell also reports the mean bytes a decode step read (``GenerationResult.read_bytes_per_step``).
 
 Each cell is saved to ``benchmarks/results/decode_sparse.json`` when it finishes and not run again (delete
 the file to start over).
@@ -61,24 +64,33 @@ def methods(length: int) -> list[str]:
     ]
 
 
+def speed_methods(length: int) -> list[str]:
+    """The readers of :func:`methods` (SnapKV's decode reads what it kept: nothing to time) and InfLLM with its
+    memory blocks in host memory (on a CPU-only machine the copies cost time and save nothing)."""
+    readers = methods(length)[:-1]
+    infllm = next(spec for spec in readers if spec.startswith("infllm"))
+    return [*readers, f"{infllm},offload=cpu"]
+
+
 def needle_items(tok, task: str, length: int, n: int, seed: int = 11):
     rng = random.Random(seed)
     return samples(tok, task, length, n, seed=seed + length, depths=[0.1 + 0.8 * rng.random() for _ in range(n)])
 
 
 def accuracy_cell(model, tok, spec: str, items) -> dict:
-    scores, seconds = [], 0.0
+    scores, seconds, read = [], 0.0, 0.0
     for s in items:
         start = time.perf_counter()
         out = cl.generate(model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=NEW_TOKENS)
         seconds += time.perf_counter() - start
+        read += out.read_bytes_per_step
         scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
-    return {"scores": scores, "seconds": seconds / len(items)}
+    return {"scores": scores, "seconds": seconds / len(items), "read_bytes": read / len(items)}
 
 
 def shared_cell(model, tok, spec: str, items) -> dict:
     """Every turn of every sample on one session per sample; a sample's score is its turns' mean."""
-    scores, turn_scores, seconds = [], [], 0.0
+    scores, turn_scores, seconds, read = [], [], 0.0, 0.0
     for s in items:
         start = time.perf_counter()
         session = cl.Session(model, tok, s.context_ids, s.question_ids, method=spec, mode="turns")
@@ -87,10 +99,11 @@ def shared_cell(model, tok, spec: str, items) -> dict:
             answer = session.ask(turn.question_ids, max_new_tokens=NEW_TOKENS)
             marks.append(METRIC_FUNCTIONS[turn.metric](answer.texts[0], turn.answers))
         seconds += time.perf_counter() - start
+        read += session.state.cache.read_bytes_per_step()
         scores.append(sum(marks) / len(marks))
         turn_scores.append(marks)
     by_turn = [sum(t[i] for t in turn_scores) / len(turn_scores) for i in range(len(turn_scores[0]))]
-    return {"scores": scores, "by_turn": by_turn, "seconds": seconds / len(items)}
+    return {"scores": scores, "by_turn": by_turn, "seconds": seconds / len(items), "read_bytes": read / len(items)}
 
 
 def speed_cell(model, tok, spec: str, item) -> dict:
@@ -110,20 +123,17 @@ def speed_cell(model, tok, spec: str, item) -> dict:
     stamps: list[float] = []
     session.ask(item.question_ids, max_new_tokens=NEW_TOKENS, on_tokens=lambda _: stamps.append(time.perf_counter()))
     steps = [b - a for a, b in itertools.pairwise(stamps)]
-    layers = _readers(session.state.cache.compressible)
-    reads = [getattr(layer.policy, "last_read", 0) or layer.store.length for layer in layers]
-    held = [layer.store.length for layer in layers]
+    cache = session.state.cache
+    decoded = max(layer.read_steps for layer in cache.compressible)
+    moved = sum(getattr(layer.store, "moved_bytes", 0) for layer in cache.compressible)
     return {
         "ms_per_step": 1000 * statistics.median(steps) if steps else None,
         "steps": len(steps),
-        "read_share": sum(r / h for r, h in zip(reads, held, strict=True)) / len(held),
-        "kv_bytes": session.state.cache.kv_bytes(),
+        "read_bytes": cache.read_bytes_per_step(),
+        "moved_bytes": moved / decoded if decoded else 0.0,
+        "kv_bytes": cache.kv_bytes(),
         "prefill_s": prefill,
     }
-
-
-def _readers(layers):
-    return [layer for layer in layers if hasattr(layer, "store")]
 
 
 def save(store: dict) -> None:
@@ -141,7 +151,7 @@ def cell(store: dict, key: str, work, *args) -> None:
 
 
 def accuracy_table(store: dict, section: str) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "s per answer"]
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "s per answer", "MiB read per step"]
     rows = []
     for key, r in store.items():
         name, task, length, spec = key.split("|")
@@ -158,21 +168,39 @@ def accuracy_table(store: dict, section: str) -> str:
                 f"[{stat.low:.2f}, {stat.high:.2f}]",
                 str(len(r["scores"])),
                 f"{r['seconds']:.1f}",
+                f"{r['read_bytes'] / 2**20:.2f}",
             ]
         )
     return markdown(head, rows)
 
 
 def speed_table(store: dict) -> str:
-    head = ["method", "tokens", "ms per decode step", "vs full", "share of the cache read per step", "KV MiB"]
+    head = [
+        "method",
+        "tokens",
+        "ms per decode step",
+        "vs full",
+        "MiB read per step",
+        "read vs full",
+        "MiB host -> device per step",
+        "KV MiB held",
+    ]
     cells = {k.split("|")[3]: (k.split("|")[2], r) for k, r in store.items() if k.startswith("speed|")}
-    full = cells.get("full", (None, {}))[1].get("ms_per_step")
+    full = cells.get("full", (None, {}))[1]
     rows = []
     for spec, (length, r) in cells.items():
         ms = r["ms_per_step"]
-        ratio = f"{ms / full:.2f}x" if ms and full else "-"
         rows.append(
-            [spec, length, f"{ms:.1f}" if ms else "-", ratio, f"{r['read_share']:.3f}", f"{r['kv_bytes'] / 2**20:.1f}"]
+            [
+                spec,
+                length,
+                f"{ms:.1f}" if ms else "-",
+                f"{ms / full['ms_per_step']:.2f}x" if ms and full.get("ms_per_step") else "-",
+                f"{r['read_bytes'] / 2**20:.2f}",
+                f"{r['read_bytes'] / full['read_bytes']:.3f}" if full.get("read_bytes") else "-",
+                f"{r['moved_bytes'] / 2**20:.2f}" if r["moved_bytes"] else "-",
+                f"{r['kv_bytes'] / 2**20:.1f}",
+            ]
         )
     return markdown(head, rows)
 
@@ -222,7 +250,7 @@ def main() -> None:
         elif section == "speed":
             length = args.speed_length
             item = needle_items(tok, "niah_single_2", length, 1)[0]
-            for spec in methods(length)[:-1]:  # SnapKV's decode reads what it kept: nothing to time here
+            for spec in speed_methods(length):
                 cell(store, f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
         else:
             raise SystemExit(f"unknown section {section!r}")
