@@ -85,3 +85,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    """Run the offloading store's mechanism on CPU, where host and device memory are one and it would
+    otherwise stay dense."""
+    monkeypatch.setattr("contextlab.store.offload.separate_memory", lambda device, host: True)

@@ -46,6 +46,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16,offload=cpu", 2),
     ],
 )
+@pytest.mark.usefixtures("offload_on_cpu")
 def test_a_loaded_cache_answers_as_the_one_in_memory(tmp_path, tokenizer, arch, spec, batch):
     model = tiny_model(arch)
     context = CONTEXTS[:batch] if batch > 1 else CONTEXTS[0]

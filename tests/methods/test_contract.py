@@ -107,6 +107,7 @@ def _lossy(name: str, budget: str) -> str:
     )
 
 
+pytestmark = pytest.mark.usefixtures("offload_on_cpu")  # "infllm offloaded" runs its mechanism on CPU
 CASES = [*cl.METHODS.names(), *COMPOSITES, *CHUNKED, *(q for q in {**QUANTIZATION, **SPARSE} if q not in cl.METHODS)]
 
 

@@ -358,6 +358,7 @@ def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():
         assert len(read) <= 76 + 16 - 1 + 1
 
 
+@pytest.mark.usefixtures("offload_on_cpu")
 def test_infllm_offloaded_reads_the_same_and_copies_only_the_host_slots_it_reads(llama, tokenizer):
     ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
     n, steps = ids.shape[1], 6
@@ -376,6 +377,14 @@ def test_infllm_offloaded_reads_the_same_and_copies_only_the_host_slots_it_reads
         assert 0 < layer.store.moved_bytes <= steps * per_slot * (4 + 4 * 8 + 8) < steps * per_slot * g.quantized
 
 
+def test_infllm_offload_on_a_cpu_only_run_changes_nothing_and_says_so(llama, tokenizer):
+    with pytest.warns(RuntimeWarning, match="offloading to cpu does nothing here"):
+        out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=f"{INFLLM},offload=cpu", max_new_tokens=8)
+    resident = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=INFLLM, max_new_tokens=8)
+    assert out.tokens == resident.tokens and out.kv_bytes == resident.kv_bytes
+
+
+@pytest.mark.usefixtures("offload_on_cpu")
 @pytest.mark.parametrize("spec", [INFLLM, f"snapkv:0.5+{INFLLM}"])
 def test_infllm_offloaded_batches_match_the_resident_cache(llama, tokenizer, spec):
     here = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=16)

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from contextlab.store import MemoryTracker
+from contextlab.store import offload
 from contextlab.store.offload import OffloadStore
 
 B, H, D = 2, 3, 8
+pytestmark = pytest.mark.usefixtures("offload_on_cpu")
 
 
 def _tokens(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,3 +97,18 @@ def test_bytes_count_the_device_only_and_the_tracker_follows():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="resident >= 1 and unit >= 1"):
         OffloadStore(0, 4)
+
+
+def test_where_the_cache_already_lives_in_host_memory_the_store_stays_dense_and_says_so(monkeypatch):
+    monkeypatch.setattr(offload, "separate_memory", lambda device, host: device != host)  # the real rule
+    store = OffloadStore(10, 4)
+    keys, values = _tokens(30)
+    store.append(keys, values)
+    with pytest.warns(RuntimeWarning, match="offloading to cpu does nothing here"):
+        store.settle()
+    assert store.groups[0].prefix is None and store.groups[0].tail == 30
+    store.append(*_tokens(1, seed=2))
+    store.settle()  # decided once: no second warning, still dense
+    assert store.groups[0].prefix is None and store.moved_bytes == 0
+    assert offload.separate_memory(torch.device("cuda", 0), torch.device("cpu"))
+

@@ -496,7 +496,8 @@ class InfLLM(SparseReader):
     ``local + block`` slots stay on the device, older ones move to the host a block at a time; the bytes
     copied are counted). The selection and the output are the same as with ``offload=none``. Not from the
     paper: its GPU-side cache of recently used blocks (every step copies what it reads). Offloading is the
-    storage of the cache, so it does not compose with a quantized store."""
+    storage of the cache, so it does not compose with a quantized store. When the cache already lives in
+    host memory (a CPU-only run) it does nothing and says so."""
 
     name = "infllm"
     tokens_only = True

@@ -9,16 +9,19 @@ stay on the device (a few bytes per slot), so a read plan is checked without tou
 
 Reads: :meth:`~contextlab.store.dense.SlotGroup.gather` copies to the device only the host slots a read
 plan names; a full read (a prefill chunk attending to everything, an eviction) copies the whole prefix.
-Every byte copied host -> device is counted in :attr:`HostPrefix.moved_bytes`. On a machine without an
-accelerator the "host" is the same memory: the mechanism runs (and is tested) the same way, saving nothing.
-Bytes (``nbytes``) count what lives on the cache's device; :meth:`OffloadStore.host_bytes` the rest.
+Every byte copied host -> device is counted in :attr:`HostPrefix.moved_bytes`. When the cache already
+lives in host memory (a CPU-only run) offloading would only copy slots around: the store stays dense and
+says so once (:func:`separate_memory` decides; tests force it on to run the mechanism on CPU). Bytes
+(``nbytes``) count what lives on the cache's device; :meth:`OffloadStore.host_bytes` the rest.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from contextlab.store.dense import MemoryTracker, SlotGroup
+from contextlab.store.dense import DenseStore, MemoryTracker, SlotGroup
 from contextlab.store.prefix import BufferPrefix, PrefixStore
 
 
@@ -100,6 +103,11 @@ class HostPrefix(BufferPrefix):
         super().restore({k: (v.to(self.host) if k in ("keys", "values") else v) for k, v in tensors.items()}, length)
 
 
+def separate_memory(device: torch.device, host: torch.device) -> bool:
+    """Whether slots held on ``host`` would free memory on ``device`` (False when both are host memory)."""
+    return device != host
+
+
 class OffloadStore(PrefixStore):
     """A dense store whose slots beyond the newest ``resident`` live in host memory, moved there ``unit``
     slots at a time (module docstring)."""
@@ -116,6 +124,26 @@ class OffloadStore(PrefixStore):
         if resident < 1 or unit < 1:
             raise ValueError(f"an offloading store needs resident >= 1 and unit >= 1, got {resident} and {unit}")
         self.kept, self.unit, self.host = resident, unit, torch.device(host)
+        self.active: bool | None = None  # decided on the first settle, from where the cache lives
+
+    def reserve(self, slots: int) -> None:
+        if self.active is False:  # a dense store after all
+            DenseStore.reserve(self, slots)
+        else:
+            super().reserve(slots)
+
+    def settle(self, queries: torch.Tensor | None = None, scaling: float | None = None) -> None:
+        if self.active is None and self.groups:
+            self.active = separate_memory(self.groups[0].keys.device, self.host)
+            if not self.active:
+                warnings.warn(
+                    f"offloading to {self.host} does nothing here: the cache already lives in that memory "
+                    "(every slot stays where it is)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if self.active:
+            super().settle(queries, scaling)
 
     @property
     def moved_bytes(self) -> int:
