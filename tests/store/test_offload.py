@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contextlab.store import MemoryTracker
-from contextlab.store import offload
+from contextlab.store import MemoryTracker, offload
 from contextlab.store.offload import OffloadStore
 
 B, H, D = 2, 3, 8
@@ -111,4 +110,3 @@ def test_where_the_cache_already_lives_in_host_memory_the_store_stays_dense_and_
     store.settle()  # decided once: no second warning, still dense
     assert store.groups[0].prefix is None and store.moved_bytes == 0
     assert offload.separate_memory(torch.device("cuda", 0), torch.device("cpu"))
-
