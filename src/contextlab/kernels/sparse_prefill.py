@@ -1,0 +1,320 @@
+"""Sparse prefill attention: each query head attends to a structured subset of the causal mask.
+
+MInference 1.0 (Jiang et al., 2024, arXiv 2407.02490) finds three recurring shapes in long-prompt attention
+maps and computes only them: *A-shape* (the first tokens and a local band), *vertical-slash* (a few key
+columns every query reads, and a few diagonals: fixed distances back), and *block-sparse* (a few blocks of
+the map per block row). DuoAttention's streaming heads (Xiao et al., 2024, arXiv 2410.10819) read attention
+sinks and a recent window: the A-shape again. One per-head mask expresses them all
+(:class:`PrefillPattern`): key ``k`` is visible to the query at position ``p`` when ``k <= p`` and
+
+    dense[h]  or  k < sink[h]  or  p - k < window[h]  or  vertical[h, k]  or  slash[h, p - k]
+    or  blocks[h, p // block, k // block]
+
+Two ways to compute it, equal up to float rounding:
+
+- :func:`reference_prefill`: the mask drawn token by token and handed to SDPA, a chunk of queries at a
+  time (the correctness reference; no faster than dense).
+- :func:`flex_prefill`: ``torch.nn.attention.flex_attention`` with a block mask built from the pattern at
+  block level (:func:`active_blocks`), so inactive blocks are never computed. Compiled (``torch.compile``)
+  when possible, which is where the speed comes from; eager flex attention materializes the scores and is
+  for small shapes only.
+
+The indices are estimated online from the prompt itself (:func:`estimate_vertical_slash`,
+:func:`estimate_blocks`), as MInference does with the last queries.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+FLEX_BLOCK = 128  # flex attention's tile along queries and keys
+
+
+@dataclass
+class PrefillPattern:
+    """Which keys each query head reads during prefill (module docstring). ``dense``, ``sink``, ``window``:
+    ``[H]``; ``vertical``/``slash``: ``[H, S]`` bool or None (columns, and distances back, always read);
+    ``blocks``: ``[H, ceil(S / block), ceil(S / block)]`` bool or None. ``S`` is the key length the
+    pattern was made for."""
+
+    dense: torch.Tensor
+    sink: torch.Tensor
+    window: torch.Tensor
+    vertical: torch.Tensor | None = None
+    slash: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    block: int = 64
+
+    @property
+    def heads(self) -> int:
+        return self.dense.shape[0]
+
+    @classmethod
+    def streaming(cls, heads: int, sink: int, window: int, device=None) -> PrefillPattern:
+        """Every head reads ``sink`` first tokens and a ``window`` of recent ones (A-shape)."""
+        full = functools.partial(torch.full, (heads,), device=device, dtype=torch.long)
+        return cls(torch.zeros(heads, dtype=torch.bool, device=device), full(sink), full(window))
+
+
+def token_mask(pattern: PrefillPattern, q_len: int, kv_len: int, first: int | None = None) -> torch.Tensor:
+    """``[H, q_len, kv_len]``: whether each query reads each key. Queries sit at positions ``first ..
+    first + q_len - 1`` (default: the last ``q_len`` of ``kv_len``)."""
+    device = pattern.dense.device
+    first = kv_len - q_len if first is None else first
+    q = torch.arange(first, first + q_len, device=device).view(1, -1, 1)
+    k = torch.arange(kv_len, device=device).view(1, 1, -1)
+    distance = q - k  # [1, Tq, S]
+    h = pattern.heads
+    seen = pattern.dense.view(h, 1, 1) | (k < pattern.sink.view(h, 1, 1)) | (distance < pattern.window.view(h, 1, 1))
+    if pattern.vertical is not None:
+        seen = seen | pattern.vertical[:, :kv_len].view(h, 1, kv_len)
+    if pattern.slash is not None:
+        seen = seen | pattern.slash.gather(1, distance.clamp(min=0).flatten().expand(h, -1)).view(h, q_len, kv_len)
+    if pattern.blocks is not None:
+        qb, kb = q.flatten() // pattern.block, k.flatten() // pattern.block
+        seen = seen | pattern.blocks[:, qb][:, :, kb]
+    return seen & (distance >= 0)
+
+
+def reference_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: PrefillPattern,
+    scaling: float,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """``[B, Hq, Tq, D]`` attention of ``query`` (the last ``Tq`` positions) over ``key``/``value [B, Hkv, S,
+    D]`` under ``pattern``'s token mask, ``chunk`` queries at a time (dense SDPA with a boolean mask)."""
+    _b, hq, tq, _d = query.shape
+    s = key.shape[2]
+    group = hq // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    out = torch.empty_like(query)
+    for start in range(0, tq, chunk):
+        stop = min(start + chunk, tq)
+        mask = token_mask(pattern, stop - start, s, first=s - tq + start)
+        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=mask.unsqueeze(0), scale=scaling
+        )
+    return out
+
+
+def active_blocks(pattern: PrefillPattern, q_len: int, kv_len: int, size: int = FLEX_BLOCK) -> torch.Tensor:
+    """``[H, ceil(q_len / size), ceil(kv_len / size)]``: the ``size`` x ``size`` tiles of the attention map
+    (queries are the last ``q_len`` positions) holding at least one key some query reads, computed per tile
+    from the pattern (never token by token)."""
+    device = pattern.dense.device
+    h = pattern.heads
+    offset = kv_len - q_len
+    qt, kt = math.ceil(q_len / size), math.ceil(kv_len / size)
+    q_first = offset + torch.arange(qt, device=device) * size  # positions of each query tile
+    q_last = torch.clamp(q_first + size - 1, max=kv_len - 1)
+    k_first = torch.arange(kt, device=device) * size
+    k_last = torch.clamp(k_first + size - 1, max=kv_len - 1)
+    near = (q_first.view(-1, 1) - k_last.view(1, -1)).clamp(min=0)  # [QT, KT] shortest causal distance
+    far = q_last.view(-1, 1) - k_first.view(1, -1)  # longest distance
+    causal = far >= 0
+    view = (h, 1, 1)
+    tile = pattern.dense.view(view) | (k_first.view(1, 1, -1) < pattern.sink.view(view))
+    tile = tile | (near.unsqueeze(0) < pattern.window.view(view))
+    if pattern.vertical is not None:
+        padded = _pad_to(pattern.vertical[:, :kv_len], kt * size)
+        tile = tile | padded.view(h, kt, size).any(-1).unsqueeze(1)
+    if pattern.slash is not None:  # a tile meets every distance between its shortest and longest
+        seen = torch.cat([pattern.slash.new_zeros(h, 1), pattern.slash[:, :kv_len]], dim=1).long().cumsum(-1)
+        low, high = near.clamp(max=kv_len - 1), far.clamp(min=-1, max=kv_len - 1)
+        count = seen[:, (high + 1).flatten()] - seen[:, low.flatten()]
+        tile = tile | (count.view(h, qt, kt) > 0)
+    if pattern.blocks is not None:
+        tile = tile | _tiles_of_blocks(pattern, q_first, q_last, k_first, k_last)
+    return tile & causal.unsqueeze(0)
+
+
+def full_blocks(pattern: PrefillPattern, q_len: int, kv_len: int, size: int = FLEX_BLOCK) -> torch.Tensor:
+    """``[H, QT, KT]``: tiles every query of which reads every key (no mask to evaluate inside): below the
+    diagonal, and all their keys are sinks, or all their distances are inside the window, or the head is
+    dense, or every key is a vertical column. A subset of :func:`active_blocks`; edge tiles are never full."""
+    device = pattern.dense.device
+    h = pattern.heads
+    qt, kt = math.ceil(q_len / size), math.ceil(kv_len / size)
+    q_first = kv_len - q_len + torch.arange(qt, device=device) * size
+    k_first = torch.arange(kt, device=device) * size
+    whole_q = (q_first + size <= kv_len).view(-1, 1)  # a full tile of queries ...
+    whole_k = (k_first + size <= kv_len).view(1, -1)  # ... and of keys
+    below = (k_first.view(1, -1) + size - 1 <= q_first.view(-1, 1)) & whole_q & whole_k  # [QT, KT]
+    far = q_first.view(-1, 1) + size - 1 - k_first.view(1, -1)
+    view = (h, 1, 1)
+    full = pattern.dense.view(view) | (k_first.view(1, 1, -1) + size <= pattern.sink.view(view))
+    full = full | (far.unsqueeze(0) < pattern.window.view(view))
+    if pattern.vertical is not None:
+        padded = _pad_to(pattern.vertical[:, :kv_len], kt * size)
+        full = full | padded.view(h, kt, size).all(-1).unsqueeze(1)
+    return full & below.unsqueeze(0)
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[-1]))
+
+
+def _tiles_of_blocks(pattern, q_first, q_last, k_first, k_last) -> torch.Tensor:
+    """``[H, QT, KT]``: tiles overlapping an active pattern block."""
+    blocks, bs = pattern.blocks, pattern.block
+    nq, nk = blocks.shape[1:]
+
+    def overlap(first: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:  # [tiles, n] as float
+        start = torch.arange(n, device=first.device) * bs
+        return ((start.view(1, -1) <= last.view(-1, 1)) & (start.view(1, -1) + bs > first.view(-1, 1))).float()
+
+    rows, cols = overlap(q_first, q_last, nq), overlap(k_first, k_last, nk)
+    return torch.einsum("iq,hqk,jk->hij", rows, blocks.float(), cols) > 0
+
+
+def flex_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: PrefillPattern,
+    scaling: float,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """Same result as :func:`reference_prefill`, computing only the active tiles with flex attention."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, hq, tq, _ = query.shape
+    s = key.shape[2]
+    full = full_blocks(pattern, tq, s)  # [H, QT, KT]: no mask to evaluate
+    partial = active_blocks(pattern, tq, s) & ~full
+    block_mask = BlockMask.from_kv_blocks(
+        *_kv_blocks(partial, b),
+        *_kv_blocks(full, b),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=_mask_mod(pattern, s - tq, s),
+        seq_lengths=(tq, s),
+    )
+    attend = _compiled_flex() if compiled else flex_attention
+    return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=hq != key.shape[1])
+
+
+def _kv_blocks(tiles: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flex attention's layout of a tile map ``[H, QT, KT]``: per query tile, how many key tiles and which."""
+    order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    counts = tiles.sum(-1).to(torch.int32)
+    return counts.unsqueeze(0).expand(batch, -1, -1).contiguous(), order.unsqueeze(0).expand(
+        batch, -1, -1, -1
+    ).contiguous()
+
+
+def _mask_mod(pattern: PrefillPattern, offset: int, kv_len: int):
+    """The token mask as flex attention's ``mask_mod``. Absent parts become all-False tables, so every pattern
+    of one shape shares one compiled kernel (the closure's structure, not its values, decides recompiles)."""
+    h, device, bs = pattern.heads, pattern.dense.device, pattern.block
+    nb = math.ceil(kv_len / bs)
+    none = torch.zeros(h, kv_len, dtype=torch.bool, device=device)
+    vertical = none if pattern.vertical is None else pattern.vertical[:, :kv_len]
+    slash = none if pattern.slash is None else pattern.slash[:, :kv_len]
+    blocks = pattern.blocks[:, :nb, :nb] if pattern.blocks is not None else none.new_zeros(h, nb, nb)
+    dense, sink, window = pattern.dense, pattern.sink, pattern.window
+
+    def mask_mod(b, head, q_idx, kv_idx):
+        position = q_idx + offset
+        distance = position - kv_idx
+        seen = dense[head] | (kv_idx < sink[head]) | (distance < window[head])
+        seen = seen | vertical[head, kv_idx.clamp(max=kv_len - 1)]
+        seen = seen | slash[head, distance.clamp(min=0, max=kv_len - 1)]
+        seen = seen | blocks[head, (position // bs).clamp(max=nb - 1), (kv_idx // bs).clamp(max=nb - 1)]
+        return seen & (distance >= 0)
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled_flex():
+    """flex attention compiled once per process (a CPU needs a C++ compiler for this), or eager flex
+    attention with a warning when compilation is impossible."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    try:
+        compiled = torch.compile(flex_attention, dynamic=False)
+        q = torch.zeros(1, 1, FLEX_BLOCK, 16)
+        compiled(q, q, q)
+        return compiled
+    except Exception as error:  # any compiler failure falls back to the eager kernel
+        warnings.warn(
+            f"flex attention could not be compiled ({error}); running it eagerly", RuntimeWarning, stacklevel=2
+        )
+        return flex_attention
+
+
+# -- online index estimation (MInference) -----------------------------------------------------------------
+def last_query_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, last: int) -> torch.Tensor:
+    """``[B, Hq, L, S]`` causal softmax attention of the last ``L = min(last, Tq)`` queries over every key."""
+    _b, hq, _tq, _d = query.shape
+    s = key.shape[2]
+    group = hq // key.shape[1]
+    q = query[:, :, -last:].float()
+    n = q.shape[2]
+    k = key.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhld,bhsd->bhls", q, k) * scaling
+    positions = torch.arange(s - n, s, device=query.device).view(-1, 1)
+    scores = scores.masked_fill(torch.arange(s, device=query.device).view(1, -1) > positions, float("-inf"))
+    return scores.softmax(-1)
+
+
+def estimate_vertical_slash(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, vertical: int, slash: int, last: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's vertical-slash index from the last ``last`` queries: the ``vertical`` key columns and the
+    ``slash`` distances back that gather the most of their attention, per query head (summed over the batch,
+    as one pattern serves every row). Returns ``[Hq, S]`` bool columns and distances."""
+    probs = last_query_scores(query, key, scaling, last)  # [B, H, L, S]
+    _b, h, n, s = probs.shape
+    columns = probs.sum((0, 2))  # [H, S]
+    distance = (torch.arange(s - n, s, device=probs.device).view(-1, 1) - torch.arange(s, device=probs.device)).clamp(
+        min=0
+    )  # [L, S]
+    by_distance = torch.zeros(h, s, device=probs.device).index_add_(1, distance.flatten(), probs.sum(0).reshape(h, -1))
+    return _top(columns, vertical), _top(by_distance, slash)
+
+
+def estimate_blocks(query: torch.Tensor, key: torch.Tensor, scaling: float, keep: int, block: int = 64) -> torch.Tensor:
+    """MInference's block-sparse index: queries and keys mean-pooled over blocks of ``block``; each block row
+    keeps its ``keep`` blocks of highest pooled attention (the diagonal block always). ``[Hq, QB, KB]`` over
+    the key length (query blocks aligned to the keys' end)."""
+    b, hq, tq, d = query.shape
+    s = key.shape[2]
+    group = hq // key.shape[1]
+    nb = math.ceil(s / block)
+    pooled_k = _pool(key.float().repeat_interleave(group, dim=1), block, nb)  # [B, H, NB, D]
+    full_q = query.float().new_zeros(b, hq, s, d)
+    full_q[:, :, s - tq :] = query.float()
+    pooled_q = _pool(full_q, block, nb)
+    scores = torch.einsum("bhqd,bhkd->hqk", pooled_q, pooled_k) * scaling
+    causal = torch.arange(nb, device=query.device).view(-1, 1) >= torch.arange(nb, device=query.device)
+    scores = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    chosen = _top(scores.reshape(-1, nb), keep).view(hq, nb, nb)
+    return (chosen | torch.eye(nb, dtype=torch.bool, device=query.device)) & causal
+
+
+def _pool(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    b, h, s, d = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - s))
+    sums = padded.view(b, h, blocks, block, d).sum(3)
+    counts = torch.full((blocks,), block, device=x.device, dtype=x.dtype)
+    counts[-1] = s - (blocks - 1) * block
+    return sums / counts.view(1, 1, -1, 1)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of each row's ``k`` largest finite entries."""
+    k = min(k, scores.shape[-1])
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        top = scores.topk(k, dim=-1)
+        chosen.scatter_(-1, top.indices, top.values > float("-inf"))
+    return chosen
