@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -92,3 +94,16 @@ def offload_on_cpu(monkeypatch):
     """Run the offloading store's mechanism on CPU, where host and device memory are one and it would
     otherwise stay dense."""
     monkeypatch.setattr("contextlab.store.offload.separate_memory", lambda device, host: True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def profile_folder(tmp_path_factory):
+    """Profiles measured during the tests (minference) go to a temporary folder, not the user's cache."""
+    folder = tmp_path_factory.mktemp("profiles")
+    before = os.environ.get("CONTEXTLAB_PROFILES")
+    os.environ["CONTEXTLAB_PROFILES"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("CONTEXTLAB_PROFILES", None)
+    else:
+        os.environ["CONTEXTLAB_PROFILES"] = before

@@ -146,9 +146,7 @@ def test_flex_matches_the_dense_masked_reference(tq, s):
 
 @pytest.mark.slow
 def test_compiled_flex_matches_the_reference_where_this_machine_compiles():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _compiled_flex() is flex_attention:
+    if _compiled_flex() is None:
         pytest.skip("torch.compile cannot build flex attention on this machine")
     gen = torch.Generator().manual_seed(5)
     q, k, v = _qkv(gen, 1, 4, 2, 256, 256, 16)

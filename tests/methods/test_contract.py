@@ -58,6 +58,10 @@ EXTENSION = {
 SPARSE = {
     "infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32"),
     "retrieval": ("retrieval:budget=4096,local=16", "retrieval:budget=60,local=16,clusters=4"),
+    "minference": (  # every shape as wide as the prompt: exact; then small shapes on every head
+        "minference:min_length=1,local=4096,vertical=4096,slash=4096,blocks=64,recall=0.0,calibration=1024",
+        "minference:min_length=1,sink=4,local=16,vertical=8,slash=8,blocks=2,last=16,recall=0.0,calibration=1024",
+    ),
     "infllm offloaded": (  # the host is this machine's memory: the same bytes, counted once
         "infllm:budget=4096,block=16,local=64,offload=cpu",
         "infllm:budget=60,block=8,sink=4,local=32,offload=cpu",
@@ -135,7 +139,7 @@ def test_lossless_settings_match_vanilla_generate(model, tokenizer, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_lossless_settings_logits_match_full_attention(model, tokenizer, name):
-    method = cl.method(_lossless(name))
+    method = cl.method(_lossless(name)).bind(model, tokenizer)  # what generate does before building a cache
     ctx = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
     question = torch.tensor([tokenizer(QUESTION, add_special_tokens=False)["input_ids"]])
     n = ctx.shape[1]

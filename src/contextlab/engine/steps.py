@@ -136,6 +136,7 @@ def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 
     (the ``after`` rows and the answer) is planned from the start. A prompt whose estimated memory exceeds
     what the device has free is refused first (:func:`~contextlab.engine.resources.check_memory`)."""
     check_memory(model, method, len(plan.prompt), max(len(p) for p in plan.prompt))
+    method = method.bind(model, tokenizer)  # a method that measures the model first (minference) does it here
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer, model)
     cache = ContextlabCache(model.config, method)

@@ -61,12 +61,16 @@ class PrefillPattern:
         return cls(torch.zeros(heads, dtype=torch.bool, device=device), full(sink), full(window))
 
 
-def token_mask(pattern: PrefillPattern, q_len: int, kv_len: int, first: int | None = None) -> torch.Tensor:
-    """``[H, q_len, kv_len]``: whether each query reads each key. Queries sit at positions ``first ..
-    first + q_len - 1`` (default: the last ``q_len`` of ``kv_len``)."""
+def token_mask(
+    pattern: PrefillPattern, q_len: int, kv_len: int, first: int | None = None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[H, q_len, kv_len]``: whether each query reads each key. Queries sit at ``positions`` (``[q_len]``),
+    else at ``first .. first + q_len - 1`` (default: the last ``q_len`` of ``kv_len``)."""
     device = pattern.dense.device
     first = kv_len - q_len if first is None else first
-    q = torch.arange(first, first + q_len, device=device).view(1, -1, 1)
+    if positions is None:
+        positions = torch.arange(first, first + q_len, device=device)
+    q = positions.view(1, -1, 1)
     k = torch.arange(kv_len, device=device).view(1, 1, -1)
     distance = q - k  # [1, Tq, S]
     h = pattern.heads
@@ -197,7 +201,7 @@ def flex_prefill(
         mask_mod=_mask_mod(pattern, s - tq, s),
         seq_lengths=(tq, s),
     )
-    attend = _compiled_flex() if compiled else flex_attention
+    attend = (_compiled_flex() or flex_attention) if compiled else flex_attention
     return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=hq != key.shape[1])
 
 
@@ -235,8 +239,8 @@ def _mask_mod(pattern: PrefillPattern, offset: int, kv_len: int):
 
 @functools.cache
 def _compiled_flex():
-    """flex attention compiled once per process (a CPU needs a C++ compiler for this), or eager flex
-    attention with a warning when compilation is impossible."""
+    """flex attention compiled once per process, or None when this machine cannot compile it (a CPU needs a
+    C++ compiler)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     try:
@@ -244,11 +248,24 @@ def _compiled_flex():
         q = torch.zeros(1, 1, FLEX_BLOCK, 16)
         compiled(q, q, q)
         return compiled
-    except Exception as error:  # any compiler failure falls back to the eager kernel
+    except Exception as error:  # any compiler failure: the caller falls back to the reference
         warnings.warn(
-            f"flex attention could not be compiled ({error}); running it eagerly", RuntimeWarning, stacklevel=2
+            f"flex attention could not be compiled ({type(error).__name__}); sparse prefill runs the dense masked "
+            "reference (same result, no speed-up)",
+            RuntimeWarning,
+            stacklevel=3,
         )
-        return flex_attention
+        return None
+
+
+def sparse_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: PrefillPattern, scaling: float
+) -> torch.Tensor:
+    """The pattern's attention by the fastest correct route here: compiled flex attention, else the chunked
+    dense masked reference (eager flex attention would materialize the whole score matrix)."""
+    if _compiled_flex() is None:
+        return reference_prefill(query, key, value, pattern, scaling)
+    return flex_prefill(query, key, value, pattern, scaling)
 
 
 # -- online index estimation (MInference) -----------------------------------------------------------------

@@ -28,6 +28,7 @@ DECODE_EVICTION = "decode eviction"
 POSITIONS = "position remapping"
 STORAGE = "storage"
 READ_SELECTION = "read selection"
+SPARSE_PREFILL = "sparse prefill"
 
 
 def param(text: str, default):
@@ -75,6 +76,11 @@ def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def bound(default=None):
+    """A field a method fills when :meth:`Method.bind` measures the model (not a spec parameter)."""
+    return field(default=default, repr=False, compare=False, metadata={"bound": True})
 
 
 def check_number(name: str, value, low: float, high: float) -> None:
@@ -129,6 +135,11 @@ class Method:
         """transformers rope parameters to use for a call reaching ``needed`` positions (None = the model's)."""
         return None
 
+    def bind(self, model, tokenizer) -> Method:
+        """This method ready for ``model`` (one that measures the model first returns a copy holding what it
+        measured; see :func:`bound`); called before a cache is built. Most methods need nothing: self."""
+        return self
+
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
         """The store every layer of a cache holds its keys and values in (None = the dense store); ``rope``:
         the layer's rotary frequencies when the method :attr:`needs_rope`."""
@@ -146,7 +157,7 @@ class Method:
         out = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == f.default or value is None:
+            if value == f.default or value is None or f.metadata.get("bound"):
                 continue
             out.append(format_param(f, value))
         return out

@@ -76,6 +76,10 @@ class Composite(Method):
     def rope_scaling(self, needed: int, native: int) -> dict | None:
         return next((r for r in (p.rope_scaling(needed, native) for p in self.parts) if r is not None), None)
 
+    def bind(self, model, tokenizer) -> Method:
+        parts = tuple(p.bind(model, tokenizer) for p in self.parts)
+        return self if all(a is b for a, b in zip(parts, self.parts, strict=True)) else Composite(parts)
+
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
         return next((s for s in (p.make_store(tracker, rope) for p in self.parts) if s is not None), None)
 

@@ -43,6 +43,7 @@ for _name, _target in [
     ("recycled", "sparse:Recycled"),
     ("infllm", "sparse:InfLLM"),
     ("retrieval", "sparse:Retrieval"),
+    ("minference", "sparse_prefill:MInference"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
@@ -85,7 +86,7 @@ def build_part(spec: str, *, need_budget: bool = True, **params) -> Method:
     budget_args = {_BUDGET_KEYS[k]: merged.pop(k) for k in list(merged) if k in _BUDGET_KEYS}
     if len(budget_args) > 1:
         raise ValueError(f"give one of ratio or budget for {name!r}, got {sorted(budget_args)}")
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("bound")}
     if budget_args and "budget" not in fields:
         raise ValueError(f"{name} takes no budget")
     unknown = sorted(set(merged) - fields)
@@ -136,6 +137,8 @@ def list_methods() -> list[MethodInfo]:
         cls = METHODS.get(name)
         params = {}
         for f in dataclasses.fields(cls):
+            if f.metadata.get("bound"):
+                continue
             if f.name == "budget" and "help" in f.metadata:
                 params["budget"] = ("required", f.metadata["help"])
             elif f.name == "budget":

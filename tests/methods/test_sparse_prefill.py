@@ -1,0 +1,155 @@
+"""MInference on tiny models: the offline search picks a shape per head by recall and saves it, the saved
+profile is reused and checked (model, settings, checksum), prompts are computed with the shapes (and equal
+full attention when every shape covers the whole map), and bad settings are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import contextlab as cl
+from contextlab.hf.cache import ContextlabCache
+from contextlab.hf.compat import cache_kwarg
+from contextlab.kernels.sparse_prefill import PrefillPattern, reference_prefill
+from contextlab.methods import sparse_prefill
+from contextlab.methods.profiles import ProfileError, model_digest, profile_path
+from contextlab.methods.sparse_prefill import MInference, head_shapes, online_pattern
+from tests.conftest import tiny_model
+
+CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 8
+SMALL = "minference:min_length=64,sink=4,local=32,vertical=16,slash=16,blocks=2,last=16,calibration=1024"
+
+
+def test_the_search_gives_each_head_its_best_recall_or_dense():
+    gen = torch.Generator().manual_seed(1)
+    s, d = 300, 16
+    keys = torch.randn(1, 2, s, d, generator=gen)
+    queries = torch.randn(1, 4, s, d, generator=gen) * 0.1
+    queries[:, 0] = 0.0  # head 0 attends uniformly: no sparse shape keeps much of it
+    queries[:, 1] = keys[:, 0] * 20  # head 1 attends to its own position: a local band keeps it all
+    method = MInference(sink=4, local=32, vertical=16, slash=16, blocks=2, last=16, recall=0.9)
+    shapes, recalls = head_shapes(method, queries, keys, d**-0.5)
+    assert shapes[0] == "dense" and recalls[0] < 0.9
+    assert shapes[1] != "dense" and recalls[1] > 0.95  # every shape reads the diagonal
+    everything = MInference(sink=4, local=1000, last=16, recall=1.0)  # an A-shape as wide as the prompt
+    shapes, recalls = head_shapes(everything, queries, keys, d**-0.5)
+    assert shapes == ["a_shape"] * 4 and recalls == [1.0] * 4
+
+
+def test_a_profile_is_searched_once_saved_and_reused(llama, tokenizer, monkeypatch, profile_folder):
+    method = cl.method(SMALL + ",recall=0.5")
+    first = method.bind(llama, tokenizer)
+    path = profile_path("minference", model_digest(llama), method.settings())
+    assert path.exists() and first.shapes is not None and len(first.shapes) == llama.config.num_hidden_layers
+    data = json.loads(path.read_text())
+    assert data["data"]["shapes"] == [list(x) for x in first.shapes]
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the saved profile should have been used")
+
+    monkeypatch.setattr(sparse_prefill, "search_patterns", no_search)
+    again = cl.method(SMALL + ",recall=0.5").bind(llama, tokenizer)
+    assert again.shapes == first.shapes
+    assert again.describe() == method.describe()  # the bound shapes are not a spec parameter
+    explicit = cl.method(f"{SMALL},recall=0.5,profile={path}").bind(llama, tokenizer)
+    assert explicit.shapes == first.shapes
+
+
+def test_a_profile_for_another_model_or_a_damaged_one_is_refused(llama, tokenizer, tmp_path):
+    method = cl.method(SMALL + ",recall=0.6")
+    method.bind(llama, tokenizer)
+    path = profile_path("minference", model_digest(llama), method.settings())
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ProfileError, match="measured on another model"):
+        cl.method(f"{SMALL},recall=0.6,profile={path}").bind(other, tokenizer)
+    body = json.loads(path.read_text())
+    body["data"]["shapes"][0][0] = "vertical_slash" if body["data"]["shapes"][0][0] != "vertical_slash" else "dense"
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps(body))  # the old checksum no longer matches
+    with pytest.raises(ProfileError, match="failed its checksum"):
+        cl.method(f"{SMALL},recall=0.6,profile={damaged}").bind(llama, tokenizer)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="cannot read the profile"):
+        cl.method(f"{SMALL},recall=0.6,profile={tmp_path / 'junk.json'}").bind(llama, tokenizer)
+    with pytest.raises(ProfileError, match="was made with"):
+        cl.method(f"{SMALL},recall=0.7,profile={path}").bind(llama, tokenizer)
+
+
+def _prompt_logits(model, tokenizer, method) -> tuple[torch.Tensor, ContextlabCache]:
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    cache = ContextlabCache(model.config, method)
+    cache.begin_prompt(ids.shape[1], [ids.shape[1]])
+    with torch.no_grad(), cl.attention_enabled(model):
+        logits = model(ids, **{cache_kwarg(model): cache}).logits
+    return logits, cache
+
+
+def test_shapes_covering_the_whole_map_give_full_attention(llama, tokenizer):
+    reference = llama(torch.tensor([tokenizer(CONTEXT)["input_ids"]])).logits
+    heads = llama.config.num_attention_heads
+    for shape in ("a_shape", "vertical_slash", "block_sparse"):
+        wide = MInference(sink=4, local=4096, vertical=4096, slash=4096, blocks=64, min_length=8)
+        method = wide.with_shapes([[shape] * heads] * llama.config.num_hidden_layers)
+        logits, cache = _prompt_logits(llama, tokenizer, method)
+        assert all(layer.policy.sparse_forwards == 1 for layer in cache.compressible)
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_each_layer_attends_with_its_heads_shapes(llama, tokenizer):
+    heads = llama.config.num_attention_heads
+    layers = llama.config.num_hidden_layers
+    mixed = (["a_shape", "vertical_slash", "block_sparse", "dense"] * heads)[:heads]
+    method = cl.method(SMALL).with_shapes([mixed] * layers)
+    captured = {}
+    original = sparse_prefill.sparse_prefill
+
+    def spy(query, key, value, pattern, scaling):
+        out = original(query, key, value, pattern, scaling)
+        captured[len(captured)] = (query, key, value, pattern, scaling, out)
+        return out
+
+    sparse_prefill.sparse_prefill = spy
+    try:
+        _prompt_logits(llama, tokenizer, method)
+    finally:
+        sparse_prefill.sparse_prefill = original
+    assert len(captured) == layers
+    for query, key, value, pattern, scaling, out in captured.values():
+        assert pattern.dense.tolist() == [x == "dense" for x in mixed]
+        expected = online_pattern(method, tuple(mixed), query, key, scaling)
+        assert torch.equal(pattern.vertical, expected.vertical) and torch.equal(pattern.blocks, expected.blocks)
+        torch.testing.assert_close(out, reference_prefill(query, key, value, pattern, scaling), atol=1e-4, rtol=1e-4)
+
+
+def test_generation_runs_sparse_prefill_then_dense_decoding(llama, tokenizer):
+    out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=SMALL + ",recall=0.0", max_new_tokens=6)
+    full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", max_new_tokens=6)
+    assert len(out.tokens) == len(full.tokens) and out.kv_bytes == full.kv_bytes  # nothing evicted
+
+
+def test_an_unbound_method_refuses_to_prefill_rather_than_go_dense(llama, tokenizer):
+    with pytest.raises(ValueError, match="no per-head shapes for this model"):
+        _prompt_logits(llama, tokenizer, cl.method(SMALL))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("minference:recall=1.5", "recall must be a number in"),
+        ("minference:local=0", "local must be an integer >= 1"),
+        ("minference:calibration=16", "calibration must be an integer >= 1024"),
+        ("minference:shapes=x", "unknown parameter"),
+    ],
+)
+def test_bad_settings_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        cl.method(spec)
+    with pytest.raises(ValueError, match="unknown head shape"):
+        MInference().with_shapes([["diagonal"]])
+
+
+def test_streaming_pattern_helper_matches_an_a_shape():
+    pattern = PrefillPattern.streaming(2, 3, 5)
+    assert pattern.sink.tolist() == [3, 3] and pattern.window.tolist() == [5, 5] and not bool(pattern.dense.any())
