@@ -29,6 +29,10 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["tokenwise", "channel"])
     if field.name == "index":
         return st.sampled_from(["ivf", "exact"])
+    if field.name == "offload":
+        return st.sampled_from(["none", "cpu"])
+    if field.name == "profile":
+        return st.sampled_from(["", "/tmp/profiles/minference.json"])
     if field.name in ("bits", "high", "low"):
         return st.sampled_from([2, 3, 4, 8])
     if "float" in kind:
@@ -41,7 +45,7 @@ def _value(field: dataclasses.Field):
 @st.composite
 def methods(draw):
     cls = cl.METHODS.get(draw(st.sampled_from(cl.METHODS.names())))
-    kwargs = {f.name: draw(_value(f)) for f in dataclasses.fields(cls)}
+    kwargs = {f.name: draw(_value(f)) for f in dataclasses.fields(cls) if not f.metadata.get("bound")}
     try:
         method = cls(**kwargs)
     except ValueError:
