@@ -9,14 +9,27 @@ import sys
 import pytest
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "contextlab.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **(env or {})},
     )
+
+
+def test_profile_measures_once_saves_and_reuses(model_dir, tmp_path):
+    env = {"CONTEXTLAB_PROFILES": str(tmp_path / "profiles")}
+    args = ("profile", "--model", str(model_dir), "--method", "minference:calibration=1024,recall=0.5")
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    saved = list((tmp_path / "profiles").glob("minference-*.json"))
+    assert len(saved) == 1 and str(saved[0]) in first.stdout and " heads" in first.stdout
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    wrong = run_cli("profile", "--model", str(model_dir), "--method", "snapkv:0.5", env=env)
+    assert wrong.returncode == 2 and "measures nothing on the model" in wrong.stderr
 
 
 def test_methods_lists_every_method_with_its_paper():

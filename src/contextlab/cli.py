@@ -167,6 +167,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("profile")
+def cmd_profile(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import contextlab as cl
+    from contextlab.methods.profiles import model_digest, profile_path
+
+    method = cl.method(args.method)
+    if not hasattr(method, "settings"):
+        raise UsageError(f"{method.describe()} measures nothing on the model; profiled methods: minference")
+    model, tokenizer = cl.load(args.model, device=args.device)
+    path = profile_path(method.name, model_digest(model), method.settings())
+    if args.force and not getattr(method, "profile", "") and path.exists():
+        path.unlink()
+    bound = method.bind(model, tokenizer)
+    counts = Counter(shape for layer in bound.shapes for shape in layer)
+    where = getattr(method, "profile", "") or path
+    print(f"{where}: " + ", ".join(f"{n} {shape}" for shape, n in sorted(counts.items())) + " heads")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contextlab", description="Long-context methods for Hugging Face LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-beyond-window", action="store_true", help="allow prompts past the model's window")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p = sub.add_parser("profile", help="measure a method's per-head profile on a model (minference) and save it")
+    p.add_argument("--model", default="reference", help="named model, a .gguf file, a folder or a hub id")
+    p.add_argument("--method", required=True, help="method spec whose profile to measure, e.g. minference")
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    p.add_argument("--force", action="store_true", help="measure again even when a saved profile exists")
     for name, add in EXTRA_PARSERS:
         add(sub.add_parser(name, help=EXTRA_HELP[name]))
     return parser
