@@ -183,3 +183,16 @@ def test_block_estimation_keeps_the_diagonal_and_at_most_its_budget_per_row():
     assert bool(blocks.diagonal(dim1=1, dim2=2).all())
     assert not bool(blocks.triu(1).any())  # causal
     assert int(blocks.sum(-1).max()) <= 3
+
+
+def test_a_left_padded_row_reads_like_the_same_row_without_its_padding():
+    gen = torch.Generator().manual_seed(13)
+    s, pad = 90, 17
+    q, k, v = _qkv(gen, 2, 4, 2, s, s, 8)
+    pattern = _random_pattern(gen, 4, s, block=8)
+    pattern.sink[:] = torch.clamp(pattern.sink, min=1)
+    out = reference_prefill(q, k, v, pattern, 0.3, chunk=32, pad=torch.tensor([0, pad]))
+    torch.testing.assert_close(out[:1], reference_prefill(q[:1], k[:1], v[:1], pattern, 0.3))
+    alone = reference_prefill(q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], pattern, 0.3)
+    torch.testing.assert_close(out[1:, :, pad:], alone, atol=1e-5, rtol=1e-5)
+    assert not bool(out[1, :, :pad].any())  # padding queries read nothing

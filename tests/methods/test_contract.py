@@ -24,6 +24,7 @@ from contextlab.methods.eviction import AdaKV, PyramidKV
 from contextlab.methods.extension import InfiniRetri, LMInfinite
 from contextlab.methods.quantization import KIVI, KVQuant, ZipCache
 from contextlab.methods.sparse import InfLLM, Quest, Retrieval
+from contextlab.methods.sparse_prefill import DuoAttention
 from contextlab.store.codec import outlier_count, words
 from tests.conftest import ARCHS, tiny_model
 
@@ -62,6 +63,7 @@ SPARSE = {
         "minference:min_length=1,local=4096,vertical=4096,slash=4096,blocks=64,recall=0.0,calibration=1024",
         "minference:min_length=1,sink=4,local=16,vertical=8,slash=8,blocks=2,last=16,recall=0.0,calibration=1024",
     ),
+    "duo": ("duo:retrieval=1.0,calibration=1024", "duo:sink=4,window=16,every=4,last=16,calibration=1024"),
     "infllm offloaded": (  # the host is this machine's memory: the same bytes, counted once
         "infllm:budget=4096,block=16,local=64,offload=cpu",
         "infllm:budget=60,block=8,sink=4,local=32,offload=cpu",
@@ -166,6 +168,9 @@ def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torc
         return torch.full((heads,), min(n, method.sink + method.window - 1))
     if isinstance(method, InfiniRetri):
         return torch.full((heads,), min(n, method.keep))
+    if isinstance(method, DuoAttention):  # streaming heads: sink + window; retrieval heads: everything
+        streaming = torch.tensor(method.streaming[layer.layer_idx])
+        return torch.where(streaming, min(n, method.sink + method.window), n)
     prefill = _prefill_part(method)
     if prefill is None or not prefill.compresses:
         return torch.full((heads,), n)
@@ -182,7 +187,7 @@ def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torc
 @pytest.mark.parametrize("name", CASES)
 def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     spec = _lossy(name, budget)
-    method = cl.method(spec)
+    method = cl.method(spec).bind(model, tokenizer)  # duo: which heads stream on this model
     out = cl.generate(model, tokenizer, CONTEXT, QUESTION, method=spec, max_new_tokens=2)
     n = out.prompt_tokens[0]
     cache_layers = ContextlabCache(model.config).layers
@@ -191,6 +196,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     evicted = (_prefill_part(method) is not None and _prefill_part(method).compresses) or isinstance(
         method, (LMInfinite, InfiniRetri)
     )
+    evicted = evicted or (isinstance(method, DuoAttention) and method.compresses)
     expected_bytes = 0
     for layer, kept in zip(cache_layers, out.kept_positions, strict=True):
         assert kept.shape[:2] == (1, model.config.num_key_value_heads)
@@ -203,7 +209,8 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             assert torch.all(counts == min(n, model.config.sliding_window - 1)), "sliding layers untouched"
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
-        expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, evicted) for c in counts)
+        cut = evicted and (not isinstance(method, DuoAttention) or any(method.streaming[layer.layer_idx]))
+        expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, cut) for c in counts)
         expected_bytes += sum(_read_selection_bytes(method, layer, int(c), head_dim, itemsize) for c in counts)
         expected_bytes += _zipcache_seen_bytes(method, counts)
         expected = _expected_counts(method, layer, len(counts), n)

@@ -105,8 +105,8 @@ def test_each_layer_attends_with_its_heads_shapes(llama, tokenizer):
     captured = {}
     original = sparse_prefill.sparse_prefill
 
-    def spy(query, key, value, pattern, scaling):
-        out = original(query, key, value, pattern, scaling)
+    def spy(query, key, value, pattern, scaling, pad=None):
+        out = original(query, key, value, pattern, scaling, pad)
         captured[len(captured)] = (query, key, value, pattern, scaling, out)
         return out
 
@@ -153,3 +153,74 @@ def test_bad_settings_are_refused(spec, message):
 def test_streaming_pattern_helper_matches_an_a_shape():
     pattern = PrefillPattern.streaming(2, 3, 5)
     assert pattern.sink.tolist() == [3, 3] and pattern.window.tolist() == [5, 5] and not bool(pattern.dense.any())
+
+
+# -- DuoAttention ---------------------------------------------------------------------------------------------
+DUO = "duo:sink=4,window=32,every=8,last=16,calibration=1024"
+
+
+def test_a_head_reading_far_back_scores_higher_than_a_local_one():
+    gen = torch.Generator().manual_seed(3)
+    s, d = 400, 64  # wide heads: a key scores far higher with itself than with any other
+    keys = torch.randn(1, 2, s, d, generator=gen)
+    values = torch.randn(1, 2, s, d, generator=gen)
+    queries = torch.zeros(1, 4, s, d)
+    queries[:, 0:2] = keys[:, 0, 150] * 20  # KV head 0's query heads look for a token far back
+    queries[:, 2:4] = keys[:, 1] * 20  # KV head 1's look at their own position
+    method = cl.method("duo:sink=4,window=32,last=16")
+    scores = sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5)
+    assert scores[0] > 0.5 and scores[1] < 0.1
+
+
+def test_the_lowest_scoring_share_of_heads_streams():
+    method = cl.method("duo:retrieval=0.25").with_scores([[0.9, 0.1], [0.05, 0.3]])
+    assert method.streaming == ((False, True), (True, True))  # one head of four keeps everything
+    assert cl.method("duo:retrieval=1.0").with_scores([[0.9, 0.1]]).streaming == ((False, False),)
+    assert cl.method("duo:retrieval=0.0").with_scores([[0.9, 0.1]]).streaming == ((True, True),)
+
+
+def test_streaming_heads_keep_sink_and_window_and_the_memory_drops(llama, tokenizer):
+    method = cl.method(DUO).bind(llama, tokenizer)
+    out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=method, max_new_tokens=20)
+    n = out.prompt_tokens[0]
+    for layer, (kept, streaming) in enumerate(zip(out.kept_positions, method.streaming, strict=True)):
+        counts = (kept[0] >= 0).sum(-1)
+        for head, stream in enumerate(streaming):
+            expected = 4 + 32 if stream else n
+            assert int(counts[head]) == expected, (layer, head)
+            if stream:  # the first 4 positions and the newest 32
+                assert kept[0, head][:4].tolist() == [0, 1, 2, 3] and int(kept[0, head].max()) == n - 1
+    streams = sum(sum(layer) for layer in method.streaming)
+    heads = sum(len(layer) for layer in method.streaming)
+    assert streams == heads // 2 and out.kv_bytes < 0.6 * out.kv_bytes_full
+    # generation cuts the streaming heads again every 8 tokens: bounded by sink + window + every
+    assert out.kv_bytes_end < 0.6 * out.kv_bytes_full
+
+
+def test_duo_with_every_head_retrieving_is_full_attention(llama, tokenizer):
+    full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", max_new_tokens=12)
+    duo = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=DUO + ",retrieval=1.0", max_new_tokens=12)
+    assert duo.tokens == full.tokens and duo.kv_bytes == full.kv_bytes
+
+
+def test_duo_composes_with_quantization_and_batches(llama, tokenizer):
+    contexts = [CONTEXT, CONTEXT[:300]]
+    out = cl.generate(llama, tokenizer, contexts, "Which ledger?", method=DUO + "+kivi:bits=4,group=16,residual=16")
+    assert len(out.token_ids) == 2
+    batch = cl.generate(llama, tokenizer, contexts, "Which ledger?", method=DUO, max_new_tokens=10)
+    for i, context in enumerate(contexts):
+        alone = cl.generate(llama, tokenizer, context, "Which ledger?", method=DUO, max_new_tokens=10)
+        assert batch.token_ids[i] == alone.tokens, i
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("duo:retrieval=1.5", "retrieval must be a number in"),
+        ("duo:window=0", "window must be an integer >= 1"),
+        ("duo:calibration=100", "calibration must be an integer >= 1024"),
+    ],
+)
+def test_bad_duo_settings_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        cl.method(spec)

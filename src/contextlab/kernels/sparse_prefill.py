@@ -92,9 +92,12 @@ def reference_prefill(
     pattern: PrefillPattern,
     scaling: float,
     chunk: int = 1024,
+    pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, Hq, Tq, D]`` attention of ``query`` (the last ``Tq`` positions) over ``key``/``value [B, Hkv, S,
-    D]`` under ``pattern``'s token mask, ``chunk`` queries at a time (dense SDPA with a boolean mask)."""
+    """``[B, Hq, Tq, D]`` attention of ``query`` (the last ``Tq`` columns) over ``key``/``value [B, Hkv, S,
+    D]`` under ``pattern``'s token mask, ``chunk`` queries at a time (dense SDPA with a boolean mask).
+    ``pad [B]``: leading padding columns per row (left padding): a row's positions start after them, its
+    padding is never read, and a query that is padding itself gets zeros."""
     _b, hq, tq, _d = query.shape
     s = key.shape[2]
     group = hq // key.shape[1]
@@ -102,10 +105,24 @@ def reference_prefill(
     out = torch.empty_like(query)
     for start in range(0, tq, chunk):
         stop = min(start + chunk, tq)
-        mask = token_mask(pattern, stop - start, s, first=s - tq + start)
-        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:stop], key, value, attn_mask=mask.unsqueeze(0), scale=scaling
+        if pad is None:
+            mask = token_mask(pattern, stop - start, s, first=s - tq + start).unsqueeze(0)
+        else:
+            mask = torch.stack([_row_mask(pattern, int(p), s - tq + start, stop - start, s) for p in pad])
+        part = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=mask | ~mask.any(-1, keepdim=True), scale=scaling
         )
+        out[:, :, start:stop] = torch.where(mask.any(-1, keepdim=True), part, 0.0)
+    return out
+
+
+def _row_mask(pattern: PrefillPattern, pad: int, first: int, count: int, kv_len: int) -> torch.Tensor:
+    """``[H, count, kv_len]`` mask of one left-padded row: columns ``first ..`` are queries, positions start
+    at column ``pad``."""
+    positions = torch.arange(first - pad, first - pad + count, device=pattern.dense.device)
+    inside = token_mask(pattern, count, kv_len - pad, positions=positions.clamp(min=0))
+    out = inside.new_zeros(pattern.heads, count, kv_len)
+    out[:, :, pad:] = inside & (positions >= 0).view(1, -1, 1)
     return out
 
 
@@ -259,12 +276,18 @@ def _compiled_flex():
 
 
 def sparse_prefill(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: PrefillPattern, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: PrefillPattern,
+    scaling: float,
+    pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pattern's attention by the fastest correct route here: compiled flex attention, else the chunked
-    dense masked reference (eager flex attention would materialize the whole score matrix)."""
-    if _compiled_flex() is None:
-        return reference_prefill(query, key, value, pattern, scaling)
+    dense masked reference (eager flex attention would materialize the whole score matrix). Left-padded
+    rows (``pad [B]`` leading padding columns, see :func:`reference_prefill`) take the reference."""
+    if _compiled_flex() is None or (pad is not None and bool(pad.any())):
+        return reference_prefill(query, key, value, pattern, scaling, pad=pad)
     return flex_prefill(query, key, value, pattern, scaling)
 
 

@@ -89,16 +89,21 @@ def load_profile(path: Path, method: str, digest: str, settings: dict) -> dict:
     return body["data"]
 
 
-def capture_prompt(model, tokenizer, tokens: int, seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def capture_prompt(
+    model, tokenizer, tokens: int, seed: int = 0
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per contextlab layer (by its rank among the full-attention layers): post-RoPE queries ``[1, Hq, T, D]``
-    and keys ``[1, Hkv, T, D]`` on a synthetic retrieval prompt of about ``tokens`` tokens (RULER's multi-key
+    and keys and values ``[1, Hkv, T, D]`` on a synthetic retrieval prompt of about ``tokens`` tokens (RULER's multi-key
     needle task)."""
     from contextlab.bench.tasks import TASKS
     from contextlab.engine.generate import prefill
 
     sample = TASKS.get("niah_multikey_1")(tokenizer, tokens, seed, num_samples=1)[0]
     done = prefill(model, tokenizer, [sample.context_ids + sample.question_ids], method=_Capture())
-    return {layer.layer_idx: (layer.policy.queries, layer.policy.keys) for layer in done.cache.compressible}
+    return {
+        layer.layer_idx: (layer.policy.queries, layer.policy.keys, layer.policy.values)
+        for layer in done.cache.compressible
+    }
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,8 +120,9 @@ class _CapturePolicy(LayerPolicy):
     def __init__(self) -> None:
         self.queries: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     def after_forward(self, store: DenseStore, step: Step) -> None:
         if step.phase == "prompt_end":
-            self.queries = step.queries.detach().clone()
-            self.keys = store.groups[0].used()[0].detach().clone()
+            keys, values = store.groups[0].used()
+            self.queries, self.keys, self.values = (t.detach().clone() for t in (step.queries, keys, values))

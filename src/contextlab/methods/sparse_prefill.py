@@ -13,8 +13,9 @@ the shape's indices online from the prompt's last queries. Here:
   ``recall=1`` exactly full attention).
 - **Online** (:class:`MInferencePolicy`): a prompt forward of at least ``min_length`` cached tokens computes
   each layer's attention with the heads' shapes (:mod:`contextlab.kernels.sparse_prefill`: compiled flex
-  attention over the active tiles, or the dense masked reference where compiling is impossible). Decode
-  steps, short prompts, and batches whose rows differ in length (padding) are read densely.
+  attention over the active tiles, or the dense masked reference where compiling is impossible or rows
+  are left-padded: a row's shapes are placed at its own positions). Decode steps, short prompts, and
+  prompts whose rows have gaps (after an eviction) are read densely.
 """
 
 from __future__ import annotations
@@ -32,10 +33,20 @@ from contextlab.kernels.sparse_prefill import (
     PrefillPattern,
     estimate_blocks,
     estimate_vertical_slash,
+    reference_prefill,
     sparse_prefill,
     token_mask,
 )
-from contextlab.methods.base import SPARSE_PREFILL, Method, bound, check_int, check_number, param
+from contextlab.methods.base import (
+    DECODE_EVICTION,
+    PREFILL_EVICTION,
+    SPARSE_PREFILL,
+    Method,
+    bound,
+    check_int,
+    check_number,
+    param,
+)
 from contextlab.methods.policy import LayerPolicy, Step
 from contextlab.methods.profiles import capture_prompt, load_profile, model_digest, profile_path, save_profile
 from contextlab.store import DenseStore
@@ -83,14 +94,7 @@ class MInference(Method):
         searched now (and saved there)."""
         if self.shapes is not None:
             return self
-        digest = model_digest(model)
-        path = Path(self.profile) if self.profile else profile_path(self.name, digest, self.settings())
-        if self.profile or path.exists():
-            data = load_profile(path, self.name, digest, self.settings())
-        else:
-            data = search_patterns(model, tokenizer, self)
-            save_profile(path, self.name, digest, self.settings(), data)
-        return self.with_shapes(data["shapes"])
+        return self.with_shapes(_bound_profile(self, model, tokenizer, search_patterns)["shapes"])
 
     def with_shapes(self, shapes) -> MInference:
         """A copy holding the head shapes of each full-attention layer, in order."""
@@ -128,22 +132,23 @@ class MInferencePolicy(LayerPolicy):
         if all(shape == "dense" for shape in self.shapes) or store.split:
             return None
         g = store.groups[0]
-        if g.used_valid() is not None and not bool(g.used_valid().all()):
-            return None  # rows of different lengths: read densely (see the module docstring)
+        pad = left_padding(g.used_valid())
+        if pad is False:
+            return None  # gaps inside a row (evicted or chunked): read densely (see the module docstring)
         heads = step.queries.shape[1]
         if len(self.shapes) != heads:
             raise ValueError(f"minference: the profile has {len(self.shapes)} heads here, the layer has {heads}")
         keys, values = g.used()
         pattern = online_pattern(self.method, self.shapes, step.queries, keys, step.scaling)
         self.sparse_forwards += 1
-        return sparse_prefill(step.queries, keys, values, pattern, step.scaling)
+        return sparse_prefill(step.queries, keys, values, pattern, step.scaling, pad)
 
 
 def online_pattern(
     method: MInference, shapes: tuple[str, ...], queries: torch.Tensor, keys: torch.Tensor, scaling: float
 ) -> PrefillPattern:
     """Each head's shape with its indices estimated from ``queries [B, Hq, Tq, D]`` over ``keys``."""
-    h, s, device = len(shapes), keys.shape[2], queries.device
+    h, device = len(shapes), queries.device
     kind = {name: torch.tensor([x == name for x in shapes], device=device) for name in SHAPES}
     sink = torch.where(kind["a_shape"] | kind["vertical_slash"], method.sink, 0).long()
     window = torch.where(kind["a_shape"], method.local, torch.where(kind["vertical_slash"], method.last, 0)).long()
@@ -155,7 +160,6 @@ def online_pattern(
     if bool(kind["block_sparse"].any()):
         blocks = estimate_blocks(queries, keys, scaling, method.blocks, BLOCK)
         pattern.blocks = blocks & kind["block_sparse"].view(h, 1, 1)
-    del s
     return pattern
 
 
@@ -167,7 +171,7 @@ def search_patterns(model, tokenizer, method: MInference, seed: int = 0) -> dict
     captured = capture_prompt(model, tokenizer, min(method.calibration, native - 64), seed)
     shapes, recalls = [], []
     for rank in tqdm(range(len(captured)), desc="minference: searching head shapes", leave=False):
-        q, k = captured[rank]
+        q, k, _ = captured[rank]
         layer_shapes, layer_recalls = head_shapes(method, q, k, q.shape[-1] ** -0.5)
         shapes.append(layer_shapes)
         recalls.append(layer_recalls)
@@ -207,3 +211,186 @@ def head_shapes(method: MInference, queries: torch.Tensor, keys: torch.Tensor, s
         shapes.append(names[int(best[head])] if value >= method.recall and not math.isnan(value) else "dense")
         recalls.append(round(value, 4))
     return shapes, recalls
+
+
+# -- DuoAttention ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class DuoAttention(Method):
+    """DuoAttention: only retrieval heads keep the whole context; streaming heads keep ``sink`` first tokens
+    and the newest ``window`` (Xiao et al., 2024, arXiv 2410.10819; memory "up to 2.55x (MHA) / 1.67x (GQA)"
+    smaller, "minimal accuracy loss"; the Retrieval Head paper finds "less than 5%" of heads retrieve).
+
+    The paper learns a gate per KV head on synthetic passkey data; here each KV head is scored on the
+    model itself without training: on a synthetic retrieval prompt, how far the attention output of the
+    last ``last`` queries (the question) moves when the head reads only its sinks and window (relative L2
+    distance, averaged over the query heads that share it). The ``retrieval`` share of KV heads with the
+    highest scores, over the whole model, keep everything; the rest are streaming heads: their prompt
+    attention reads sink + window (sparse prefill), and their cache is cut to sink + window when the prompt
+    is in and again every ``every`` generated tokens, so their memory really drops (per-head storage)."""
+
+    name = "duo"
+    paper = "Xiao et al., 2024, DuoAttention, https://arxiv.org/abs/2410.10819"
+    roles: ClassVar[frozenset[str]] = frozenset({SPARSE_PREFILL, PREFILL_EVICTION, DECODE_EVICTION})
+    retrieval: float = param("share of KV heads that keep the whole context (retrieval heads)", 0.5)
+    sink: int = param("first tokens a streaming head keeps", 64)
+    window: int = param("newest tokens a streaming head keeps", 256)
+    every: int = param("generated tokens between two cuts of the streaming heads' caches", 64)
+    last: int = param("last prompt queries whose outputs score a head", 64)
+    calibration: int = param("tokens of the synthetic retrieval prompt heads are scored on", 4096)
+    profile: str = param("profile file to use (empty: found in, or made into, the profile folder)", "")
+    streaming: tuple[tuple[bool, ...], ...] | None = bound()  # per layer, which KV heads stream
+
+    def __post_init__(self) -> None:
+        check_number("duo: retrieval", self.retrieval, 0.0, 1.0)
+        for name, low in (("sink", 0), ("window", 1), ("every", 1), ("last", 1)):
+            check_int(f"duo: {name}", getattr(self, name), low)
+        check_int("duo: calibration", self.calibration, 1024)
+
+    @property
+    def compresses(self) -> bool:
+        return self.retrieval < 1.0
+
+    def settings(self) -> dict:
+        """What the head scores depend on (the retrieval share only reads them)."""
+        return {k: getattr(self, k) for k in ("sink", "window", "last", "calibration")}
+
+    def bind(self, model, tokenizer) -> DuoAttention:
+        if self.streaming is not None:
+            return self
+        data = _bound_profile(self, model, tokenizer, score_heads)
+        return self.with_scores(data["scores"])
+
+    def with_scores(self, scores) -> DuoAttention:
+        """A copy whose streaming heads are the ``1 - retrieval`` share of KV heads scoring lowest."""
+        flat = torch.tensor([s for layer in scores for s in layer], dtype=torch.float64)
+        keep = round(self.retrieval * len(flat))
+        retrieval = torch.zeros(len(flat), dtype=torch.bool)
+        retrieval[flat.argsort(descending=True, stable=True)[:keep]] = True
+        out, start = [], 0
+        for layer in scores:
+            out.append(tuple(not bool(x) for x in retrieval[start : start + len(layer)]))
+            start += len(layer)
+        return dataclasses.replace(self, streaming=tuple(out))
+
+    def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
+        if self.streaming is not None and len(self.streaming) != num_layers:
+            raise ValueError(
+                f"duo: the profile covers {len(self.streaming)} full-attention layers, this model has {num_layers}; "
+                "profile this model again"
+            )
+        return DuoPolicy(self, None if self.streaming is None else self.streaming[layer_idx])
+
+
+def _bound_profile(method, model, tokenizer, measure) -> dict:
+    """The profile ``data`` of ``method`` on ``model``: from ``profile=``, from the profile folder, or
+    measured now by ``measure(model, tokenizer, method)`` and saved there."""
+    digest = model_digest(model)
+    path = Path(method.profile) if method.profile else profile_path(method.name, digest, method.settings())
+    if method.profile or path.exists():
+        return load_profile(path, method.name, digest, method.settings())
+    data = measure(model, tokenizer, method)
+    save_profile(path, method.name, digest, method.settings(), data)
+    return data
+
+
+class DuoPolicy(LayerPolicy):
+    """One layer's streaming KV heads (``[Hkv]`` bool): sparse prompt attention for them, and their cache cut to
+    sink + window after the prompt and every ``every`` generated tokens."""
+
+    def __init__(self, method: DuoAttention, streaming: tuple[bool, ...] | None) -> None:
+        self.method, self.streaming = method, streaming
+        self.since = 0  # generated tokens since the last cut
+
+    def _heads(self) -> tuple[bool, ...]:
+        if self.streaming is None:
+            raise ValueError(
+                "duo has no head scores for this model: run it through contextlab.generate / prefill / Session "
+                "(they profile the model first) or pass profile=<file from `contextlab profile`>"
+            )
+        return self.streaming
+
+    def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        if step.phase == "decode" or step.tokens == 1 or not any(self._heads()) or store.split:
+            return None
+        g = store.groups[0]
+        pad = left_padding(g.used_valid())
+        if pad is False:
+            return None  # gaps inside a row: dense prompt attention, the cut below still applies
+        m = self.method
+        hq = step.queries.shape[1]
+        group = hq // len(self.streaming)
+        stream = torch.tensor(self.streaming, device=step.queries.device).repeat_interleave(group)
+        sink, window = torch.where(stream, m.sink, 0).long(), torch.where(stream, m.window, 0).long()
+        pattern = PrefillPattern(~stream, sink, window)
+        keys, values = g.used()
+        return sparse_prefill(step.queries, keys, values, pattern, step.scaling, pad)
+
+    def after_forward(self, store: DenseStore, step: Step) -> None:
+        if not any(self._heads()):
+            return
+        if step.phase == "prompt_end":
+            self._cut(store)
+        elif step.phase == "decode":
+            self.since += step.tokens
+            if self.since >= self.method.every:
+                self.since = 0
+                self._cut(store)
+
+    def decode_reserve(self, tokens: int) -> int:
+        return tokens  # retrieval heads keep every generated token
+
+    def _cut(self, store: DenseStore) -> None:
+        """Keep every valid slot of retrieval heads and the first ``sink`` + newest ``window`` valid slots of
+        streaming heads (per row)."""
+        view = store.view()
+        b, h, s = view.keys.shape[:3]
+        valid = view.valid.expand(b, h, s)
+        rank = valid.long().cumsum(-1) - 1
+        count = valid.sum(-1, keepdim=True)
+        m = self.method
+        edge = (rank < m.sink) | (rank >= count - m.window)
+        stream = torch.tensor(self.streaming, device=valid.device).view(1, h, 1)
+        keep = valid & (~stream | edge)
+        if bool((keep == valid).all()):
+            return  # nothing to cut yet
+        width = int(keep.sum(-1).max())
+        indices = (~keep).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]
+        store.keep(indices, keep.gather(-1, indices), headroom=m.every)
+
+
+def left_padding(valid: torch.Tensor | None) -> torch.Tensor | bool | None:
+    """Leading padding columns per row ``[B]`` of a store whose rows are left-padded (None: no padding);
+    False when some row has a gap after its first token (its positions are not its columns)."""
+    if valid is None or bool(valid.all()):
+        return None
+    rows = valid.any(1)  # [B, S]
+    pad = rows.long().argmax(-1)
+    if not bool((rows.sum(-1) == rows.shape[-1] - pad).all()):
+        return False
+    return pad
+
+
+def score_heads(model, tokenizer, method: DuoAttention, seed: int = 0) -> dict:
+    """Per full-attention layer, each KV head's retrieval score (class docstring)."""
+    native = getattr(model.config, "max_position_embeddings", None) or method.calibration + 64
+    captured = capture_prompt(model, tokenizer, min(method.calibration, native - 64), seed)
+    scores = []
+    for rank in tqdm(range(len(captured)), desc="duo: scoring heads", leave=False):
+        q, k, v = captured[rank]
+        scores.append([round(x, 6) for x in head_deviation(method, q, k, v, q.shape[-1] ** -0.5).tolist()])
+    return {"tokens": int(captured[0][0].shape[2]), "scores": scores}
+
+
+def head_deviation(
+    method: DuoAttention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``[Hkv]``: relative L2 change of the last ``last`` queries' attention outputs when each head reads only
+    its sink + window, averaged over the query heads sharing the KV head."""
+    hq, hkv = queries.shape[1], keys.shape[1]
+    q = queries[:, :, -method.last :]
+    dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
+    full = reference_prefill(q.float(), keys.float(), values.float(), dense, scaling)
+    streaming = PrefillPattern.streaming(hq, method.sink, method.window)
+    cut = reference_prefill(q.float(), keys.float(), values.float(), streaming, scaling)
+    change = (full - cut).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-6)  # [1, Hq, L]
+    return change.mean(-1)[0].view(hkv, hq // hkv).mean(-1)

@@ -44,6 +44,7 @@ for _name, _target in [
     ("infllm", "sparse:InfLLM"),
     ("retrieval", "sparse:Retrieval"),
     ("minference", "sparse_prefill:MInference"),
+    ("duo", "sparse_prefill:DuoAttention"),
 ]:
     METHODS.register(_name, f"contextlab.methods.{_target}")
 
