@@ -28,6 +28,8 @@ def test_profile_measures_once_saves_and_reuses(model_dir, tmp_path):
     assert len(saved) == 1 and str(saved[0]) in first.stdout and " heads" in first.stdout
     again = run_cli(*args, env=env)
     assert again.returncode == 0 and again.stdout == first.stdout
+    duo = run_cli("profile", "--model", str(model_dir), "--method", "duo:calibration=1024", env=env)
+    assert duo.returncode == 0 and "streaming" in duo.stdout, duo.stderr
     wrong = run_cli("profile", "--model", str(model_dir), "--method", "snapkv:0.5", env=env)
     assert wrong.returncode == 2 and "measures nothing on the model" in wrong.stderr
 

@@ -176,15 +176,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     method = cl.method(args.method)
     if not hasattr(method, "settings"):
-        raise UsageError(f"{method.describe()} measures nothing on the model; profiled methods: minference")
+        raise UsageError(f"{method.describe()} measures nothing on the model; profiled methods: minference, duo")
     model, tokenizer = cl.load(args.model, device=args.device)
     path = profile_path(method.name, model_digest(model), method.settings())
     if args.force and not getattr(method, "profile", "") and path.exists():
         path.unlink()
     bound = method.bind(model, tokenizer)
-    counts = Counter(shape for layer in bound.shapes for shape in layer)
+    if getattr(bound, "shapes", None) is not None:  # minference: a shape per query head
+        counts = Counter(shape for layer in bound.shapes for shape in layer)
+    else:  # duo: streaming or retrieval per KV head
+        counts = Counter("streaming" if s else "retrieval" for layer in bound.streaming for s in layer)
     where = getattr(method, "profile", "") or path
-    print(f"{where}: " + ", ".join(f"{n} {shape}" for shape, n in sorted(counts.items())) + " heads")
+    print(f"{where}: " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + " heads")
     return 0
 
 
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-beyond-window", action="store_true", help="allow prompts past the model's window")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p = sub.add_parser("profile", help="measure a method's per-head profile on a model (minference) and save it")
+    p = sub.add_parser("profile", help="measure a method's per-head profile on a model (minference, duo), save it")
     p.add_argument("--model", default="reference", help="named model, a .gguf file, a folder or a hub id")
     p.add_argument("--method", required=True, help="method spec whose profile to measure, e.g. minference")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
