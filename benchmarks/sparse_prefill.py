@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Sparse prefill (minference) and head-level hybrids (duo) on SmolLM2-135M-Instruct (8K window): accuracy
+against full attention, prefill time against SDPA in the same run, and KV bytes.
+
+1. ``accuracy``: RULER single needle (``niah_single_2``), multi-key (``niah_multikey_1``) and variable
+   tracking (``vt``) at 4K and 8K tokens, needles at 10-90% depth: full attention, ``minference`` and
+   ``duo`` (half the KV heads streaming) at their defaults; the task's metric with a Wilson interval and
+   the KV bytes held after the prompt.
+2. ``speed``: one prompt of 16K and one of 32K tokens (past the window: only the work is measured, not the
+   answer), prefilled by each method; seconds of prefill (median of ``--repeats``) and the ratio to full
+   attention measured in the same run. The first call of each method also measures its profile and
+   compiles flex attention; both are done before timing.
+
+Profiles go to the profile folder (``$CONTEXTLAB_PROFILES`` or ``~/.cache/contextlab/profiles``); each cell
+is saved to ``benchmarks/results/sparse_prefill.json`` when it finishes and not run again.
+
+    PYTHONPATH=. python benchmarks/sparse_prefill.py [--sections accuracy speed] [--samples 40]
+        [--lengths 4096 8192] [--speed-lengths 16384 32768] [--repeats 3] [--threads N]
+
+Writes benchmarks/results/sparse_prefill.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from benchmarks._accuracy import markdown, samples
+from benchmarks._machine import cpu_name
+
+import contextlab as cl
+from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.bench.report import interval
+
+RESULTS = Path(__file__).parent / "results"
+STORE = RESULTS / "sparse_prefill.json"
+TASKS = ("niah_single_2", "niah_multikey_1", "vt")
+METHODS = ("full", "minference", "duo")
+NEW_TOKENS = {"vt": 64}  # variable tracking names several variables; needles: 32 (the model restates first)
+
+
+def items(tok, task: str, length: int, n: int, seed: int = 17):
+    rng = random.Random(seed)
+    depths = None if task == "vt" else [0.1 + 0.8 * rng.random() for _ in range(n)]
+    return samples(tok, task, length, n, seed=seed + length, depths=depths)
+
+
+def accuracy_cell(model, tok, spec: str, task: str, cases) -> dict:
+    scores, seconds, kv, full = [], 0.0, 0, 0
+    for s in cases:
+        start = time.perf_counter()
+        out = cl.generate(
+            model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=NEW_TOKENS.get(task, 32)
+        )
+        seconds += time.perf_counter() - start
+        kv, full = kv + out.kv_bytes, full + out.kv_bytes_full
+        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+    return {"scores": scores, "seconds": seconds / len(cases), "kv_share": kv / full}
+
+
+def speed_cell(model, tok, spec: str, case, repeats: int) -> dict:
+    """Prefill seconds (median of ``repeats``) of one long prompt, after one untimed call (profile, compile)."""
+
+    def once() -> float:
+        session = cl.Session(model, tok, case.context_ids, case.question_ids, method=spec, allow_beyond_window=True)
+        return session.prefill_seconds
+
+    once()
+    times = [once() for _ in range(repeats)]
+    return {"prefill_s": statistics.median(times), "all_s": times, "tokens": len(case.context_ids)}
+
+
+def save(store: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
+
+
+def cell(store: dict, key: str, work, *args) -> None:
+    if key in store:
+        return
+    store[key] = work(*args)
+    save(store)
+    print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
+
+
+def accuracy_table(store: dict) -> str:
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "KV held vs full", "s per answer"]
+    rows = []
+    for key, r in store.items():
+        section, task, length, spec = key.split("|")
+        if section != "accuracy":
+            continue
+        stat = interval(r["scores"])
+        rows.append(
+            [
+                task,
+                length,
+                spec,
+                f"{stat.mean:.2f}",
+                f"[{stat.low:.2f}, {stat.high:.2f}]",
+                str(len(r["scores"])),
+                f"{r['kv_share']:.2f}",
+                f"{r['seconds']:.1f}",
+            ]
+        )
+    return markdown(head, rows)
+
+
+def speed_table(store: dict) -> str:
+    head = ["tokens", "method", "prefill s (median)", "vs full"]
+    cells = [(k.split("|"), r) for k, r in store.items() if k.startswith("speed|")]
+    full = {parts[2]: r["prefill_s"] for parts, r in cells if parts[3] == "full"}
+    rows = []
+    for parts, r in cells:
+        base = full.get(parts[2])
+        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", f"{base / r['prefill_s']:.2f}x" if base else "-"])
+    return markdown(head, rows)
+
+
+def report(store: dict, threads: int) -> str:
+    return "\n\n".join(
+        [
+            "# Sparse prefill and head-level hybrids on SmolLM2-135M-Instruct (native window 8192)",
+            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy. "
+            "Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
+            "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults.",
+            "## Accuracy and KV bytes",
+            accuracy_table(store),
+            "## Prefill time (speed-up = full attention's time / the method's, same run)",
+            speed_table(store),
+            f"Platform: {platform.platform()}",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["accuracy", "speed"])
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--speed-lengths", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    for section in args.sections:
+        if section == "accuracy":
+            for task in TASKS:
+                for length in args.lengths:
+                    cases = items(tok, task, length, args.samples)
+                    for spec in METHODS:
+                        cell(store, f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
+        elif section == "speed":
+            for length in args.speed_lengths:
+                case = items(tok, "niah_single_2", length, 1)[0]
+                for spec in METHODS:
+                    key = f"speed|niah_single_2|{length}|{spec}"
+                    cell(store, key, speed_cell, model, tok, spec, case, args.repeats)
+        else:
+            raise SystemExit(f"unknown section {section!r}")
+    out = RESULTS / "sparse_prefill.md"
+    out.write_text(report(store, args.threads) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
