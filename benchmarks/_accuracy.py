@@ -6,9 +6,11 @@ results do not depend on padding or batch composition.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -69,3 +71,20 @@ def run_cell(
 def markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+class CellStore:
+    """Results kept in a JSON file, one entry per cell: a cell already there is not run again, and each new
+    one is saved as soon as it finishes (a long run can stop and resume)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, key: str, work: Callable[..., dict], *args) -> None:
+        if key in self.data:
+            return
+        self.data[key] = work(*args)
+        self.path.parent.mkdir(exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        print(key, {k: v for k, v in self.data[key].items() if k != "scores"}, flush=True)

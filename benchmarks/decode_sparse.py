@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import random
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from benchmarks._accuracy import markdown, samples
+from benchmarks._accuracy import CellStore, markdown, samples
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
@@ -146,20 +145,6 @@ def _timed(model, tok, spec: str, item) -> dict:
     }
 
 
-def save(store: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
-
-
-def cell(store: dict, key: str, work, *args) -> None:
-    """Run ``work(*args)`` into ``store[key]`` unless it is there already; save at once."""
-    if key in store:
-        return
-    store[key] = work(*args)
-    save(store)
-    print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
-
-
 def accuracy_table(store: dict, section: str) -> str:
     head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "s per answer", "MiB read per step"]
     rows = []
@@ -243,7 +228,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    cells = CellStore(STORE)
+    store = cells.data
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section == "accuracy":
@@ -251,17 +237,17 @@ def main() -> None:
                 for length in args.lengths:
                     items = needle_items(tok, task, length, args.samples)
                     for spec in methods(length):
-                        cell(store, f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, items)
+                        cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, items)
         elif section == "shared":
             for length in args.lengths:
                 items = samples(tok, "scbench_kv", length, args.samples, seed=7 + length)
                 for spec in methods(length):
-                    cell(store, f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
+                    cells.run(f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
         elif section == "speed":
             length = args.speed_length
             item = needle_items(tok, "niah_single_2", length, 1)[0]
             for spec in speed_methods(length):
-                cell(store, f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
+                cells.run(f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "decode_sparse.md"

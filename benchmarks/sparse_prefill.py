@@ -23,7 +23,6 @@ Writes benchmarks/results/sparse_prefill.md (and .json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import markdown, samples
+from benchmarks._accuracy import CellStore, markdown, samples
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
@@ -74,19 +73,6 @@ def speed_cell(model, tok, spec: str, case, repeats: int) -> dict:
     once()
     times = [once() for _ in range(repeats)]
     return {"prefill_s": statistics.median(times), "all_s": times, "tokens": len(case.context_ids)}
-
-
-def save(store: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
-
-
-def cell(store: dict, key: str, work, *args) -> None:
-    if key in store:
-        return
-    store[key] = work(*args)
-    save(store)
-    print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
 
 
 def accuracy_table(store: dict) -> str:
@@ -149,7 +135,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    cells = CellStore(STORE)
+    store = cells.data
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section == "accuracy":
@@ -157,13 +144,13 @@ def main() -> None:
                 for length in args.lengths:
                     cases = items(tok, task, length, args.samples)
                     for spec in METHODS:
-                        cell(store, f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
+                        cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
         elif section == "speed":
             for length in args.speed_lengths:
                 case = items(tok, "niah_single_2", length, 1)[0]
                 for spec in METHODS:
                     key = f"speed|niah_single_2|{length}|{spec}"
-                    cell(store, key, speed_cell, model, tok, spec, case, args.repeats)
+                    cells.run(key, speed_cell, model, tok, spec, case, args.repeats)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "sparse_prefill.md"
