@@ -32,6 +32,13 @@ def test_profile_measures_once_saves_and_reuses(model_dir, tmp_path):
     assert duo.returncode == 0 and "streaming" in duo.stdout, duo.stderr
     wrong = run_cli("profile", "--model", str(model_dir), "--method", "snapkv:0.5", env=env)
     assert wrong.returncode == 2 and "measures nothing on the model" in wrong.stderr
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(saved[0].read_text().replace('"a_shape"', '"dense"').replace('"block_sparse"', '"dense"'))
+    spec = f"minference:calibration=1024,recall=0.5,profile={damaged}"
+    refused = run_cli("profile", "--model", str(model_dir), "--method", spec, env=env)
+    assert refused.returncode == 2 and "failed its checksum" in refused.stderr, refused.stderr
+    forced = run_cli("profile", "--model", str(model_dir), "--method", spec, "--force", env=env)
+    assert forced.returncode == 2 and "drop profile=" in forced.stderr
 
 
 def test_methods_lists_every_method_with_its_paper():

@@ -177,16 +177,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     method = cl.method(args.method)
     if not hasattr(method, "settings"):
         raise UsageError(f"{method.describe()} measures nothing on the model; profiled methods: minference, duo")
+    if args.force and method.profile:
+        raise UsageError("--force measures into the profile folder; drop profile= (that file is only read)")
     model, tokenizer = cl.load(args.model, device=args.device)
     path = profile_path(method.name, model_digest(model), method.settings())
-    if args.force and not getattr(method, "profile", "") and path.exists():
+    if args.force and path.exists():
         path.unlink()
     bound = method.bind(model, tokenizer)
     if getattr(bound, "shapes", None) is not None:  # minference: a shape per query head
         counts = Counter(shape for layer in bound.shapes for shape in layer)
     else:  # duo: streaming or retrieval per KV head
         counts = Counter("streaming" if s else "retrieval" for layer in bound.streaming for s in layer)
-    where = getattr(method, "profile", "") or path
+    where = method.profile or path
     print(f"{where}: " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + " heads")
     return 0
 

@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 
 from contextlab.kernels.sparse_prefill import (
     PrefillPattern,
-    _compiled_flex,
+    _CompiledFlex,
     active_blocks,
+    bucket,
+    compiled_flex_available,
     estimate_blocks,
     estimate_vertical_slash,
     flex_prefill,
     full_blocks,
     reference_prefill,
+    sparse_prefill,
     token_mask,
 )
 
@@ -145,16 +148,47 @@ def test_flex_matches_the_dense_masked_reference(tq, s):
 
 
 @pytest.mark.slow
-def test_compiled_flex_matches_the_reference_where_this_machine_compiles():
-    if _compiled_flex() is None:
+@pytest.mark.parametrize(("tq", "s"), [(256, 256), (70, 300), (300, 300)])
+def test_compiled_flex_matches_the_reference_where_this_machine_compiles(tq, s):
+    """Compiled flex runs at power-of-two padded lengths (300 -> 512): the padding changes nothing."""
+    if not compiled_flex_available():
         pytest.skip("torch.compile cannot build flex attention on this machine")
-    gen = torch.Generator().manual_seed(5)
-    q, k, v = _qkv(gen, 1, 4, 2, 256, 256, 16)
-    pattern = _random_pattern(gen, 4, 256, block=64)
+    gen = torch.Generator().manual_seed(5 + tq)
+    q, k, v = _qkv(gen, 1, 4, 2, tq, s, 16)
+    pattern = _random_pattern(gen, 4, s, block=64)
     pattern.sink[:] = 1
     torch.testing.assert_close(
         flex_prefill(q, k, v, pattern, 0.25), reference_prefill(q, k, v, pattern, 0.25), atol=1e-4, rtol=1e-4
     )
+
+
+def test_compiled_lengths_are_powers_of_two_of_at_least_one_tile():
+    assert [bucket(n) for n in (1, 128, 129, 4096, 4097, 40000)] == [128, 128, 256, 4096, 8192, 65536]
+
+
+def test_past_the_compile_limit_sparse_prefill_takes_the_reference(monkeypatch):
+    """torch.compile runs a function eagerly past its recompile limit, and eager flex attention materializes
+    every score: a new input shape past the limit goes to the chunked reference instead."""
+    from contextlab.kernels import sparse_prefill as module
+
+    flex = _CompiledFlex()
+    monkeypatch.setattr(module, "_FLEX", flex)
+    monkeypatch.setattr(module, "_recompile_limit", lambda: 3)
+    monkeypatch.setattr(module, "flex_prefill", _refuse)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(gen, 1, 2, 1, 40, 40, 8)
+    assert flex.admits(q, k, 0.5) and flex.admits(q[:, :, :30], k[:, :, :30], 0.5)  # one bucket: one kernel
+    assert flex.admits(*_qkv(gen, 1, 2, 1, 200, 200, 8)[:2], 0.5)  # a second kernel
+    q, k, v = _qkv(gen, 1, 2, 1, 300, 300, 8)
+    module._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="as many input shapes as torch.compile allows"):
+        assert not flex.admits(q, k, 0.5)  # a third kernel would reach the limit
+    pattern = PrefillPattern.streaming(2, 1, 4)
+    torch.testing.assert_close(sparse_prefill(q, k, v, pattern, 0.5), reference_prefill(q, k, v, pattern, 0.5))
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("flex attention must not run past the compile limit")
 
 
 def test_vertical_slash_estimation_finds_a_planted_column_and_distance():
@@ -183,16 +217,3 @@ def test_block_estimation_keeps_the_diagonal_and_at_most_its_budget_per_row():
     assert bool(blocks.diagonal(dim1=1, dim2=2).all())
     assert not bool(blocks.triu(1).any())  # causal
     assert int(blocks.sum(-1).max()) <= 3
-
-
-def test_a_left_padded_row_reads_like_the_same_row_without_its_padding():
-    gen = torch.Generator().manual_seed(13)
-    s, pad = 90, 17
-    q, k, v = _qkv(gen, 2, 4, 2, s, s, 8)
-    pattern = _random_pattern(gen, 4, s, block=8)
-    pattern.sink[:] = torch.clamp(pattern.sink, min=1)
-    out = reference_prefill(q, k, v, pattern, 0.3, chunk=32, pad=torch.tensor([0, pad]))
-    torch.testing.assert_close(out[:1], reference_prefill(q[:1], k[:1], v[:1], pattern, 0.3))
-    alone = reference_prefill(q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], pattern, 0.3)
-    torch.testing.assert_close(out[1:, :, pad:], alone, atol=1e-5, rtol=1e-5)
-    assert not bool(out[1, :, :pad].any())  # padding queries read nothing

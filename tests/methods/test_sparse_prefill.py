@@ -14,7 +14,7 @@ from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.kernels.sparse_prefill import PrefillPattern, reference_prefill
 from contextlab.methods import sparse_prefill
-from contextlab.methods.profiles import ProfileError, model_digest, profile_path
+from contextlab.methods.profiles import ProfileError, model_digest, profile_path, save_profile
 from contextlab.methods.sparse_prefill import MInference, head_shapes, online_pattern
 from tests.conftest import tiny_model
 
@@ -33,9 +33,11 @@ def test_the_search_gives_each_head_its_best_recall_or_dense():
     shapes, recalls = head_shapes(method, queries, keys, d**-0.5)
     assert shapes[0] == "dense" and recalls[0] < 0.9
     assert shapes[1] != "dense" and recalls[1] > 0.95  # every shape reads the diagonal
-    everything = MInference(sink=4, local=1000, last=16, recall=1.0)  # an A-shape as wide as the prompt
+    everything = MInference(sink=4, local=1000, last=16, recall=0.999)  # an A-shape as wide as the prompt
     shapes, recalls = head_shapes(everything, queries, keys, d**-0.5)
     assert shapes == ["a_shape"] * 4 and recalls == [1.0] * 4
+    exact = MInference(sink=4, local=1000, last=16, recall=1.0)  # full attention, whatever a float sum says
+    assert head_shapes(exact, queries, keys, d**-0.5)[0] == ["dense"] * 4
 
 
 def test_a_profile_is_searched_once_saved_and_reused(llama, tokenizer, monkeypatch, profile_folder):
@@ -105,8 +107,8 @@ def test_each_layer_attends_with_its_heads_shapes(llama, tokenizer):
     captured = {}
     original = sparse_prefill.sparse_prefill
 
-    def spy(query, key, value, pattern, scaling, pad=None):
-        out = original(query, key, value, pattern, scaling, pad)
+    def spy(query, key, value, pattern, scaling):
+        out = original(query, key, value, pattern, scaling)
         captured[len(captured)] = (query, key, value, pattern, scaling, out)
         return out
 
@@ -124,9 +126,26 @@ def test_each_layer_attends_with_its_heads_shapes(llama, tokenizer):
 
 
 def test_generation_runs_sparse_prefill_then_dense_decoding(llama, tokenizer):
-    out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=SMALL + ",recall=0.0", max_new_tokens=6)
+    method = cl.method(SMALL + ",recall=0.0").bind(llama, tokenizer)
+    assert all(shape != "dense" for layer in method.shapes for shape in layer)
+    _, cache = _prompt_logits(llama, tokenizer, method)
+    assert all(layer.policy.sparse_forwards == 1 for layer in cache.compressible)
+    out = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", method=method, max_new_tokens=6)
     full = cl.generate(llama, tokenizer, CONTEXT, "Which ledger?", max_new_tokens=6)
     assert len(out.tokens) == len(full.tokens) and out.kv_bytes == full.kv_bytes  # nothing evicted
+
+
+@pytest.mark.parametrize("shape", ["vertical_slash", "block_sparse", "a_shape"])
+def test_a_padded_batch_answers_like_its_rows_alone(llama, tokenizer, shape):
+    """Vertical columns and blocks are estimated and placed at each row's own positions, not at the batch's
+    columns (a left-padded row would otherwise read columns shifted by its padding)."""
+    heads, layers = llama.config.num_attention_heads, llama.config.num_hidden_layers
+    method = cl.method(SMALL).with_shapes([[shape] * heads] * layers)
+    contexts = [CONTEXT, CONTEXT[: len(CONTEXT) // 2]]
+    batch = cl.generate(llama, tokenizer, contexts, "Which ledger?", method=method, max_new_tokens=8)
+    for i, context in enumerate(contexts):
+        alone = cl.generate(llama, tokenizer, context, "Which ledger?", method=method, max_new_tokens=8)
+        assert batch.token_ids[i] == alone.tokens, i
 
 
 def test_an_unbound_method_refuses_to_prefill_rather_than_go_dense(llama, tokenizer):
@@ -138,6 +157,7 @@ def test_an_unbound_method_refuses_to_prefill_rather_than_go_dense(llama, tokeni
     ("spec", "message"),
     [
         ("minference:recall=1.5", "recall must be a number in"),
+        ("minference:recall=-0.1", "recall must be a number in"),
         ("minference:local=0", "local must be an integer >= 1"),
         ("minference:calibration=16", "calibration must be an integer >= 1024"),
         ("minference:shapes=x", "unknown parameter"),
@@ -217,6 +237,7 @@ def test_duo_composes_with_quantization_and_batches(llama, tokenizer):
     ("spec", "message"),
     [
         ("duo:retrieval=1.5", "retrieval must be a number in"),
+        ("duo:retrieval=-0.5", "retrieval must be a number in"),
         ("duo:window=0", "window must be an integer >= 1"),
         ("duo:calibration=100", "calibration must be an integer >= 1024"),
     ],
@@ -224,3 +245,28 @@ def test_duo_composes_with_quantization_and_batches(llama, tokenizer):
 def test_bad_duo_settings_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         cl.method(spec)
+
+
+def test_a_duo_profile_for_another_model_or_without_scores_is_refused(llama, tokenizer, tmp_path):
+    method = cl.method(DUO)
+    method.bind(llama, tokenizer)
+    path = profile_path("duo", model_digest(llama), method.settings())
+    with pytest.raises(ProfileError, match="measured on another model"):
+        cl.method(f"{DUO},profile={path}").bind(tiny_model("llama", seed=1), tokenizer)
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    body["data"] = {"tokens": 1}  # a well-formed file that holds no scores
+    empty = tmp_path / "empty.json"
+    save_profile(empty, "duo", body["model"], body["settings"], body["data"])
+    with pytest.raises(ProfileError, match="holds no per-layer 'scores' list"):
+        cl.method(f"{DUO},profile={empty}").bind(llama, tokenizer)
+
+
+def test_the_model_digest_sees_a_change_in_any_layer(llama):
+    """A fine-tune that leaves the embeddings alone (a merged LoRA on one projection) is another model."""
+    other = tiny_model("llama")
+    assert model_digest(other) == model_digest(llama)
+    with torch.no_grad():
+        other.model.layers[-1].self_attn.q_proj.weight.mul_(1.5)
+    assert model_digest(other) != model_digest(llama)
+    assert model_digest(tiny_model("llama", dtype=torch.bfloat16)) == model_digest(llama)  # same weights

@@ -31,13 +31,14 @@ import torch
 import transformers
 
 from contextlab.engine.steps import Prefilled
+from contextlab.fingerprint import weights_digest
 from contextlab.hf.cache import ContextlabCache, ContextlabLayer
 from contextlab.hf.compat import text_config
 from contextlab.hf.rope import native_window
 from contextlab.methods.spec import build_method
 
 MAGIC = b"CONTEXTLAB-KV\x00\x00\x00"
-VERSION = 1
+VERSION = 2  # 2: the weights digest samples every parameter (contextlab.fingerprint)
 PREAMBLE = struct.Struct("<16sIQQ32s")
 SLIDING_ATTRS = ("cumulative_length", "is_initialized")
 CONFIG_FIELDS = ("model_type", "num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size")
@@ -138,13 +139,6 @@ def config_fingerprint(config) -> dict:
     items = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE and not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
     return {"digest": digest, **{k: getattr(cfg, k, None) for k in CONFIG_FIELDS}}
-
-
-def weights_digest(model) -> str:
-    """A digest of the input embeddings (cheap; tells two checkpoints of one architecture apart)."""
-    weight = model.get_input_embeddings().weight.detach()
-    sample = weight.flatten()[: 1 << 16].float().cpu().numpy().tobytes()
-    return hashlib.sha256(sample + str(tuple(weight.shape)).encode()).hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:

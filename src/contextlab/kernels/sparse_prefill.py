@@ -92,12 +92,10 @@ def reference_prefill(
     pattern: PrefillPattern,
     scaling: float,
     chunk: int = 1024,
-    pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, Tq, D]`` attention of ``query`` (the last ``Tq`` columns) over ``key``/``value [B, Hkv, S,
-    D]`` under ``pattern``'s token mask, ``chunk`` queries at a time (dense SDPA with a boolean mask).
-    ``pad [B]``: leading padding columns per row (left padding): a row's positions start after them, its
-    padding is never read, and a query that is padding itself gets zeros."""
+    D]`` under ``pattern``'s token mask, ``chunk`` queries at a time (dense SDPA with a boolean mask). A query
+    that reads no key gets zeros."""
     _b, hq, tq, _d = query.shape
     s = key.shape[2]
     group = hq // key.shape[1]
@@ -105,24 +103,11 @@ def reference_prefill(
     out = torch.empty_like(query)
     for start in range(0, tq, chunk):
         stop = min(start + chunk, tq)
-        if pad is None:
-            mask = token_mask(pattern, stop - start, s, first=s - tq + start).unsqueeze(0)
-        else:
-            mask = torch.stack([_row_mask(pattern, int(p), s - tq + start, stop - start, s) for p in pad])
+        mask = token_mask(pattern, stop - start, s, first=s - tq + start).unsqueeze(0)
         part = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:stop], key, value, attn_mask=mask | ~mask.any(-1, keepdim=True), scale=scaling
         )
         out[:, :, start:stop] = torch.where(mask.any(-1, keepdim=True), part, 0.0)
-    return out
-
-
-def _row_mask(pattern: PrefillPattern, pad: int, first: int, count: int, kv_len: int) -> torch.Tensor:
-    """``[H, count, kv_len]`` mask of one left-padded row: columns ``first ..`` are queries, positions start
-    at column ``pad``."""
-    positions = torch.arange(first - pad, first - pad + count, device=pattern.dense.device)
-    inside = token_mask(pattern, count, kv_len - pad, positions=positions.clamp(min=0))
-    out = inside.new_zeros(pattern.heads, count, kv_len)
-    out[:, :, pad:] = inside & (positions >= 0).view(1, -1, 1)
     return out
 
 
@@ -204,22 +189,41 @@ def flex_prefill(
     scaling: float,
     compiled: bool = True,
 ) -> torch.Tensor:
-    """Same result as :func:`reference_prefill`, computing only the active tiles with flex attention."""
+    """Same result as :func:`reference_prefill`, computing only the active tiles with flex attention.
+
+    Compiled flex attention is specialised to its input shapes, so queries and keys are padded at the end to a
+    power of two (:func:`bucket`): prompts of many lengths share a few compiled kernels. Padded tiles are
+    never active, so they cost no attention; padded queries are dropped from the output."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    b, hq, tq, _ = query.shape
+    b, hq, tq, _d = query.shape
     s = key.shape[2]
+    tq_pad, s_pad = (bucket(tq), bucket(s)) if compiled else (tq, s)
     full = full_blocks(pattern, tq, s)  # [H, QT, KT]: no mask to evaluate
     partial = active_blocks(pattern, tq, s) & ~full
+    tiles = (tq_pad // FLEX_BLOCK - full.shape[1], s_pad // FLEX_BLOCK - full.shape[2]) if compiled else (0, 0)
+    full, partial = (torch.nn.functional.pad(t, (0, tiles[1], 0, tiles[0])) for t in (full, partial))
     block_mask = BlockMask.from_kv_blocks(
         *_kv_blocks(partial, b),
         *_kv_blocks(full, b),
         BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=_mask_mod(pattern, s - tq, s),
-        seq_lengths=(tq, s),
+        mask_mod=_mask_mod(pattern, s - tq, s_pad),
+        seq_lengths=(tq_pad, s_pad),
     )
-    attend = (_compiled_flex() or flex_attention) if compiled else flex_attention
-    return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=hq != key.shape[1])
+    q, k, v = (_pad_rows(t, n) for t, n in ((query, tq_pad), (key, s_pad), (value, s_pad)))
+    attend = _FLEX if compiled else flex_attention
+    out = attend(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=hq != key.shape[1])
+    return out[:, :, :tq]
+
+
+def bucket(length: int) -> int:
+    """The padded length compiled flex attention runs at: the next power of two, at least one tile."""
+    return max(FLEX_BLOCK, 1 << (length - 1).bit_length())
+
+
+def _pad_rows(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t [B, H, L, D]`` padded with zero rows to ``length``."""
+    return t if t.shape[2] == length else torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2]))
 
 
 def _kv_blocks(tiles: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,18 +236,26 @@ def _kv_blocks(tiles: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _mask_mod(pattern: PrefillPattern, offset: int, kv_len: int):
-    """The token mask as flex attention's ``mask_mod``. Absent parts become all-False tables, so every pattern
-    of one shape shares one compiled kernel (the closure's structure, not its values, decides recompiles)."""
+    """The token mask as flex attention's ``mask_mod`` over ``kv_len`` key columns (queries at ``offset`` +
+    their index). Absent parts become all-False tables and the offset a tensor, so every pattern of one shape
+    shares one compiled kernel (the closure's tensor shapes, not their values, decide recompiles)."""
     h, device, bs = pattern.heads, pattern.dense.device, pattern.block
     nb = math.ceil(kv_len / bs)
-    none = torch.zeros(h, kv_len, dtype=torch.bool, device=device)
-    vertical = none if pattern.vertical is None else pattern.vertical[:, :kv_len]
-    slash = none if pattern.slash is None else pattern.slash[:, :kv_len]
-    blocks = pattern.blocks[:, :nb, :nb] if pattern.blocks is not None else none.new_zeros(h, nb, nb)
+
+    def table(t: torch.Tensor | None) -> torch.Tensor:  # [H, S] padded (or cut) to kv_len columns
+        t = torch.zeros(h, kv_len, dtype=torch.bool, device=device) if t is None else t[:, :kv_len]
+        return _pad_to(t, kv_len)
+
+    vertical, slash = table(pattern.vertical), table(pattern.slash)
+    blocks = torch.zeros(h, nb, nb, dtype=torch.bool, device=device)
+    if pattern.blocks is not None:
+        given = pattern.blocks[:, :nb, :nb]
+        blocks[:, : given.shape[1], : given.shape[2]] = given
     dense, sink, window = pattern.dense, pattern.sink, pattern.window
+    start = torch.tensor(offset, device=device)
 
     def mask_mod(b, head, q_idx, kv_idx):
-        position = q_idx + offset
+        position = q_idx + start
         distance = position - kv_idx
         seen = dense[head] | (kv_idx < sink[head]) | (distance < window[head])
         seen = seen | vertical[head, kv_idx.clamp(max=kv_len - 1)]
@@ -254,41 +266,101 @@ def _mask_mod(pattern: PrefillPattern, offset: int, kv_len: int):
     return mask_mod
 
 
-@functools.cache
-def _compiled_flex():
-    """flex attention compiled once per process, or None when this machine cannot compile it (a CPU needs a
-    C++ compiler)."""
-    from torch.nn.attention.flex_attention import flex_attention
+class FlexUnavailable(RuntimeError):
+    """Compiled flex attention cannot run here (no compiler, or a compiler failure)."""
 
+
+class _CompiledFlex:
+    """flex attention compiled once per process, used while it can stay compiled.
+
+    ``torch.compile`` keeps one specialised kernel per input signature and, past its recompile limit, runs the
+    function eagerly, which for flex attention means materializing every score (tens of GB at 32K tokens).
+    So the signatures compiled so far are counted (:meth:`admits`), and a machine that cannot compile (a CPU
+    needs a C++ compiler) is found out once, with a warning."""
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.broken = False
+        self.signatures: set[tuple] = set()
+
+    def admits(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> bool:
+        """Whether a call at these shapes may run compiled: it reuses a kernel, or one more fits the limit."""
+        if self.broken:
+            return False
+        b, hq, tq, d = query.shape
+        signature = (b, hq, bucket(tq), d, key.shape[1], bucket(key.shape[2]), query.dtype, str(query.device), scaling)
+        if signature in self.signatures:
+            return True
+        if len(self.signatures) + 1 >= _recompile_limit():
+            _warn_once("flex attention has been compiled for as many input shapes as torch.compile allows")
+            return False
+        self.signatures.add(signature)
+        return True
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if self.broken:
+            raise FlexUnavailable("flex attention could not be compiled on this machine")
+        if self.compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self.compiled = torch.compile(flex_attention, dynamic=False)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as error:  # a compiler failure: this process stops trying to compile
+            if not _is_compile_error(error):
+                raise
+            self.broken = True
+            _warn_once(f"flex attention could not be compiled ({type(error).__name__})")
+            raise FlexUnavailable(str(error)) from error
+
+
+def _is_compile_error(error: Exception) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    name = type(error).__name__
+    return isinstance(error, BackendCompilerFailed) or "Compile" in name or "Inductor" in name
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"{reason}; sparse prefill runs the dense masked reference instead (same result, no speed-up)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+_FLEX = _CompiledFlex()
+
+
+def compiled_flex_available() -> bool:
+    """Whether compiled flex attention runs on this machine (compiles one tiny case the first time)."""
+    q = torch.zeros(1, 1, FLEX_BLOCK, 16)
+    if not _FLEX.admits(q, q, 1.0):
+        return False
     try:
-        compiled = torch.compile(flex_attention, dynamic=False)
-        q = torch.zeros(1, 1, FLEX_BLOCK, 16)
-        compiled(q, q, q)
-        return compiled
-    except Exception as error:  # any compiler failure: the caller falls back to the reference
-        warnings.warn(
-            f"flex attention could not be compiled ({type(error).__name__}); sparse prefill runs the dense masked "
-            "reference (same result, no speed-up)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        flex_prefill(q, q, q, PrefillPattern.streaming(1, 1, 1), 1.0)
+    except FlexUnavailable:
+        return False
+    return True
 
 
 def sparse_prefill(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    pattern: PrefillPattern,
-    scaling: float,
-    pad: torch.Tensor | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: PrefillPattern, scaling: float
 ) -> torch.Tensor:
     """The pattern's attention by the fastest correct route here: compiled flex attention, else the chunked
-    dense masked reference (eager flex attention would materialize the whole score matrix). Left-padded
-    rows (``pad [B]`` leading padding columns, see :func:`reference_prefill`) take the reference."""
-    if _compiled_flex() is None or (pad is not None and bool(pad.any())):
-        return reference_prefill(query, key, value, pattern, scaling, pad=pad)
-    return flex_prefill(query, key, value, pattern, scaling)
+    dense masked reference (eager flex attention would materialize the whole score matrix)."""
+    if _FLEX.admits(query, key, scaling):
+        try:
+            return flex_prefill(query, key, value, pattern, scaling)
+        except FlexUnavailable:
+            pass
+    return reference_prefill(query, key, value, pattern, scaling)
 
 
 # -- online index estimation (MInference) -----------------------------------------------------------------

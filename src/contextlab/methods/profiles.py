@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from contextlab.errors import ContextlabError
+from contextlab.fingerprint import weights_digest
 from contextlab.methods.base import Method
 from contextlab.methods.policy import LayerPolicy, Step
 from contextlab.store import DenseStore
@@ -35,14 +36,11 @@ def profile_folder() -> Path:
 
 
 def model_digest(model) -> str:
-    """Architecture and weights (a sample of the input embeddings and of the last layer) in one digest."""
+    """Architecture and weights in one short digest (:func:`contextlab.fingerprint.weights_digest`)."""
     config = model.config
     parts = [getattr(config, name, None) for name in ("model_type", "num_hidden_layers", "num_attention_heads")]
-    sample = [model.get_input_embeddings().weight, next(reversed(list(model.parameters())))]
     hasher = hashlib.sha256(json.dumps(parts, default=str).encode())
-    for weight in sample:
-        hasher.update(weight.detach().flatten()[: 1 << 16].float().cpu().numpy().tobytes())
-        hasher.update(str(tuple(weight.shape)).encode())
+    hasher.update(weights_digest(model).encode())
     return hasher.hexdigest()[:16]
 
 

@@ -10,12 +10,12 @@ the shape's indices online from the prompt's last queries. Here:
   and each candidate shape (A-shape; vertical-slash and block-sparse with indices estimated as at run time)
   is scored by its *recall*, the share of that attention it keeps. A head takes its best shape, or stays
   dense when no shape recalls ``recall`` of its attention (the paper has no dense fallback; it makes
-  ``recall=1`` exactly full attention).
+  ``recall=1`` exactly full attention: every head stays dense, whatever a float sum of recall says).
 - **Online** (:class:`MInferencePolicy`): a prompt forward of at least ``min_length`` cached tokens computes
   each layer's attention with the heads' shapes (:mod:`contextlab.kernels.sparse_prefill`: compiled flex
-  attention over the active tiles, or the dense masked reference where compiling is impossible or rows
-  are left-padded: a row's shapes are placed at its own positions). Decode steps, short prompts, and
-  prompts whose rows have gaps (after an eviction) are read densely.
+  attention over the active tiles, or the dense masked reference where compiling is impossible); each
+  left-padded row of a batch is computed alone, so its shapes sit at its own positions. Decode steps, short
+  prompts, and prompts whose slots were evicted or moved are read densely.
 """
 
 from __future__ import annotations
@@ -48,7 +48,14 @@ from contextlab.methods.base import (
     param,
 )
 from contextlab.methods.policy import LayerPolicy, Step
-from contextlab.methods.profiles import capture_prompt, load_profile, model_digest, profile_path, save_profile
+from contextlab.methods.profiles import (
+    ProfileError,
+    capture_prompt,
+    load_profile,
+    model_digest,
+    profile_path,
+    save_profile,
+)
 from contextlab.store import DenseStore
 
 SHAPES = ("dense", "a_shape", "vertical_slash", "block_sparse")
@@ -94,7 +101,7 @@ class MInference(Method):
         searched now (and saved there)."""
         if self.shapes is not None:
             return self
-        return self.with_shapes(_bound_profile(self, model, tokenizer, search_patterns)["shapes"])
+        return self.with_shapes(_bound_profile(self, model, tokenizer, search_patterns, "shapes"))
 
     def with_shapes(self, shapes) -> MInference:
         """A copy holding the head shapes of each full-attention layer, in order."""
@@ -129,19 +136,19 @@ class MInferencePolicy(LayerPolicy):
                 "minference has no per-head shapes for this model: run it through contextlab.generate / prefill / "
                 "Session (they profile the model first) or pass profile=<file from `contextlab profile`>"
             )
-        if all(shape == "dense" for shape in self.shapes) or store.split:
+        if all(shape == "dense" for shape in self.shapes):
             return None
-        g = store.groups[0]
-        pad = left_padding(g.used_valid())
-        if pad is False:
-            return None  # gaps inside a row (evicted or chunked): read densely (see the module docstring)
         heads = step.queries.shape[1]
         if len(self.shapes) != heads:
             raise ValueError(f"minference: the profile has {len(self.shapes)} heads here, the layer has {heads}")
-        keys, values = g.used()
-        pattern = online_pattern(self.method, self.shapes, step.queries, keys, step.scaling)
-        self.sparse_forwards += 1
-        return sparse_prefill(step.queries, keys, values, pattern, step.scaling, pad)
+
+        def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            pattern = online_pattern(self.method, self.shapes, queries, keys, step.scaling)
+            return sparse_prefill(queries, keys, values, pattern, step.scaling)
+
+        out = each_row(store, step, attend)
+        self.sparse_forwards += out is not None
+        return out
 
 
 def online_pattern(
@@ -208,7 +215,8 @@ def head_shapes(method: MInference, queries: torch.Tensor, keys: torch.Tensor, s
     names = list(candidates)
     for head in range(h):
         value = float(table[best[head], head])
-        shapes.append(names[int(best[head])] if value >= method.recall and not math.isnan(value) else "dense")
+        sparse = value >= method.recall and method.recall < 1.0 and not math.isnan(value)
+        shapes.append(names[int(best[head])] if sparse else "dense")
         recalls.append(round(value, 4))
     return shapes, recalls
 
@@ -257,8 +265,7 @@ class DuoAttention(Method):
     def bind(self, model, tokenizer) -> DuoAttention:
         if self.streaming is not None:
             return self
-        data = _bound_profile(self, model, tokenizer, score_heads)
-        return self.with_scores(data["scores"])
+        return self.with_scores(_bound_profile(self, model, tokenizer, score_heads, "scores"))
 
     def with_scores(self, scores) -> DuoAttention:
         """A copy whose streaming heads are the ``1 - retrieval`` share of KV heads scoring lowest."""
@@ -281,16 +288,20 @@ class DuoAttention(Method):
         return DuoPolicy(self, None if self.streaming is None else self.streaming[layer_idx])
 
 
-def _bound_profile(method, model, tokenizer, measure) -> dict:
-    """The profile ``data`` of ``method`` on ``model``: from ``profile=``, from the profile folder, or
-    measured now by ``measure(model, tokenizer, method)`` and saved there."""
+def _bound_profile(method, model, tokenizer, measure, field: str) -> list[list]:
+    """The per-layer ``field`` of ``method``'s profile on ``model``: from ``profile=``, from the profile
+    folder, or measured now by ``measure(model, tokenizer, method)`` and saved there."""
     digest = model_digest(model)
     path = Path(method.profile) if method.profile else profile_path(method.name, digest, method.settings())
     if method.profile or path.exists():
-        return load_profile(path, method.name, digest, method.settings())
-    data = measure(model, tokenizer, method)
-    save_profile(path, method.name, digest, method.settings(), data)
-    return data
+        data = load_profile(path, method.name, digest, method.settings())
+    else:
+        data = measure(model, tokenizer, method)
+        save_profile(path, method.name, digest, method.settings(), data)
+    layers = data.get(field) if isinstance(data, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(x, list) for x in layers):
+        raise ProfileError(f"{path} holds no per-layer {field!r} list; measure it again (contextlab profile --force)")
+    return layers
 
 
 class DuoPolicy(LayerPolicy):
@@ -310,20 +321,19 @@ class DuoPolicy(LayerPolicy):
         return self.streaming
 
     def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
-        if step.phase == "decode" or step.tokens == 1 or not any(self._heads()) or store.split:
-            return None
-        g = store.groups[0]
-        pad = left_padding(g.used_valid())
-        if pad is False:
-            return None  # gaps inside a row: dense prompt attention, the cut below still applies
+        if step.phase == "decode" or step.tokens == 1 or not any(self._heads()):
+            return None  # (rows with gaps read densely too: see each_row; the cut below still applies)
         m = self.method
         hq = step.queries.shape[1]
+        if len(self.streaming) != store.num_heads:
+            raise ValueError(
+                f"duo: the profile has {len(self.streaming)} KV heads here, the layer has {store.num_heads}"
+            )
         group = hq // len(self.streaming)
         stream = torch.tensor(self.streaming, device=step.queries.device).repeat_interleave(group)
         sink, window = torch.where(stream, m.sink, 0).long(), torch.where(stream, m.window, 0).long()
         pattern = PrefillPattern(~stream, sink, window)
-        keys, values = g.used()
-        return sparse_prefill(step.queries, keys, values, pattern, step.scaling, pad)
+        return each_row(store, step, lambda q, k, v: sparse_prefill(q, k, v, pattern, step.scaling))
 
     def after_forward(self, store: DenseStore, step: Step) -> None:
         if not any(self._heads()):
@@ -356,6 +366,32 @@ class DuoPolicy(LayerPolicy):
         width = int(keep.sum(-1).max())
         indices = (~keep).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]
         store.keep(indices, keep.gather(-1, indices), headroom=m.every)
+
+
+def each_row(store: DenseStore, step: Step, attend) -> torch.Tensor | None:
+    """The prompt forward's attention ``[B, Hq, Tq, D]`` by ``attend(queries, keys, values)``, run on the whole
+    batch when no row is padded, else on each left-padded row alone with its padding dropped (so a row's
+    estimated indices and shapes sit at its own positions, and a batch answers like its rows alone; padding
+    queries get zeros). None (read densely) when the store's columns are not its rows' positions: heads
+    stored apart, or slots evicted or moved (explicit positions, or gaps inside a row)."""
+    if store.split or store.keeps_positions:
+        return None
+    g = store.groups[0]
+    pad = left_padding(g.used_valid())
+    if pad is False:
+        return None
+    keys, values = g.used()
+    queries = step.queries
+    if pad is None:
+        return attend(queries, keys, values)
+    out = queries.new_zeros(queries.shape)
+    first = keys.shape[2] - queries.shape[2]  # store column of the first query
+    for row, columns in enumerate(pad.tolist()):
+        start = max(0, columns - first)  # the row's first real query
+        if start < queries.shape[2]:
+            one = slice(row, row + 1)
+            out[one, :, start:] = attend(queries[one, :, start:], keys[one, :, columns:], values[one, :, columns:])
+    return out
 
 
 def left_padding(valid: torch.Tensor | None) -> torch.Tensor | bool | None:
