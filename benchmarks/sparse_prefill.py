@@ -140,8 +140,8 @@ def main() -> None:
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section == "accuracy":
-            for task in TASKS:
-                for length in args.lengths:
+            for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
+                for task in TASKS:
                     cases = items(tok, task, length, args.samples)
                     for spec in METHODS:
                         cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
