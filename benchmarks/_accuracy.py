@@ -28,8 +28,13 @@ class Cell:
     seconds: float
 
     def row(self) -> list[str]:
-        stat = interval(self.scores)
-        return [self.label, f"{stat.mean:.2f}", f"[{stat.low:.2f}, {stat.high:.2f}]", str(len(self.scores))]
+        return [self.label, *score_columns(self.scores)]
+
+
+def score_columns(scores: Sequence[float], note: str = "") -> list[str]:
+    """A table's accuracy columns: the mean (``note`` after it), the Wilson 95% interval, and n."""
+    stat = interval(scores)
+    return [f"{stat.mean:.2f}{note}", f"[{stat.low:.2f}, {stat.high:.2f}]", str(len(scores))]
 
 
 def samples(

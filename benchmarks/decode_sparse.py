@@ -37,12 +37,11 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from benchmarks._accuracy import CellStore, markdown, samples
+from benchmarks._accuracy import CellStore, markdown, samples, score_columns
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
-from contextlab.bench.report import interval
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "decode_sparse.json"
@@ -152,16 +151,13 @@ def accuracy_table(store: dict, section: str) -> str:
         name, task, length, spec = key.split("|")
         if name != section:
             continue
-        stat = interval(r["scores"])
         extra = f" (turns: {', '.join(f'{x:.2f}' for x in r['by_turn'])})" if "by_turn" in r else ""
         rows.append(
             [
                 task,
                 length,
                 spec,
-                f"{stat.mean:.2f}{extra}",
-                f"[{stat.low:.2f}, {stat.high:.2f}]",
-                str(len(r["scores"])),
+                *score_columns(r["scores"], extra),
                 f"{r['seconds']:.1f}",
                 f"{r['read_bytes'] / 2**20:.2f}",
             ]

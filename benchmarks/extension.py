@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import markdown, samples
+from benchmarks._accuracy import markdown, samples, score_columns
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
-from contextlab.bench.report import interval
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "extension.json"
@@ -203,14 +202,11 @@ def report(store: dict, args) -> str:
             if "skipped" in r:
                 rows.append([length, spec, "—", "—", "0", "—", "—", r["skipped"]])
                 continue
-            stat = interval(r["scores"])
             rows.append(
                 [
                     length,
                     spec,
-                    f"{stat.mean:.2f}",
-                    f"[{stat.low:.2f}, {stat.high:.2f}]",
-                    str(len(r["scores"])),
+                    *score_columns(r["scores"]),
                     f"{r['prefill_s']:.1f}",
                     f"{r['peak_kv_mib']:.0f}",
                     "",

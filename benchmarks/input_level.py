@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import markdown, samples
+from benchmarks._accuracy import markdown, samples, score_columns
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
-from contextlab.bench.report import interval
 from contextlab.strategies import Strategy, build
 
 RESULTS = Path(__file__).parent / "results"
@@ -157,7 +156,6 @@ def table(store: dict, section: str) -> str:
         if "skipped" in r:
             rows.append([task, length, spec, "cannot run", "-", "-", "-", "-", "-", "-", "-", r["skipped"] + " window"])
             continue
-        stat = interval(r["scores"])
         routes = (
             ", ".join(f"{k} x{v}" for k, v in r["routes"].items()) if r["routes"] != {"-": len(r["scores"])} else "-"
         )
@@ -166,9 +164,7 @@ def table(store: dict, section: str) -> str:
                 task,
                 length,
                 spec,
-                f"{stat.mean:.2f}",
-                f"[{stat.low:.2f}, {stat.high:.2f}]",
-                str(len(r["scores"])),
+                *score_columns(r["scores"]),
                 f"{r['calls']:.1f}",
                 f"{r['tokens']:.0f}",
                 f"{r['prefill_s']:.1f}",

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from benchmarks._accuracy import markdown
+from benchmarks._accuracy import markdown, score_columns
 from benchmarks._machine import cpu_name
 from benchmarks.extension import depth_samples
 
@@ -615,13 +615,10 @@ def report_needle(store: Store, length: int, n: int) -> list[str]:
     rows = []
     for key in keys:
         r = store[key]
-        stat = interval(r["scores"])
         rows.append(
             [
                 f"`{key.split('|')[3]}`",
-                f"{stat.mean:.2f}",
-                f"[{stat.low:.2f}, {stat.high:.2f}]",
-                str(len(r["scores"])),
+                *score_columns(r["scores"]),
                 f"{r['prefill_s']:.2f}",
                 f"{r['kv_ratio_fp32']:.4f}",
                 f"{r['kv_mib']:.1f}",

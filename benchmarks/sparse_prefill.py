@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import CellStore, markdown, samples
+from benchmarks._accuracy import CellStore, markdown, samples, score_columns
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
-from contextlab.bench.report import interval
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "sparse_prefill.json"
@@ -82,15 +81,12 @@ def accuracy_table(store: dict) -> str:
         section, task, length, spec = key.split("|")
         if section != "accuracy":
             continue
-        stat = interval(r["scores"])
         rows.append(
             [
                 task,
                 length,
                 spec,
-                f"{stat.mean:.2f}",
-                f"[{stat.low:.2f}, {stat.high:.2f}]",
-                str(len(r["scores"])),
+                *score_columns(r["scores"]),
                 f"{r['kv_share']:.2f}",
                 f"{r['seconds']:.1f}",
             ]
