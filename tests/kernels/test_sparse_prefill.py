@@ -15,12 +15,14 @@ from contextlab.kernels.sparse_prefill import (
     PrefillPattern,
     _CompiledFlex,
     active_blocks,
+    band_prefill,
     bucket,
     compiled_flex_available,
     estimate_blocks,
     estimate_vertical_slash,
     flex_prefill,
     full_blocks,
+    head_routes,
     reference_prefill,
     sparse_prefill,
     token_mask,
@@ -217,3 +219,57 @@ def test_block_estimation_keeps_the_diagonal_and_at_most_its_budget_per_row():
     assert bool(blocks.diagonal(dim1=1, dim2=2).all())
     assert not bool(blocks.triu(1).any())  # causal
     assert int(blocks.sum(-1).max()) <= 3
+
+
+def _mixed_pattern(gen: torch.Generator, hq: int, s: int) -> PrefillPattern:
+    """Dense heads, A-shape heads (two different settings) and heads with columns, diagonals and blocks."""
+    kind = torch.arange(hq) % 4  # 0 dense, 1 and 2 A-shapes, 3 masked
+    nb = math.ceil(s / 64)
+    masked = (kind == 3).view(-1, 1)
+    return PrefillPattern(
+        dense=kind == 0,
+        sink=torch.where(kind == 1, 3, torch.where(kind == 2, 0, 2)),
+        window=torch.where(kind == 1, 17, torch.where(kind == 2, s // 3 + 1, 5)),
+        vertical=(torch.rand(hq, s, generator=gen) < 0.05) & masked,
+        slash=(torch.rand(hq, s, generator=gen) < 0.05) & masked,
+        blocks=(torch.rand(hq, nb, nb, generator=gen) < 0.1) & masked.view(-1, 1, 1),
+        block=64,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "tq", "s"), [(8, 2, 300, 300), (4, 4, 97, 520), (8, 1, 1, 130), (4, 2, 600, 600)]
+)
+def test_heads_split_by_route_give_the_reference(hq, hkv, tq, s):
+    """Dense heads through causal SDPA, A-shape heads through the band routine, the rest through flex (or the
+    reference): together the same attention as the dense masked reference, for every head."""
+    gen = torch.Generator().manual_seed(hq * tq + s)
+    q, k, v = _qkv(gen, 2, hq, hkv, tq, s, 16)
+    pattern = _mixed_pattern(gen, hq, s)
+    routes = head_routes(pattern)
+    assert routes["dense"] == list(range(0, hq, 4)) and routes["mask"] == list(range(3, hq, 4))
+    assert routes["band:3,17"] == list(range(1, hq, 4)) and routes[f"band:0,{s // 3 + 1}"] == list(range(2, hq, 4))
+    expected = reference_prefill(q, k, v, pattern, 0.25, chunk=64)
+    torch.testing.assert_close(sparse_prefill(q, k, v, pattern, 0.25), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("sink", "window", "tq", "s"), [(4, 16, 300, 300), (0, 1, 50, 50), (40, 3, 77, 200), (2, 900, 300, 300)]
+)
+def test_the_band_routine_is_an_a_shape(sink, window, tq, s):
+    gen = torch.Generator().manual_seed(sink + window + s)
+    q, k, v = _qkv(gen, 1, 3, 3, tq, s, 8)
+    pattern = PrefillPattern.streaming(3, sink, window)
+    got = band_prefill(q, k, v, sink, window, 0.5, block=32)
+    torch.testing.assert_close(got, reference_prefill(q, k, v, pattern, 0.5), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sink \\+ window must be positive"):
+        band_prefill(q, k, v, 0, 0, 0.5)
+
+
+def test_a_pattern_keeping_some_heads_gives_the_others_nothing_to_read():
+    gen = torch.Generator().manual_seed(4)
+    pattern = _mixed_pattern(gen, 8, 100)
+    kept = pattern.keeping(torch.tensor([3, 7]))
+    mask = token_mask(kept, 100, 100)
+    assert not bool(mask[[0, 1, 2, 4, 5, 6]].any())
+    assert torch.equal(mask[[3, 7]], token_mask(pattern, 100, 100)[[3, 7]])

@@ -10,7 +10,7 @@ sinks and a recent window: the A-shape again. One per-head mask expresses them a
     dense[h]  or  k < sink[h]  or  p - k < window[h]  or  vertical[h, k]  or  slash[h, p - k]
     or  blocks[h, p // block, k // block]
 
-Two ways to compute it, equal up to float rounding:
+Ways to compute it, equal up to float rounding:
 
 - :func:`reference_prefill`: the mask drawn token by token and handed to SDPA, a chunk of queries at a
   time (the correctness reference; no faster than dense).
@@ -18,6 +18,10 @@ Two ways to compute it, equal up to float rounding:
   block level (:func:`active_blocks`), so inactive blocks are never computed. Compiled (``torch.compile``)
   when possible, which is where the speed comes from; eager flex attention materializes the scores and is
   for small shapes only.
+- :func:`sparse_prefill` (what the methods call) routes each head (:func:`head_routes`): dense heads to
+  causal SDPA (:func:`causal_prefill`), heads that read only sinks and a window to :func:`band_prefill`
+  (each block of queries reads the sinks and the keys its band spans: SDPA's speed on a short band), and the
+  rest to compiled flex attention, or the reference where it cannot be compiled.
 
 The indices are estimated online from the prompt itself (:func:`estimate_vertical_slash`,
 :func:`estimate_blocks`), as MInference does with the last queries.
@@ -53,6 +57,25 @@ class PrefillPattern:
     @property
     def heads(self) -> int:
         return self.dense.shape[0]
+
+    def keeping(self, heads: torch.Tensor) -> PrefillPattern:
+        """This pattern for the query heads ``heads`` (indices); every other head reads nothing."""
+        keep = torch.zeros_like(self.dense)
+        keep[heads.to(self.dense.device)] = True
+
+        def only(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t & keep.view(-1, *([1] * (t.dim() - 1)))
+
+        zero = torch.zeros_like(self.sink)
+        return PrefillPattern(
+            self.dense & keep,
+            torch.where(keep, self.sink, zero),
+            torch.where(keep, self.window, zero),
+            only(self.vertical),
+            only(self.slash),
+            only(self.blocks),
+            self.block,
+        )
 
     @classmethod
     def streaming(cls, heads: int, sink: int, window: int, device=None) -> PrefillPattern:
@@ -353,14 +376,116 @@ def compiled_flex_available() -> bool:
 def sparse_prefill(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: PrefillPattern, scaling: float
 ) -> torch.Tensor:
-    """The pattern's attention by the fastest correct route here: compiled flex attention, else the chunked
-    dense masked reference (eager flex attention would materialize the whole score matrix)."""
+    """The pattern's attention by the fastest correct route for each kind of head (:func:`head_routes`):
+    dense heads through causal SDPA, heads that read only sinks and a recent window through
+    :func:`band_prefill`, and the rest through compiled flex attention, else the chunked dense masked
+    reference (eager flex attention would materialize the whole score matrix). The flex call always gets
+    every head (those routed elsewhere with nothing to read, so no tile of theirs is computed): its input
+    shapes, and so its compiled kernel, do not depend on how a layer's heads are split."""
+    routes = head_routes(pattern)
+    masked = routes.pop("mask", None)
+    if masked is not None and not routes:
+        return _masked_prefill(query, key, value, pattern, scaling)
+    if masked is not None:
+        out = _masked_prefill(query, key, value, pattern.keeping(torch.tensor(masked)), scaling)
+    else:
+        out = torch.empty_like(query)
+    group = query.shape[1] // key.shape[1]
+    for route, heads in routes.items():
+        index = torch.tensor(heads, device=query.device)
+        q = query.index_select(1, index)
+        k, v = (t.index_select(1, index // group) for t in (key, value))  # one KV head per query head
+        if route == "dense":
+            part = causal_prefill(q, k, v, scaling)
+        else:
+            part = band_prefill(q, k, v, int(pattern.sink[heads[0]]), int(pattern.window[heads[0]]), scaling)
+        out[:, index] = part
+    return out
+
+
+def _masked_prefill(query, key, value, pattern: PrefillPattern, scaling: float) -> torch.Tensor:
     if _FLEX.admits(query, key, scaling):
         try:
             return flex_prefill(query, key, value, pattern, scaling)
         except FlexUnavailable:
             pass
     return reference_prefill(query, key, value, pattern, scaling)
+
+
+def head_routes(pattern: PrefillPattern) -> dict[str, list[int]]:
+    """Query heads by route: ``dense`` (every causal key), ``band:<sink>,<window>`` (only sinks and a window:
+    an A-shape or a streaming head; one route per pair of values), ``mask`` (anything else)."""
+    extra = torch.zeros_like(pattern.dense)
+    for table in (pattern.vertical, pattern.slash, pattern.blocks):
+        if table is not None:
+            extra = extra | table.flatten(1).any(1)
+    routes: dict[str, list[int]] = {}
+    for head in range(pattern.heads):
+        sink, window = int(pattern.sink[head]), int(pattern.window[head])
+        if bool(pattern.dense[head]):
+            route = "dense"
+        elif bool(extra[head]) or sink + window == 0:
+            route = "mask"
+        else:
+            route = f"band:{sink},{window}"
+        routes.setdefault(route, []).append(head)
+    return routes
+
+
+def causal_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, chunk: int = 1024
+) -> torch.Tensor:
+    """Causal attention of ``query [B, H, Tq, D]`` (the last ``Tq`` columns) over ``key``/``value [B, H, S,
+    D]`` (one KV head per query head): SDPA's causal kernel when ``Tq = S``, else ``chunk`` queries at a time
+    with their causal mask."""
+    tq, s = query.shape[2], key.shape[2]
+    if tq == s:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    out = torch.empty_like(query)
+    for start in range(0, tq, chunk):
+        stop = min(start + chunk, tq)
+        positions = torch.arange(s - tq + start, s - tq + stop, device=query.device).view(-1, 1)
+        mask = torch.arange(s, device=query.device).view(1, -1) <= positions
+        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=mask, scale=scaling
+        )
+    return out
+
+
+def band_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    block: int = 256,
+) -> torch.Tensor:
+    """A-shape attention (the first ``sink`` keys and the ``window`` most recent, causal) of ``query [B, H,
+    Tq, D]`` (the last ``Tq`` columns) over ``key``/``value [B, H, S, D]`` (one KV head per query head),
+    ``block`` queries at a time: each block reads only the sinks and the keys its band spans, so the work
+    grows with ``Tq x (sink + window + block)``, not ``Tq x S``. Equals :func:`reference_prefill` with every
+    head an A-shape of these values. ``sink + window`` must be positive (every query reads a key)."""
+    if sink + window <= 0:
+        raise ValueError("band_prefill: sink + window must be positive")
+    tq, s = query.shape[2], key.shape[2]
+    device = query.device
+    out = torch.empty_like(query)
+    for start in range(0, tq, block):
+        stop = min(start + block, tq)
+        first, end = s - tq + start, s - tq + stop  # positions of the block's queries: [first, end)
+        low = max(0, first - window + 1)  # the oldest key a window of the block reaches
+        sinks = min(sink, low)  # sinks left of the band (the others are in it)
+        columns = torch.cat([torch.arange(sinks, device=device), torch.arange(low, end, device=device)])
+        q_pos = torch.arange(first, end, device=device).view(-1, 1)
+        k_pos = columns.view(1, -1)
+        mask = (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))  # [block, keys]
+        keys = torch.cat([key[:, :, :sinks], key[:, :, low:end]], dim=2)
+        values = torch.cat([value[:, :, :sinks], value[:, :, low:end]], dim=2)
+        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], keys, values, attn_mask=mask, scale=scaling
+        )
+    return out
 
 
 # -- online index estimation (MInference) -----------------------------------------------------------------
