@@ -64,6 +64,17 @@ SPARSE = {
         "minference:min_length=1,sink=4,local=16,vertical=8,slash=8,blocks=2,last=16,recall=0.0,calibration=1024",
     ),
     "duo": ("duo:retrieval=1.0,calibration=1024", "duo:sink=4,window=16,every=4,last=16,calibration=1024"),
+    # sparse prefill under a quantized store, and under a decode-time sparse reader
+    "minference+kivi": (
+        "minference:min_length=1,local=4096,vertical=4096,slash=4096,blocks=64,recall=0.0,calibration=1024"
+        "+kivi:group=16,residual=512",
+        "minference:min_length=1,sink=4,local=16,vertical=8,slash=8,blocks=2,last=16,recall=0.0,calibration=1024"
+        "+kivi:bits=4,group=16,residual=16",
+    ),
+    "duo+quest": (  # every head keeps everything: the reader reads one slot count per layer
+        "duo:retrieval=1.0,calibration=1024+quest:0.0",
+        "duo:retrieval=0.0,sink=4,window=16,every=4,last=16,calibration=1024+quest:budget=16,page=4",
+    ),
     "infllm offloaded": (  # the host is this machine's memory: the same bytes, counted once
         "infllm:budget=4096,block=16,local=64,offload=cpu",
         "infllm:budget=60,block=8,sink=4,local=32,offload=cpu",
@@ -162,15 +173,21 @@ def _prefill_part(method) -> PrefillMethod | None:
     return next((p for p in parts if isinstance(p, PrefillMethod)), None)
 
 
+def _duo_part(method) -> DuoAttention | None:
+    parts = method.parts if isinstance(method, Composite) else (method,)
+    return next((p for p in parts if isinstance(p, DuoAttention)), None)
+
+
 def _expected_counts(method, layer: ContextlabLayer, heads: int, n: int) -> torch.Tensor | None:
     """[H] expected kept counts of a layer after the prompt, or None where AdaKV's rule is checked instead."""
     if isinstance(method, LMInfinite):
         return torch.full((heads,), min(n, method.sink + method.window - 1))
     if isinstance(method, InfiniRetri):
         return torch.full((heads,), min(n, method.keep))
-    if isinstance(method, DuoAttention):  # streaming heads: sink + window; retrieval heads: everything
-        streaming = torch.tensor(method.streaming[layer.layer_idx])
-        return torch.where(streaming, min(n, method.sink + method.window), n)
+    duo = _duo_part(method)
+    if duo is not None:  # streaming heads: sink + window; retrieval heads: everything
+        streaming = torch.tensor(duo.streaming[layer.layer_idx])
+        return torch.where(streaming, min(n, duo.sink + duo.window), n)
     prefill = _prefill_part(method)
     if prefill is None or not prefill.compresses:
         return torch.full((heads,), n)
@@ -196,7 +213,8 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
     evicted = (_prefill_part(method) is not None and _prefill_part(method).compresses) or isinstance(
         method, (LMInfinite, InfiniRetri)
     )
-    evicted = evicted or (isinstance(method, DuoAttention) and method.compresses)
+    duo = _duo_part(method)
+    evicted = evicted or (duo is not None and duo.compresses)
     expected_bytes = 0
     for layer, kept in zip(cache_layers, out.kept_positions, strict=True):
         assert kept.shape[:2] == (1, model.config.num_key_value_heads)
@@ -209,7 +227,7 @@ def test_kept_counts_positions_and_bytes(model, tokenizer, name, budget):
             assert torch.all(counts == min(n, model.config.sliding_window - 1)), "sliding layers untouched"
             expected_bytes += 2 * int(counts.sum()) * head_dim * itemsize
             continue
-        cut = evicted and (not isinstance(method, DuoAttention) or any(method.streaming[layer.layer_idx]))
+        cut = evicted and (duo is None or any(duo.streaming[layer.layer_idx]))
         expected_bytes += sum(_head_bytes(method, int(c), head_dim, itemsize, cut) for c in counts)
         expected_bytes += sum(_read_selection_bytes(method, layer, int(c), head_dim, itemsize) for c in counts)
         expected_bytes += _zipcache_seen_bytes(method, counts)

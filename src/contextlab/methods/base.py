@@ -113,6 +113,11 @@ class Method:
         token; its ``budget`` counts tokens read, not kept)."""
         return False
 
+    @property
+    def splits_heads(self) -> bool:
+        """True when the KV heads of one layer may keep different numbers of tokens (per-head storage)."""
+        return False
+
     def prefill_chunk_size(self) -> int | None:
         """Prompt tokens fed per forward (None = the whole prompt at once)."""
         return None

@@ -39,6 +39,14 @@ class Composite(Method):
                 f"{rotating[0].describe()!r} rotates stored keys with the model's own RoPE, which "
                 f"{rescaling[0].describe()!r} changes for the call; they cannot be composed"
             )
+        splitting = [p for p in self.parts if p.splits_heads]
+        readers = [p for p in self.parts if p.sparse_reads]
+        if splitting and readers:
+            raise ValueError(
+                f"{readers[0].describe()!r} reads caches whose KV heads share one slot count, and "
+                f"{splitting[0].describe()!r} keeps a different number of tokens per head; compose the reader "
+                "with a method that keeps the same number in every head (snapkv, pyramidkv, streaming, ...)"
+            )
         for i, first in enumerate(self.parts):
             for second in self.parts[i + 1 :]:
                 shared = first.roles & second.roles

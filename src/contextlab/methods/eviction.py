@@ -329,6 +329,11 @@ class AdaKV(PrefillMethod):
         check_number("alpha", self.alpha, 0.0, 1.0)
         _ = self.scoring  # validates the scorer now, not at the first eviction
 
+    @property
+    def splits_heads(self) -> bool:
+        budget = self.effective_budget
+        return budget is not None and budget.ratio != 0.0  # removing nothing keeps every head whole
+
     @cached_property
     def scoring(self) -> PrefillMethod:
         """The scorer, with this method's budget."""

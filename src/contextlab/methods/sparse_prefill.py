@@ -258,6 +258,10 @@ class DuoAttention(Method):
     def compresses(self) -> bool:
         return self.retrieval < 1.0
 
+    @property
+    def splits_heads(self) -> bool:
+        return 0.0 < self.retrieval < 1.0
+
     def settings(self) -> dict:
         """What the head scores depend on (the retrieval share only reads them)."""
         return {k: getattr(self, k) for k in ("sink", "window", "last", "calibration")}
