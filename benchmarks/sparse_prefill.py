@@ -8,14 +8,14 @@ against full attention, prefill time against SDPA in the same run, and KV bytes.
    the KV bytes held after the prompt.
 2. ``speed``: one prompt of 16K and one of 32K tokens (past the window: only the work is measured, not the
    answer), prefilled by each method; seconds of prefill (median of ``--repeats``) and the ratio to full
-   attention measured in the same run. The first call of each method also measures its profile and
-   compiles flex attention; both are done before timing.
+   attention measured in the same run. Profiles are loaded (or measured) before timing, and one untimed call
+   compiles flex attention for the length (``--no-warmup``: the first timed call includes it, ~5 s).
 
 Profiles go to the profile folder (``$CONTEXTLAB_PROFILES`` or ``~/.cache/contextlab/profiles``); each cell
 is saved to ``benchmarks/results/sparse_prefill.json`` when it finishes and not run again.
 
     PYTHONPATH=. python benchmarks/sparse_prefill.py [--sections accuracy speed] [--samples 40]
-        [--lengths 4096 8192] [--speed-lengths 16384 32768] [--repeats 3] [--threads N]
+        [--lengths 4096 8192] [--speed-lengths 16384 32768] [--repeats 3] [--no-warmup] [--threads N]
 
 Writes benchmarks/results/sparse_prefill.md (and .json).
 """
@@ -62,16 +62,20 @@ def accuracy_cell(model, tok, spec: str, task: str, cases) -> dict:
     return {"scores": scores, "seconds": seconds / len(cases), "kv_share": kv / full}
 
 
-def speed_cell(model, tok, spec: str, case, repeats: int) -> dict:
-    """Prefill seconds (median of ``repeats``) of one long prompt, after one untimed call (profile, compile)."""
+def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
+    """Prefill seconds (median of ``repeats``) of one long prompt. The method's profile is loaded (or
+    measured) first, untimed; with ``warmup`` one untimed call compiles flex attention for this length
+    (full attention needs none), else the first timed call includes that compilation."""
+    method = cl.method(spec).bind(model, tok)
 
     def once() -> float:
-        session = cl.Session(model, tok, case.context_ids, case.question_ids, method=spec, allow_beyond_window=True)
+        session = cl.Session(model, tok, case.context_ids, case.question_ids, method=method, allow_beyond_window=True)
         return session.prefill_seconds
 
-    once()
+    if warmup and spec != "full":
+        once()
     times = [once() for _ in range(repeats)]
-    return {"prefill_s": statistics.median(times), "all_s": times, "tokens": len(case.context_ids)}
+    return {"prefill_s": statistics.median(times), "all_s": times, "tokens": len(case.context_ids), "warmup": warmup}
 
 
 def accuracy_table(store: dict) -> str:
@@ -95,13 +99,15 @@ def accuracy_table(store: dict) -> str:
 
 
 def speed_table(store: dict) -> str:
-    head = ["tokens", "method", "prefill s (median)", "vs full"]
+    head = ["tokens", "method", "prefill s (median)", "runs", "vs full", "compile"]
     cells = [(k.split("|"), r) for k, r in store.items() if k.startswith("speed|")]
     full = {parts[2]: r["prefill_s"] for parts, r in cells if parts[3] == "full"}
     rows = []
     for parts, r in cells:
         base = full.get(parts[2])
-        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", f"{base / r['prefill_s']:.2f}x" if base else "-"])
+        compiled = "-" if parts[3] == "full" else ("before timing" if r.get("warmup", True) else "in the time")
+        speedup = f"{base / r['prefill_s']:.2f}x" if base else "-"
+        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", str(len(r["all_s"])), speedup, compiled])
     return markdown(head, rows)
 
 
@@ -128,6 +134,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--speed-lengths", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-warmup", action="store_true", help="no untimed compile call before the timed ones")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +153,7 @@ def main() -> None:
                 case = items(tok, "niah_single_2", length, 1)[0]
                 for spec in METHODS:
                     key = f"speed|niah_single_2|{length}|{spec}"
-                    cells.run(key, speed_cell, model, tok, spec, case, args.repeats)
+                    cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "sparse_prefill.md"
