@@ -59,7 +59,8 @@ def accuracy_cell(model, tok, spec: str, task: str, cases) -> dict:
         seconds += time.perf_counter() - start
         kv, full = kv + out.kv_bytes, full + out.kv_bytes_full
         scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
-    return {"scores": scores, "seconds": seconds / len(cases), "kv_share": kv / full}
+    threads = torch.get_num_threads()
+    return {"scores": scores, "seconds": seconds / len(cases), "kv_share": kv / full, "threads": threads}
 
 
 def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
@@ -75,11 +76,17 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
     if warmup and spec != "full":
         once()
     times = [once() for _ in range(repeats)]
-    return {"prefill_s": statistics.median(times), "all_s": times, "tokens": len(case.context_ids), "warmup": warmup}
+    return {
+        "prefill_s": statistics.median(times),
+        "all_s": times,
+        "tokens": len(case.context_ids),
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def accuracy_table(store: dict) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "KV held vs full", "s per answer"]
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "KV held vs full", "s per answer", "threads"]
     rows = []
     for key, r in store.items():
         section, task, length, spec = key.split("|")
@@ -93,13 +100,14 @@ def accuracy_table(store: dict) -> str:
                 *score_columns(r["scores"]),
                 f"{r['kv_share']:.2f}",
                 f"{r['seconds']:.1f}",
+                str(r.get("threads", "-")),
             ]
         )
     return markdown(head, rows)
 
 
 def speed_table(store: dict) -> str:
-    head = ["tokens", "method", "prefill s (median)", "runs", "vs full", "compile"]
+    head = ["tokens", "method", "prefill s (median)", "runs", "vs full", "compile", "threads"]
     cells = [(k.split("|"), r) for k, r in store.items() if k.startswith("speed|")]
     full = {parts[2]: r["prefill_s"] for parts, r in cells if parts[3] == "full"}
     rows = []
@@ -107,7 +115,8 @@ def speed_table(store: dict) -> str:
         base = full.get(parts[2])
         compiled = "-" if parts[3] == "full" else ("before timing" if r.get("warmup", True) else "in the time")
         speedup = f"{base / r['prefill_s']:.2f}x" if base else "-"
-        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", str(len(r["all_s"])), speedup, compiled])
+        runs = str(len(r["all_s"]))
+        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", runs, speedup, compiled, str(r.get("threads", "-"))])
     return markdown(head, rows)
 
 
@@ -115,7 +124,9 @@ def report(store: dict, threads: int) -> str:
     return "\n\n".join(
         [
             "# Sparse prefill and head-level hybrids on SmolLM2-135M-Instruct (native window 8192)",
-            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy. "
+            f"CPU: {cpu_name()}, torch {torch.__version__}, bf16 weights; batch 1, greedy; torch threads per cell "
+            "in the tables (cells that ran beside other work have inflated seconds; ratios come from cells run "
+            "side by side). "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
             "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults.",
             "## Accuracy and KV bytes",
