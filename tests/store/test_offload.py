@@ -110,3 +110,29 @@ def test_where_the_cache_already_lives_in_host_memory_the_store_stays_dense_and_
     store.settle()  # decided once: no second warning, still dense
     assert store.groups[0].prefix is None and store.moved_bytes == 0
     assert offload.separate_memory(torch.device("cuda", 0), torch.device("cpu"))
+
+
+def test_only_host_slots_that_are_read_are_copied():
+    """A read plan pads its rows with unused entries: those are never copied from the host."""
+    store, keys, _ = _filled(30)  # 20 slots on the host
+    g = store.groups[0]
+    indices = torch.tensor([0, 1, 2, 25]).expand(B, H, 4)
+    valid = torch.tensor([True, False, False, True]).expand(B, H, 4)
+    before = store.moved_bytes
+    got, _ = g.gather(indices, valid=valid)
+    per_slot = B * H * D * keys.element_size()
+    assert store.moved_bytes - before == 2 * per_slot * 1  # slot 0 (keys and values) for every row and head
+    assert torch.equal(got[:, :, [0, 3]], keys[:, :, [0, 25]])
+
+
+def test_a_saved_offloaded_store_names_the_tensors_that_stay_in_host_memory():
+    store, _, _ = _filled(30)
+    meta, tensors = store.export()
+    held = store.host_held(meta)
+    assert held == {"g0.prefix.keys", "g0.prefix.values"} and held <= set(tensors)
+    dense = OffloadStore(40, 4, None)  # everything resident: nothing on the host
+    keys, values = _tokens(9)
+    dense.reserve(9)
+    dense.append(keys, values)
+    dense.settle()
+    assert dense.host_held(dense.export()[0]) == set()

@@ -96,8 +96,14 @@ def load_cache(path, model, *, tokenizer=None, room: int = 256) -> Prefilled:
     header, tensors = read_cache_file(path)
     _check_matches(header, model, tokenizer)
     device = next(model.parameters()).device
-    tensors = {k: v.to(device) for k, v in tensors.items()}
     cache = ContextlabCache(model.config, build_method(header["method"]))
+    held = {  # offloaded slots go straight to host memory, never through the device
+        f"layer{i}.{name}"
+        for i, (layer, meta) in enumerate(zip(cache.layers, header["layers"], strict=False))
+        if isinstance(layer, ContextlabLayer) and meta["kind"] == "contextlab"
+        for name in layer.host_held(meta)
+    }
+    tensors = {k: v if k in held else v.to(device) for k, v in tensors.items()}
     _restore_state(cache, header["state"])
     if len(header["layers"]) != len(cache.layers):
         raise ValueError(f"the file has {len(header['layers'])} layers, the model's cache {len(cache.layers)}")

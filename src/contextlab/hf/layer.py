@@ -132,7 +132,7 @@ class ContextlabLayer(DynamicLayer):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
+        self._map_batch(lambda t: t[indices.to(t.device)])  # host-held slots too
 
     # -- contextlab -----------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -204,6 +204,10 @@ class ContextlabLayer(DynamicLayer):
         if self.row_tokens is not None:
             tensors["row_tokens"] = self.row_tokens.clone()
         return {"seen": self.seen, "store": store_meta, "policy": policy_meta}, tensors
+
+    def host_held(self, meta: dict) -> set[str]:
+        """Names of an :meth:`export`'s tensors that stay in host memory (offloaded slots)."""
+        return {f"store.{name}" for name in self.store.host_held(meta["store"])}
 
     def restore(self, meta: dict, tensors: dict[str, torch.Tensor], room: int = 0) -> None:
         """Load an :meth:`export` into this (fresh) layer, with ``room`` free slots for coming tokens."""
@@ -296,7 +300,7 @@ class ContextlabLayer(DynamicLayer):
                 query[:, :, 0], keys, values, plan.indices, valid, scaling, backend="triton", trusted=True
             )
             return out.to(query.dtype).unsqueeze(2)
-        keys, values = g.gather(plan.indices)  # from a prefix (codes, host memory) only the selected slots
+        keys, values = g.gather(plan.indices, valid=valid)  # from a prefix (codes, host memory) only what is read
         return compat.attention(query, keys, values, valid[:, :, None, :], scaling)
 
     def _publish(self) -> None:

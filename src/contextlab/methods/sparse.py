@@ -493,9 +493,10 @@ class InfLLM(SparseReader):
 
     ``offload=cpu``: as in the paper, the memory blocks live in host memory and each step copies to the
     device only the slots it reads there (:class:`~contextlab.store.offload.OffloadStore`: the newest
-    ``local + block`` slots stay on the device, older ones move to the host a block at a time; the bytes
-    copied are counted). The selection and the output are the same as with ``offload=none``. Not from the
-    paper: its GPU-side cache of recently used blocks (every step copies what it reads). Offloading is the
+    ``max(local + block, budget + 1)`` slots stay on the device, so a step that reads everything never
+    copies from the host; older ones move to the host a block at a time; the bytes copied are counted).
+    The selection and the output are the same as with ``offload=none``. Not from the paper: its GPU-side
+    cache of recently used blocks (every step copies what it reads). Offloading is the
     storage of the cache, so it does not compose with a quantized store. When the cache already lives in
     host memory (a CPU-only run) it does nothing and says so."""
 
@@ -541,7 +542,10 @@ class InfLLM(SparseReader):
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore | None:
         if self.offload == "none":
             return None
-        return OffloadStore(self.local + self.block, self.block, tracker, host=self.offload)
+        # Until more than ``budget`` tokens are cached a step reads everything (no plan): host-held slots
+        # would all be copied back every step, so the device keeps at least budget + 1 of them.
+        resident = max(self.local + self.block, self.budget.tokens + 1)
+        return OffloadStore(resident, self.block, tracker, host=self.offload)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return InfLLMPolicy(self)

@@ -105,9 +105,12 @@ class SlotGroup:
         keys, values = self.keys[:, :, : end - q], self.values[:, :, : end - q]
         return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
 
-    def gather(self, indices: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def gather(
+        self, indices: torch.Tensor, values: bool = True, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys (and values) ``[B, Hg, K, D]`` of slots ``indices [B, Hg, K]`` (each in ``[0, length)``),
-        reading from the prefix only the slots it holds."""
+        reading from the prefix only the slots it holds; with ``valid [B, Hg, K]`` only the entries the
+        caller will use (the others come back as any slot's content)."""
         index = (indices - self.quantized).clamp(0, max(self.tail - 1, 0))
         expand = index.unsqueeze(-1).expand(*index.shape, self.keys.shape[-1])
         keys = self.keys.gather(2, expand)
@@ -115,6 +118,8 @@ class SlotGroup:
         if self.prefix is None:
             return keys, vals
         old = indices < self.quantized
+        if valid is not None:
+            old = old & valid
         if not bool(old.any()):
             return keys, vals
         old_keys, old_values = self.prefix.gather(indices, old, keys.dtype, values)
@@ -342,13 +347,18 @@ class DenseStore:
             self.tracker.change(g.nbytes())
             if group_meta["prefix"]:
                 prefix = {k.split(".", 1)[1]: v for k, v in mine.items() if k.startswith("prefix.")}
-                g.prefix = self._restore_prefix(group_meta["prefix"], prefix)
+                g.prefix = self._restore_prefix(group_meta["prefix"], prefix, g.keys.device)
             self.groups.append(g)
         self.fresh = meta["fresh"]
         self.version = meta.get("version", self.version)  # the saved policy state refers to this numbering
 
-    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Prefix:
+    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> Prefix:
         raise ValueError("the saved cache holds quantized slots but this store is dense (load it with its method)")
+
+    def host_held(self, meta: dict) -> set[str]:
+        """Names of the tensors of an :meth:`export` (``meta``) that this store keeps in host memory, so a
+        loaded cache need not put them on the device first."""
+        return set()
 
     # -- internals --------------------------------------------------------------------------------------
     def _first_group(self, keys: torch.Tensor, values: torch.Tensor) -> None:

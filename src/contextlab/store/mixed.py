@@ -321,9 +321,9 @@ class MixedStore(QuantizedStore):
             return torch.zeros(g.keys.shape[0], g.num_heads, g.tail, device=g.keys.device)
         return self.scores[i] / self.seen[i].clamp(min=1)
 
-    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> MixedPrefix:
+    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> MixedPrefix:
         b, h = tensors["salient"].shape[:2]
-        like = torch.empty(b, h, 0, meta["dim"], device=tensors["salient"].device)
+        like = torch.empty(b, h, 0, meta["dim"], device=device)
         prefix = MixedPrefix(self.spec, like, meta["length"], self.tracker, self.rope)
         prefix.restore_mixed(tensors, meta)
         return prefix

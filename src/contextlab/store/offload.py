@@ -157,9 +157,17 @@ class OffloadStore(PrefixStore):
     def _new_prefix(self, g: SlotGroup) -> HostPrefix:
         return HostPrefix(g.keys[:, :, :0], self._total - self.kept, self.tracker, self.host)
 
-    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> HostPrefix:
+    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> HostPrefix:
         b, h = tensors["keys"].shape[:2]
-        like = tensors["keys"].new_empty(b, h, 0, meta["dim"])  # loaded on the cache's device
+        like = torch.empty(b, h, 0, meta["dim"], dtype=tensors["keys"].dtype, device=device)
         prefix = HostPrefix(like, meta["length"], self.tracker, self.host)
         prefix.restore(tensors, meta["length"])
         return prefix
+
+    def host_held(self, meta: dict) -> set[str]:
+        return {
+            f"g{i}.prefix.{name}"
+            for i, group in enumerate(meta["groups"])
+            if group["prefix"]
+            for name in ("keys", "values")
+        }

@@ -222,7 +222,7 @@ class QuantizedStore(PrefixStore):
     def _new_prefix(self, g: SlotGroup) -> QuantizedPrefix:
         return self.prefix_class(self.spec, g.keys, self._total - self.spec.residual, self.tracker, self.rope)
 
-    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedPrefix:
+    def _restore_prefix(self, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> QuantizedPrefix:
         n = meta["length"]
         if n % self.spec.group:
             raise ValueError(f"saved quantized slots ({n}) do not fit this method's groups of {self.spec.group}")
