@@ -462,6 +462,10 @@ def test_retrieval_ivf_scans_only_the_lists_it_probes():
             assert read == expected, (row, head)
     indexed = len(range(4, 150 - 16))
     assert policy.last_scanned == scanned < indexed  # two lists of six, not the whole index
+    # this first step also built the index: every indexed key read once per Lloyd iteration (10 by default)
+    built = b * h * (int(policy.indexed.max()) - 4) * d * 4 * 10
+    assert policy.selection_bytes() == built + b * h * scanned * d * 4 + policy.centroids.nbytes
+    policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))  # the index stands: the search alone
     assert policy.selection_bytes() == b * h * scanned * d * 4 + policy.centroids.nbytes
 
 

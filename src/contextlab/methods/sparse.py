@@ -732,7 +732,7 @@ class RetrievalPolicy(LayerPolicy):
         if step.phase != "decode" or step.tokens != 1 or store.length <= self.method.budget.tokens:
             return None
         if self.indexed is None or self.ranks.stale(store, store.length - 1):
-            self._build(store, store.length - 1)
+            self._build(store, store.length - 1)  # counts the keys it clusters in chose_bytes
         else:
             self.ranks.sync(store, store.length - 1)
         return self._plan(store, step)
@@ -760,6 +760,7 @@ class RetrievalPolicy(LayerPolicy):
             return
         width = max(int(self.indexed.max()) - m.sink, 0)
         keys, valid = self._keys(store, m.sink + torch.arange(width, device=self.indexed.device))
+        self.chose_bytes += keys.nbytes * m.iterations  # each Lloyd iteration reads every indexed key
         size = int(valid.sum(-1).max())
         clusters = m.clusters or max(1, round(math.sqrt(size)))
         self.centroids, lists = kmeans(keys.float(), valid, clusters, m.iterations)
@@ -809,7 +810,7 @@ class RetrievalPolicy(LayerPolicy):
         keys, ok = self._keys(store, candidates)
         ok = ok & exists
         self.last_scanned = int(ok.sum(-1).max())
-        self.chose_bytes = keys.nbytes + (0 if self.centroids is None else self.centroids.nbytes)
+        self.chose_bytes += keys.nbytes + (0 if self.centroids is None else self.centroids.nbytes)
         scores = torch.einsum("bhd,bhmd->bhm", query, keys.float()).masked_fill(~ok, float("-inf"))
         found = scores.topk(min(m.retrieved, scores.shape[-1]), dim=-1).indices
         found_ok = ok.gather(-1, found)
