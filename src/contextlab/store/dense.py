@@ -147,11 +147,15 @@ class SlotGroup:
 
 
 class Prefix(Protocol):
-    """The oldest slots of a group held in another form than the buffers (see
-    :class:`~contextlab.store.quantized.QuantizedPrefix`); read back on demand."""
+    """The oldest slots of a group held in another form than the buffers (integer codes:
+    :class:`~contextlab.store.quantized.QuantizedPrefix`; host memory:
+    :class:`~contextlab.store.offload.HostPrefix`); read back on demand."""
 
     length: int
 
+    @property
+    def direct_read(self) -> bool: ...
+    def host_bytes(self) -> int: ...
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
     def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
     def gather(

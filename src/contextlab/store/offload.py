@@ -95,10 +95,6 @@ class HostPrefix(BufferPrefix):
         self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
-    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        meta, tensors = super().export()
-        return {**meta, "dim": self.dim}, tensors
-
     def restore(self, tensors: dict[str, torch.Tensor], length: int) -> None:
         super().restore({k: (v.to(self.host) if k in ("keys", "values") else v) for k, v in tensors.items()}, length)
 

@@ -30,6 +30,7 @@ class BufferPrefix:
     units: dict[str, int]
     tracker: MemoryTracker
     device: torch.device
+    dim: int  # head dimension of the slots' keys and values
     unit: int = 1
     length: int = 0
 
@@ -96,7 +97,7 @@ class BufferPrefix:
 
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """Metadata and the used part of every buffer (restored by the store's ``_restore_prefix``)."""
-        return {"length": self.length}, {k: v.contiguous() for k, v in self.used().items()}
+        return {"length": self.length, "dim": self.dim}, {k: v.contiguous() for k, v in self.used().items()}
 
     def restore(self, tensors: dict[str, torch.Tensor], length: int) -> None:
         """Fill a fresh prefix (capacity >= ``length``) with an :meth:`export`."""

@@ -202,10 +202,6 @@ class QuantizedPrefix(BufferPrefix):
         self._append_metadata(valid, positions, start, stop)
         self.length = stop
 
-    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        meta, tensors = super().export()
-        return {**meta, "dim": self.dim}, tensors
-
 
 class QuantizedStore(PrefixStore):
     """A dense store whose slots beyond the newest ``spec.residual`` are held as codes (module docstring)."""
