@@ -240,9 +240,13 @@ def _mixed_pattern(gen: torch.Generator, hq: int, s: int) -> PrefillPattern:
 @pytest.mark.parametrize(
     ("hq", "hkv", "tq", "s"), [(8, 2, 300, 300), (4, 4, 97, 520), (8, 1, 1, 130), (4, 2, 600, 600)]
 )
-def test_heads_split_by_route_give_the_reference(hq, hkv, tq, s):
-    """Dense heads through causal SDPA, A-shape heads through the band routine, the rest through flex (or the
-    reference): together the same attention as the dense masked reference, for every head."""
+def test_heads_split_by_route_give_the_reference(hq, hkv, tq, s, monkeypatch):
+    """Dense heads through causal SDPA, A-shape heads through the band routine, the rest through the masked
+    route (here the reference: compiled flex has its own parity test, and each shape would compile anew):
+    together the same attention as the dense masked reference, for every head."""
+    from contextlab.kernels import sparse_prefill as module
+
+    monkeypatch.setattr(module._FLEX, "broken", True)
     gen = torch.Generator().manual_seed(hq * tq + s)
     q, k, v = _qkv(gen, 2, hq, hkv, tq, s, 16)
     pattern = _mixed_pattern(gen, hq, s)
