@@ -223,7 +223,7 @@ class QuantizedStore(PrefixStore):
         if n % self.spec.group:
             raise ValueError(f"saved quantized slots ({n}) do not fit this method's groups of {self.spec.group}")
         b, h = tensors["key.packed"].shape[:2]
-        like = torch.empty(b, h, 0, meta["dim"], device=tensors["key.packed"].device)
+        like = torch.empty(b, h, 0, meta["dim"], device=device)
         prefix = QuantizedPrefix(self.spec, like, n, self.tracker, self.rope)
         prefix.restore(tensors, n)
         return prefix
