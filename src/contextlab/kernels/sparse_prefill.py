@@ -361,6 +361,11 @@ def _warn_once(reason: str) -> None:
 _FLEX = _CompiledFlex()
 
 
+def flex_compilations() -> int:
+    """Input signatures flex attention has been compiled for in this process (one compilation each)."""
+    return len(_FLEX.signatures)
+
+
 def compiled_flex_available() -> bool:
     """Whether compiled flex attention runs on this machine (compiles one tiny case the first time)."""
     q = torch.zeros(1, 1, FLEX_BLOCK, 16)
