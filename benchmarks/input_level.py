@@ -106,7 +106,7 @@ def cells(store: dict, section: str, model, tok, plan: list[tuple[str, int, str,
                     tok, task, length, max(p[3] for p in plan if p[:2] == (task, length)), 11
                 )
             store[key] = run(model, tok, spec, pools[(task, length)][:n], max_new)
-        save(store)
+        save(store, key)
         print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
 
 
@@ -128,9 +128,16 @@ def plan_xl3m(n: int, few: int) -> list[tuple[str, int, str, int]]:
     return [(task, length, XL3M, n if length < 65536 else few) for length in LENGTHS for task in NEEDLE_TASKS]
 
 
-def save(store: dict) -> None:
+def save(store: dict, key: str) -> None:
+    """Write one cell, merged into the file as it is now: runs of other sections or lengths may be writing
+    the same store beside this one."""
     RESULTS.mkdir(exist_ok=True)
-    STORE.write_text(json.dumps(store, indent=1, sort_keys=True))
+    disk = json.loads(STORE.read_text()) if STORE.exists() else {}
+    disk[key] = store[key]
+    store.update(disk)
+    tmp = STORE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
+    tmp.replace(STORE)
 
 
 def table(store: dict, section: str) -> str:
@@ -206,23 +213,31 @@ def main() -> None:
     parser.add_argument("--few", type=int, default=10)
     parser.add_argument("--reach-samples", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--lengths", nargs="+", type=int, help="only the cells at these context lengths")
+    parser.add_argument("--tasks", nargs="+", help="only the cells of these tasks")
     args = parser.parse_args()
+
+    def chosen(plan: list[tuple[str, int, str, int]]) -> list[tuple[str, int, str, int]]:
+        return [
+            p for p in plan if (not args.lengths or p[1] in args.lengths) and (not args.tasks or p[0] in args.tasks)
+        ]
+
     torch.set_num_threads(args.threads)
     store = json.loads(STORE.read_text()) if STORE.exists() else {}
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section in ("retrieval", "xl3m"):
             plan = (plan_retrieval if section == "retrieval" else plan_xl3m)(args.samples, args.few)
-            cells(store, "retrieval", model, tok, plan, NEEDLE_NEW)
+            cells(store, "retrieval", model, tok, chosen(plan), NEEDLE_NEW)
         elif section == "router":
             plan = [("niah_single_2", n, spec, args.samples) for n in ROUTER_LENGTHS for spec in ROUTED]
-            cells(store, section, model, tok, plan, NEEDLE_NEW)
+            cells(store, section, model, tok, chosen(plan), NEEDLE_NEW)
         elif section == "aggregation":
             plan = [(task, 4096, spec, args.samples) for task in AGGREGATION_TASKS for spec in AGGREGATORS]
-            cells(store, section, model, tok, plan, 64)
+            cells(store, section, model, tok, chosen(plan), 64)
         elif section == "reach":
             plan = [("niah_single_2", REACH_LENGTH, spec, args.reach_samples) for spec in REACH]
-            cells(store, section, model, tok, plan, NEEDLE_NEW)
+            cells(store, section, model, tok, chosen(plan), NEEDLE_NEW)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "input_level.md"
