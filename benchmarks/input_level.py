@@ -156,7 +156,13 @@ def table(store: dict, section: str) -> str:
         "routes",
     ]
     rows = []
-    for key, r in store.items():
+
+    def order(key: str) -> tuple[str, int, str]:
+        _, task, length, spec = key.split("|")
+        return task, int(length), spec
+
+    for key in sorted(store, key=order):
+        r = store[key]
         name, task, length, spec = key.split("|")
         if name != section:
             continue
