@@ -20,7 +20,7 @@ Each cell is saved to ``benchmarks/results/decode_sparse.json`` when it finishes
 the file to start over).
 
     PYTHONPATH=. python benchmarks/decode_sparse.py [--sections accuracy shared speed] [--samples 40]
-        [--lengths 4096 8192] [--speed-length 32768] [--threads N]
+        [--lengths 4096 8192] [--tasks niah_single_2 ...] [--speed-length 32768] [--threads N]
 
 Writes benchmarks/results/decode_sparse.md (and .json).
 """
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--speed-length", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="accuracy tasks to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
@@ -236,7 +237,7 @@ def main() -> None:
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section == "accuracy":
-            for task in TASKS:
+            for task in args.tasks:
                 for length in args.lengths:
                     items = needle_items(tok, task, length, args.samples)
                     for spec in methods(length):
