@@ -15,7 +15,7 @@ import contextlab as cl
 from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.kernels.sparse_read import page_bounds
-from contextlab.methods.policy import Step
+from contextlab.methods.policy import ReadPlan, Step
 from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass, kmeans
 from contextlab.store import DenseStore
 
@@ -474,3 +474,31 @@ def test_quest_leaves_its_first_layers_dense(llama, tokenizer):
     assert [type(layer.policy).__name__ for layer in cache.compressible] == ["LayerPolicy"] * 2 + ["QuestPolicy"] * (
         len(cache.compressible) - 2
     )
+
+
+def test_a_read_plan_naming_every_slot_is_full_attention(llama, tokenizer, monkeypatch):
+    """The gathered-read path itself (not the "budget covers everything, read densely" shortcut): a plan that
+    names every slot, shuffled per head and with ignored padding entries, gives full attention's logits."""
+    generator = torch.Generator().manual_seed(0)
+
+    def every_slot(self, store, step):
+        if step.phase != "decode":
+            return None
+        b, h = step.queries.shape[0], store.groups[0].keys.shape[1]
+        order = torch.stack([torch.randperm(store.length, generator=generator) for _ in range(b * h)])
+        padding = torch.zeros(b * h, 3, dtype=torch.long)  # slot 0 again, flagged invalid
+        indices = torch.cat([order, padding], dim=-1).view(b, h, -1)
+        valid = torch.cat([torch.ones_like(order, dtype=torch.bool), padding.bool()], dim=-1).view(b, h, -1)
+        return ReadPlan(indices, valid)
+
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    n = ids.shape[1]
+    logits = {}
+    for spec in ("full", "tokenselect:budget=8"):
+        if spec != "full":
+            monkeypatch.setattr(TokenSelectPolicy, "before_attend", every_slot)
+        cache = ContextlabCache(llama.config, cl.method(spec))
+        cache.begin_prompt(n, [n], new_tokens=6)
+        logits[spec] = _decode(llama, cache, ids, 6)
+    for full, planned in zip(logits["full"], logits["tokenselect:budget=8"], strict=True):
+        torch.testing.assert_close(planned, full, rtol=1e-4, atol=1e-4)
