@@ -193,7 +193,8 @@ def report(store: dict, threads: int) -> str:
     return "\n\n".join(
         [
             "# Input-level strategies on SmolLM2-135M-Instruct (native window 8192)",
-            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy. "
+            f"CPU: {cpu_name()}, {threads} torch threads in the run that wrote this file (the xl3m cells past 16K ran "
+            "on 1 thread, two runs side by side), torch {torch.__version__}, bf16 weights; batch 1, greedy. "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Costs are per answer: model calls, "
             "tokens through the model (prompts + generated), prefill seconds (retrieval and scoring included), "
             "decode seconds, wall seconds. Produced by `PYTHONPATH=. python benchmarks/input_level.py`. Cells are "
