@@ -89,7 +89,16 @@ class CellStore:
     def run(self, key: str, work: Callable[..., dict], *args) -> None:
         if key in self.data:
             return
-        self.data[key] = work(*args)
+        self.put(key, work(*args))
+
+    def put(self, key: str, cell: dict) -> None:
+        """Save one cell, merged into the file as it is now (another run may be writing other cells of the
+        same file beside this one), written whole then renamed into place."""
         self.path.parent.mkdir(exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        print(key, {k: v for k, v in self.data[key].items() if k != "scores"}, flush=True)
+        disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+        disk[key] = cell
+        self.data.update(disk)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+        print(key, {k: v for k, v in cell.items() if k != "scores"}, flush=True)

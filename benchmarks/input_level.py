@@ -27,14 +27,13 @@ Writes benchmarks/results/input_level.md (and .json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import markdown, samples, score_columns
+from benchmarks._accuracy import CellStore, markdown, samples, score_columns
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
@@ -92,22 +91,21 @@ def run(model, tok, spec: str, items, max_new_tokens: int) -> dict:
     return {"scores": scores, **{k: v / len(items) for k, v in sums.items()}, "routes": routes}
 
 
-def cells(store: dict, section: str, model, tok, plan: list[tuple[str, int, str, int]], max_new: int) -> None:
+def cells(store: CellStore, section: str, model, tok, plan: list[tuple[str, int, str, int]], max_new: int) -> None:
+    """Run the plan's cells; a cell is run again only when it holds fewer than its ``n`` answers."""
     pools: dict[tuple[str, int], list] = {}
     for task, length, spec, n in plan:
         key = f"{section}|{task}|{length}|{spec}"
-        if key in store and len(store[key].get("scores", [])) >= n:
+        if key in store.data and len(store.data[key].get("scores", [])) >= n:
             continue
         if spec == "full" and length + max_new > model.config.max_position_embeddings:
-            store[key] = {"skipped": f"prompt of {length} tokens is past the {model.config.max_position_embeddings}"}
-        else:
-            if (task, length) not in pools:
-                pools[(task, length)] = task_samples(
-                    tok, task, length, max(p[3] for p in plan if p[:2] == (task, length)), 11
-                )
-            store[key] = run(model, tok, spec, pools[(task, length)][:n], max_new)
-        save(store, key)
-        print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
+            store.put(key, {"skipped": f"prompt of {length} tokens is past the {model.config.max_position_embeddings}"})
+            continue
+        if (task, length) not in pools:
+            pools[(task, length)] = task_samples(
+                tok, task, length, max(p[3] for p in plan if p[:2] == (task, length)), 11
+            )
+        store.put(key, run(model, tok, spec, pools[(task, length)][:n], max_new))
 
 
 def plan_retrieval(n: int, few: int) -> list[tuple[str, int, str, int]]:
@@ -126,18 +124,6 @@ def plan_xl3m(n: int, few: int) -> list[tuple[str, int, str, int]]:
     """xl3m is one model pass over the whole context per answer (~30 s at 16K here): n at 16K and 32K,
     ``few`` at 64K (the CPU budget of one session)."""
     return [(task, length, XL3M, n if length < 65536 else few) for length in LENGTHS for task in NEEDLE_TASKS]
-
-
-def save(store: dict, key: str) -> None:
-    """Write one cell, merged into the file as it is now: runs of other sections or lengths may be writing
-    the same store beside this one."""
-    RESULTS.mkdir(exist_ok=True)
-    disk = json.loads(STORE.read_text()) if STORE.exists() else {}
-    disk[key] = store[key]
-    store.update(disk)
-    tmp = STORE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
-    tmp.replace(STORE)
 
 
 def table(store: dict, section: str) -> str:
@@ -194,7 +180,7 @@ def report(store: dict, threads: int) -> str:
         [
             "# Input-level strategies on SmolLM2-135M-Instruct (native window 8192)",
             f"CPU: {cpu_name()}, {threads} torch threads in the run that wrote this file (the xl3m cells past 16K ran "
-            "on 1 thread, two runs side by side), torch {torch.__version__}, bf16 weights; batch 1, greedy. "
+            f"on 1 thread, two runs side by side), torch {torch.__version__}, bf16 weights; batch 1, greedy. "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Costs are per answer: model calls, "
             "tokens through the model (prompts + generated), prefill seconds (retrieval and scoring included), "
             "decode seconds, wall seconds. Produced by `PYTHONPATH=. python benchmarks/input_level.py`. Cells are "
@@ -230,7 +216,7 @@ def main() -> None:
         ]
 
     torch.set_num_threads(args.threads)
-    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    store = CellStore(STORE)
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
     for section in args.sections:
         if section in ("retrieval", "xl3m"):
@@ -248,7 +234,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "input_level.md"
-    out.write_text(report(store, args.threads) + "\n")
+    out.write_text(report(store.data, args.threads) + "\n")
     print(f"wrote {out}")
 
 
