@@ -20,7 +20,8 @@ Each cell is saved to ``benchmarks/results/decode_sparse.json`` when it finishes
 the file to start over).
 
     PYTHONPATH=. python benchmarks/decode_sparse.py [--sections accuracy shared speed] [--samples 40]
-        [--lengths 4096 8192] [--tasks niah_single_2 ...] [--speed-length 32768] [--threads N]
+        [--lengths 4096 8192] [--tasks niah_single_2 ...] [--methods full snapkv ...] [--speed-length 32768]
+        [--threads N]
 
 Writes benchmarks/results/decode_sparse.md (and .json).
 """
@@ -230,7 +231,14 @@ def main() -> None:
     parser.add_argument("--speed-length", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="accuracy tasks to run")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only these methods (names, e.g. full snapkv tokenselect)"
+    )
     args = parser.parse_args()
+
+    def chosen(specs: list[str]) -> list[str]:
+        return [s for s in specs if args.methods is None or s.split(":")[0] in args.methods]
+
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
     store = cells.data
@@ -240,17 +248,17 @@ def main() -> None:
             for task in args.tasks:
                 for length in args.lengths:
                     items = needle_items(tok, task, length, args.samples)
-                    for spec in methods(length):
+                    for spec in chosen(methods(length)):
                         cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, items)
         elif section == "shared":
             for length in args.lengths:
                 items = samples(tok, "scbench_kv", length, args.samples, seed=7 + length)
-                for spec in methods(length):
+                for spec in chosen(methods(length)):
                     cells.run(f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
         elif section == "speed":
             length = args.speed_length
             item = needle_items(tok, "niah_single_2", length, 1)[0]
-            for spec in speed_methods(length):
+            for spec in chosen(speed_methods(length)):
                 cells.run(f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
         else:
             raise SystemExit(f"unknown section {section!r}")

@@ -84,6 +84,7 @@ SPARSE = {
 # here, so nothing is quantized; lossy = real codes (the tiny models' head dim is 16, hence group 16).
 QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=32,residual=16"),  # values: one scale per token
+    "kivi float8 scales": ("kivi:scales=e4m3,group=16,residual=512", "kivi:bits=4,group=16,residual=16,scales=e4m3"),
     "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
     "zipcache": ("zipcache:group=16,residual=512", "zipcache:group=16,residual=16"),
     "zipcache channel keys": (
@@ -287,7 +288,8 @@ def _zipcache_seen_bytes(method, counts: torch.Tensor) -> int:
 
 def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool) -> int:
     """Bytes one KV head of a layer holds for ``count`` slots: key and value, plus the position (int32) once
-    evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros."""
+    evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros (or
+    float8 scales)."""
     positions = 4 * count if evicted else 0
     zip_part = _zipcache_part(method)
     if zip_part is not None:  # two tiers of codes, chosen once for the whole prompt
@@ -310,9 +312,8 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
         return count * 2 * head_dim * itemsize + positions
     coded = max(0, (count - quant.residual) // quant.group * quant.group)
     codes = 2 * coded * words(head_dim, quant.bits) * 4  # int32 words
-    scales = (
-        2 * 2 * (coded // quant.group * head_dim + coded * head_dim // quant.channels(head_dim))
-    )  # fp16 scale, zero
+    per_group = 2 * 2 if quant.scales == "fp16" else 1  # fp16 scale and zero, or one float8 scale
+    scales = per_group * (coded // quant.group * head_dim + coded * head_dim // quant.channels(head_dim))
     # Outliers: an int16 index and a float16 value each, per key group and per value token.
     outliers = 4 * outlier_count(quant.outliers, quant.group * head_dim) * (coded // quant.group)
     outliers += 4 * outlier_count(quant.outliers, head_dim) * coded

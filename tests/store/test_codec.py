@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 
 from contextlab.store.codec import (
     BITS,
+    E4M3,
     check_bits,
     dequantize_keys,
     dequantize_values,
     pack,
     quantize_keys,
     quantize_values,
+    round_up_e4m3,
     unpack,
     words,
 )
@@ -96,3 +98,59 @@ def test_padding_does_not_widen_a_key_group():
     assert torch.allclose((masked.zero + 15 * masked.scale)[:, :, 0].float(), hi, atol=1e-2)
     empty = quantize_keys(padded, 4, 8, torch.zeros_like(valid))
     assert torch.equal(empty.scale, torch.zeros_like(empty.scale)) and torch.equal(empty.zero, empty.scale)
+
+
+# -- symmetric codes with one float8 (E4M3) scale per group -------------------------------------------------
+
+
+def test_e4m3_scales_round_up_to_the_next_float8_number():
+    wanted = torch.tensor([0.0, 1e-5, 0.1, 0.3, 1.0, 1.01, 447.0, 448.0])
+    got = round_up_e4m3(wanted)
+    assert got.dtype == E4M3
+    # E4M3: 3 mantissa bits, smallest subnormal 2**-9, largest 448; 0.1 -> 0.1015625 (13 * 2**-7)
+    assert got.float().tolist() == [0.0, 2**-9, 0.1015625, 0.3125, 1.0, 1.125, 448.0, 448.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from(BITS),
+    groups=st.integers(1, 4),
+    group=st.sampled_from([4, 8, 16, 32]),
+    dim_groups=st.integers(1, 4),
+    spread=st.floats(0.01, 20.0),
+    offset=st.floats(-5.0, 5.0),
+    seed=st.integers(0, 2**16),
+)
+def test_e4m3_round_trip_errs_by_half_a_step_and_the_step_is_tight(
+    bits, groups, group, dim_groups, spread, offset, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    n, d, half = groups * group, dim_groups * group, 1 << (bits - 1)
+    x = torch.randn(2, 2, n, d, generator=gen) * spread + offset
+    keys = quantize_keys(x, bits, group, scales="e4m3")
+    values = quantize_values(x, bits, group, scales="e4m3")
+    assert keys.zero is None and values.zero is None and keys.scale.dtype == values.scale.dtype == E4M3
+    assert keys.scale.shape == (2, 2, n // group, d) and values.scale.shape == (2, 2, n, d // group)
+    for codes, back, magnitude, width in (
+        (keys, dequantize_keys(keys, bits, group, d), x.abs().unflatten(2, (n // group, group)).amax(3), group),
+        (values, dequantize_values(values, bits, group, d), x.abs().unflatten(3, (d // group, group)).amax(4), 1),
+    ):
+        step = codes.scale.float()
+        wanted = magnitude / (half - 0.5)  # the step that spans [-max |x|, max |x|] with 2**bits mid-rise levels
+        # never below what the range needs (nothing clips), at most one E4M3 rounding above it
+        assert (step >= wanted).all() and (step <= wanted * 1.125 + 2**-9).all()
+        per_entry = step.repeat_interleave(width, dim=2) if width > 1 else step.repeat_interleave(group, dim=3)
+        assert ((back - x).abs() <= per_entry / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_e4m3_metadata_is_a_quarter_of_float16_scale_and_zero():
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for quantize in (quantize_keys, quantize_values):
+        fp16, fp8 = quantize(x, 4, 32), quantize(x, 4, 32, scales="e4m3")
+        assert fp16.packed.shape == fp8.packed.shape
+        assert fp16.scale.nbytes + fp16.zero.nbytes == 4 * fp8.scale.nbytes
+
+
+def test_e4m3_refuses_a_range_beyond_float8():
+    with pytest.raises(ValueError, match=r"needs a scale above float8 E4M3's 448; use scales=fp16"):
+        quantize_values(torch.full((1, 1, 2, 32), 5000.0), 4, 32, scales="e4m3")

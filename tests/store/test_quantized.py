@@ -31,9 +31,10 @@ def _filled(spec: QuantSpec, n: int, tracker: MemoryTracker | None = None) -> tu
 
 def _expected_bytes(spec: QuantSpec, quantized: int, tail: int, itemsize: int = 4) -> int:
     """Bytes of one all-heads group: codes, float16 scale + zero of keys (per group of tokens) and values
-    (per group of channels), and the full-precision tail."""
+    (per group of channels), or one float8 scale each with ``scales="e4m3"``, and the full-precision tail."""
     codes = 2 * quantized * words(D, spec.bits) * 4
-    scales = 2 * 2 * (quantized // spec.group * D + quantized * D // spec.group)
+    per_group = 2 * 2 if spec.scales == "fp16" else 1
+    scales = per_group * (quantized // spec.group * D + quantized * D // spec.group)
     return B * H * (codes + scales + tail * 2 * D * itemsize)
 
 
@@ -49,6 +50,25 @@ def test_prompt_is_quantized_in_whole_groups_beyond_the_residual(bits):
     assert torch.equal(k[:, :, :32], expect_k) and torch.equal(v[:, :, :32], expect_v)
     assert torch.equal(k[:, :, 32:], keys[:, :, 32:]) and torch.equal(v[:, :, 32:], values[:, :, 32:])
     assert store.used_bytes() == _expected_bytes(spec, 32, 18)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_float8_scales_hold_a_quarter_of_the_metadata_and_read_back_their_codes(bits):
+    spec = QuantSpec(bits=bits, group=8, residual=12, scales="e4m3")
+    store, (keys, values) = _filled(spec, 50)
+    g = store.groups[0]
+    kc, vc = g.prefix.codes()
+    assert kc.zero is None and vc.zero is None and kc.scale.dtype == torch.float8_e4m3fn
+    k, v = g.used()
+    expect_k = dequantize_keys(quantize_keys(keys[:, :, :32], bits, 8, scales="e4m3"), bits, 8, D)
+    expect_v = dequantize_values(quantize_values(values[:, :, :32], bits, 8, scales="e4m3"), bits, 8, D)
+    assert torch.equal(k[:, :, :32], expect_k) and torch.equal(v[:, :, :32], expect_v)
+    assert torch.equal(k[:, :, 32:], keys[:, :, 32:])
+    assert store.used_bytes() == _expected_bytes(spec, 32, 18)
+    # the same slots with float16 scale + zero points: four times the metadata, the same codes
+    fp16 = _filled(QuantSpec(bits=bits, group=8, residual=12), 50)[0]
+    float8_scales = B * H * (32 // 8 * D + 32 * D // 8)
+    assert fp16.used_bytes() - store.used_bytes() == 3 * float8_scales
 
 
 def test_a_prompt_within_the_residual_is_kept_exactly():
@@ -137,6 +157,8 @@ def test_crop_cannot_reach_quantized_slots():
         (dict(bits=5), "bits must be one of 2, 3, 4, 8, got 5"),
         (dict(group=0), "group must be an integer >= 1, got 0"),
         (dict(residual=-1), "residual must be an integer >= 0, got -1"),
+        (dict(scales="fp8"), "scales must be one of fp16, e4m3, got 'fp8'"),
+        (dict(scales="e4m3", outliers=0.01), "scales=e4m3 is implemented for plain per-group codes"),
     ],
 )
 def test_bad_specs_are_named(kwargs, message):

@@ -28,7 +28,14 @@ class KIVI(Method):
     Bytes per cached element: ``bits`` plus, on average over keys and values, ``16 / group + 16 /
     value_group`` bits of float16 scales and zero points (5 bits at 4 bits / group 32; 4.375 with
     ``group=128`` on a 64-dim head, whose values then take one scale per token), plus the full-precision
-    window. ``value_group`` defaults to ``min(group, head dim)``, so a key group longer than the head works."""
+    window. ``value_group`` defaults to ``min(group, head dim)``, so a key group longer than the head works.
+
+    ``scales="e4m3"`` trades KIVI's asymmetric codes for symmetric ones with one float8 scale per group and no
+    zero point (the 8-bit shared block scale of the microscaling formats, Rouhani et al., arXiv 2310.10537):
+    ``8 / group + 8 / value_group`` bits of metadata instead of ``32 / group + 32 / value_group`` on average
+    over keys and values, so 4.25 bits per element at 4 bits / group 32 (0.266 of bf16) and 2.25 at 2 bits
+    (0.141), at the cost of a coarser grid for channels whose range is off-centre (KIVI's keys). Reads go
+    through a dequantized copy (the fused decode kernel reads the float16 layout)."""
 
     name = "kivi"
     paper = "https://arxiv.org/abs/2402.02750"
@@ -38,12 +45,17 @@ class KIVI(Method):
     group: int = param("tokens per key scale; also channels per value scale unless value_group is set", 32)
     value_group: int | None = param("channels per value scale (must divide the head dim); None = min(group, dim)", None)
     residual: int = param("newest tokens kept in full precision", 128)
+    scales: str = param(
+        "'fp16': asymmetric codes, float16 scale and zero per group (KIVI); 'e4m3': symmetric codes, one float8 "
+        "scale per group (a quarter of the metadata)",
+        "fp16",
+    )
 
     def __post_init__(self) -> None:
         self.spec()  # validates
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group, self.residual, value_group=self.value_group)
+        return QuantSpec(self.bits, self.group, self.residual, value_group=self.value_group, scales=self.scales)
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
         return QuantizedStore(self.spec(), tracker, rope)

@@ -6,6 +6,14 @@ The layout every quantized path shares (store, PyTorch reference, Triton kernel,
   ``zero = min`` and ``scale = (max - min) / (2**bits - 1)`` of the group, both stored in float16; reading
   gives ``code * scale + zero`` (computed in float32). A constant group has ``scale = 0`` and reads back
   exactly as its ``zero`` (up to float16 rounding).
+- With ``scales="e4m3"`` a group is instead quantized symmetrically with one float8 (E4M3) scale and no zero
+  point: ``code = round(x / scale - 0.5) + 2**(bits-1)``, clamped to ``[0, 2**bits - 1]``, reads back as
+  ``(code - 2**(bits-1) + 0.5) * scale`` (a mid-rise quantizer: all ``2**bits`` levels are used, placed
+  symmetrically about 0). ``scale = max |x| / (2**(bits-1) - 0.5)`` rounded up to the next E4M3 number, so no
+  entry is clipped; its 8 bits per group instead of 32 take the metadata of a 32-wide group from 1 bit to
+  0.25 bits per element (the shared 8-bit block scale of the microscaling formats, Rouhani et al.,
+  "Microscaling Data Formats for Deep Learning", arXiv 2310.10537). A group whose ``max |x|`` needs a scale
+  beyond E4M3's 448 is refused (``ValueError``).
 - Codes are packed along the head dimension into int32 words, ``32 // bits`` codes per word (16 at 2 bits,
   10 at 3 bits, 8 at 4 bits, 4 at 8 bits); channel ``d`` lives in word ``d // per_word`` at bit
   ``(d % per_word) * bits``. No code straddles a word, so 3-bit codes waste 2 bits per word.
@@ -24,6 +32,9 @@ import torch
 
 BITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
+SCALE_FORMATS = ("fp16", "e4m3")  # asymmetric with float16 scale and zero | symmetric with a float8 scale
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
 
 
 def per_word(bits: int) -> int:
@@ -39,6 +50,11 @@ def words(dim: int, bits: int) -> int:
 def check_bits(bits) -> None:
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+
+
+def check_scales(scales) -> None:
+    if scales not in SCALE_FORMATS:
+        raise ValueError(f"scales must be one of {', '.join(SCALE_FORMATS)}, got {scales!r}")
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,7 +87,7 @@ class Codes:
 
     packed: torch.Tensor  # [B, H, N, W] int32
     scale: torch.Tensor  # keys: [B, H, N / group, D]; values: [B, H, N, D / group]
-    zero: torch.Tensor
+    zero: torch.Tensor | None = None  # None: symmetric codes with a float8 scale (``scales="e4m3"``)
     outlier_index: torch.Tensor | None = None
     outlier_value: torch.Tensor | None = None
 
@@ -106,6 +122,46 @@ def _minmax_codes(
     return codes.to(torch.int32), scale, zero
 
 
+def round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float8 E4M3 numbers ``>= x`` (``x`` float32, ``0 <= x <= 448``)."""
+    near = x.to(E4M3)
+    low = near.float() < x
+    # A non-negative E4M3 number's bits read as uint8 grow with its value: +1 is the next number up.
+    up = (near.view(torch.uint8) + low.to(torch.uint8)).view(E4M3)
+    return up
+
+
+def _absmax_codes(
+    x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Symmetric mid-rise codes of ``x`` with ``max |x|`` over ``dim`` (kept as size 1) among ``valid``
+    entries; the scale in float8 E4M3, rounded up so nothing clips (module docstring)."""
+    half = 1 << (bits - 1)
+    x = x.float()
+    mag = x.abs() if valid is None else x.abs().masked_fill(~valid, 0.0)
+    wanted = mag.amax(dim, keepdim=True) / (half - 0.5)
+    if bool((wanted > E4M3_MAX).any()):
+        raise ValueError(
+            f"a group's largest magnitude ({float(wanted.max()) * (half - 0.5):.4g}) needs a scale above "
+            f"float8 E4M3's {E4M3_MAX:g}; use scales=fp16 for this model"
+        )
+    scale = round_up_e4m3(wanted)
+    s = scale.float()
+    codes = torch.where(s > 0, (x / torch.where(s > 0, s, 1.0) - 0.5).round() + half, half)
+    return codes.clamp(0, 2 * half - 1).to(torch.int32), scale, None
+
+
+def _codes(x, bits: int, dim: int, valid, scales: str):
+    return (_absmax_codes if scales == "e4m3" else _minmax_codes)(x, bits, dim, valid)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``q`` (float codes) read back with ``scale``/``zero`` already expanded to its shape."""
+    if zero is None:
+        return (q - ((1 << (bits - 1)) - 0.5)) * scale
+    return q * scale + zero
+
+
 def outlier_count(fraction: float, entries: int) -> int:
     """Outliers kept per group of ``entries`` values (at least one when ``fraction > 0``)."""
     return 0 if fraction <= 0 else max(1, round(fraction * entries))
@@ -124,12 +180,18 @@ def _not_outliers(shape: torch.Size, index: torch.Tensor, device) -> torch.Tenso
 
 
 def quantize_keys(
-    keys: torch.Tensor, bits: int, group: int, valid: torch.Tensor | None = None, outliers: float = 0.0
+    keys: torch.Tensor,
+    bits: int,
+    group: int,
+    valid: torch.Tensor | None = None,
+    outliers: float = 0.0,
+    scales: str = "fp16",
 ) -> Codes:
     """Per-channel codes of ``keys [B, H, N, D]`` over groups of ``group`` tokens (``N % group == 0``).
     ``valid [B, 1 | H, N]``: tokens that set each group's range (padding must not widen it). ``outliers``:
     fraction of each group's entries kept apart in float16 (the largest deviations from their channel's mean
-    over the group, in channel standard deviations); they do not widen the range either."""
+    over the group, in channel standard deviations); they do not widen the range either. ``scales``: see the
+    module docstring."""
     b, h, n, d = keys.shape
     if n % group:
         raise ValueError(f"keys are quantized in groups of {group} tokens; got {n} tokens")
@@ -145,11 +207,12 @@ def quantize_keys(
         inliers = _not_outliers(score.shape, index, keys.device).view(grouped.shape)
         mask = inliers if mask is None else inliers & mask
     # codes [B, H, N/g, g, D]; scale and zero [B, H, N/g, 1, D]
-    codes, scale, zero = _minmax_codes(grouped, bits, dim=3, valid=mask)
-    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3), index, value)
+    codes, scale, zero = _codes(grouped, bits, 3, mask, scales)
+    zero = None if zero is None else zero.squeeze(3)
+    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero, index, value)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float = 0.0) -> Codes:
+def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float = 0.0, scales: str = "fp16") -> Codes:
     """Per-token codes of ``values [B, H, N, D]`` over groups of ``group`` channels (``D % group == 0``);
     ``outliers``: fraction of each token's entries kept apart in float16 (largest deviations from the token's
     mean, in standard deviations)."""
@@ -163,8 +226,9 @@ def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float
         index, value = _outliers(flat, score, count)  # [B, H, N, count]
         mask = _not_outliers(flat.shape, index, values.device).view(b, h, n, d // group, group)
     grouped = flat.reshape(b, h, n, d // group, group)
-    codes, scale, zero = _minmax_codes(grouped, bits, dim=4, valid=mask)  # codes [B, H, N, D/g, g]
-    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4), index, value)
+    codes, scale, zero = _codes(grouped, bits, 4, mask, scales)  # codes [B, H, N, D/g, g]
+    zero = None if zero is None else zero.squeeze(4)
+    return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero, index, value)
 
 
 def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tensor:
@@ -172,8 +236,8 @@ def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tens
     q = unpack(codes.packed, bits, dim).float()  # [B, H, N, D]
     b, h, n, d = q.shape
     scale = codes.scale.float().repeat_interleave(group, dim=2)  # [B, H, N, D]
-    zero = codes.zero.float().repeat_interleave(group, dim=2)
-    out = q * scale + zero
+    zero = None if codes.zero is None else codes.zero.float().repeat_interleave(group, dim=2)
+    out = _dequantize(q, scale, zero, bits)
     if codes.outlier_index is not None:
         flat = out.view(b, h, n // group, group * d)  # [B, H, N/g, g*D]
         flat.scatter_(-1, codes.outlier_index.long(), codes.outlier_value.float())
@@ -184,8 +248,8 @@ def dequantize_values(codes: Codes, bits: int, group: int, dim: int) -> torch.Te
     """Float32 values ``[B, H, N, D]`` from per-token codes."""
     q = unpack(codes.packed, bits, dim).float()
     scale = codes.scale.float().repeat_interleave(group, dim=3)  # [B, H, N, D]
-    zero = codes.zero.float().repeat_interleave(group, dim=3)
-    out = q * scale + zero
+    zero = None if codes.zero is None else codes.zero.float().repeat_interleave(group, dim=3)
+    out = _dequantize(q, scale, zero, bits)
     if codes.outlier_index is not None:
         out.scatter_(-1, codes.outlier_index.long(), codes.outlier_value.float())
     return out

@@ -27,8 +27,10 @@ import torch
 
 from contextlab.methods.positions import Rope, rotate
 from contextlab.store.codec import (
+    E4M3,
     Codes,
     check_bits,
+    check_scales,
     dequantize_keys,
     dequantize_values,
     outlier_count,
@@ -45,7 +47,9 @@ class QuantSpec:
     """How slots are quantized: ``bits`` per code, ``group`` tokens per key scale and channels per value
     scale, ``residual`` newest slots kept in full precision, ``outliers`` fraction of entries per group kept
     apart in float16 (KVQuant's dense-and-sparse split), ``pre_rope``: keys quantized before RoPE (rotated
-    back by their position when stored, forward when read; KVQuant)."""
+    back by their position when stored, forward when read; KVQuant), ``scales``: ``"fp16"`` (asymmetric,
+    float16 scale and zero point) or ``"e4m3"`` (symmetric, one float8 scale per group; see
+    :mod:`contextlab.store.codec`)."""
 
     bits: int = 4
     group: int = 32
@@ -56,9 +60,16 @@ class QuantSpec:
     low_bits: int | None = None  # mixed precision: non-salient slots get these bits (ZipCache)
     salient: float = 1.0  # share of slots at ``bits`` when ``low_bits`` is set
     tokenwise_keys: bool = False  # mixed precision: ZipCache's channel-separable token-wise keys
+    scales: str = "fp16"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_scales(self.scales)
+        if self.scales != "fp16" and (self.low_bits is not None or self.pre_rope or self.outliers):
+            raise ValueError(
+                f"scales={self.scales} is implemented for plain per-group codes (kivi); mixed precision, "
+                "pre-RoPE keys and outliers use scales=fp16"
+            )
         for name, value, low in (("group", self.group, 1), ("residual", self.residual, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -80,8 +91,9 @@ class QuantSpec:
 
     @property
     def direct_read(self) -> bool:
-        """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
-        return not self.pre_rope and not self.outliers and self.low_bits is None
+        """True when attention can read the codes as they are (post-RoPE keys, no outliers, float16 scales and
+        zero points: the layout of :mod:`contextlab.kernels.quant_attention`)."""
+        return not self.pre_rope and not self.outliers and self.low_bits is None and self.scales == "fp16"
 
     def channels(self, head_dim: int) -> int:
         """Channels per value scale on a head of ``head_dim``."""
@@ -133,6 +145,12 @@ class QuantizedPrefix(BufferPrefix):
             ("value.scale", d // c, torch.float16, 1),
             ("value.zero", d // c, torch.float16, 1),
         ]
+        if spec.scales == "e4m3":  # one float8 scale per group, no zero point
+            layout = [
+                (name, width, E4M3 if name.endswith("scale") else dtype, unit)
+                for name, width, dtype, unit in layout
+                if not name.endswith("zero")
+            ]
         if key_outliers:
             layout += [
                 ("key.outlier_index", key_outliers, torch.int16, g),
@@ -193,8 +211,8 @@ class QuantizedPrefix(BufferPrefix):
             self._grow(max(stop, int(self.capacity * 1.5)))
         if spec.pre_rope:
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
-        kc = quantize_keys(keys, spec.bits, spec.group, valid, spec.outliers)  # padding does not widen a range
-        vc = quantize_values(values, spec.bits, self.channels, spec.outliers)
+        kc = quantize_keys(keys, spec.bits, spec.group, valid, spec.outliers, spec.scales)  # padding: not in range
+        vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
         for name, t in fresh.items():
             unit = self.units[name]
