@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contextlab.kernels.quant_attention import merge_attention, quantized_attention, quantized_attention_reference
-from contextlab.store.codec import BITS, Codes, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from contextlab.store.codec import BITS, E4M3, Codes, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from tests.kernels.interpreter import HAS_TRITON, run_interpreted
 
 # Every path dequantizes exactly the same codes and computes in fp32; only summation orders differ.
@@ -34,6 +34,8 @@ class Case:
     query_dtype: torch.dtype = torch.float32
     block_n: int | None = 16  # None with splits None: the public API and the launcher's defaults
     splits: int | None = 1
+    scales: str = "fp16"  # "e4m3": symmetric codes, float8 scales, no zero points
+    every_scale_byte: bool = False  # e4m3: the scales cycle through every non-negative E4M3 number (bytes 0-126)
 
 
 def _grid() -> dict[str, Case]:
@@ -65,13 +67,20 @@ CASES = {
     "more-splits-than-blocks": Case(4, 4, 32, 40, splits=10, sliced=True),
     "many-splits": Case(2, 4, 64, 256, batch=1, valid_heads=1, garbage=True, sliced=True, splits=5),
     "defaults": Case(4, 1, 32, 136, batch=1, block_n=None, splits=None, valid_heads=1, sliced=True),
+    # symmetric codes with float8 scales (kivi:scales=e4m3)
+    "e4m3-b4-g4": Case(4, 4, 64, 40, valid_heads=2, sliced=True, splits=2, scales="e4m3"),
+    "e4m3-b2-gqa-3-heads": Case(2, 3, 32, 48, kv_heads=1, valid_heads=1, garbage=True, splits=2, scales="e4m3"),
+    "e4m3-b8-bf16-query": Case(8, 1, 32, 40, query_dtype=torch.bfloat16, valid_heads=None, scales="e4m3"),
+    "e4m3-b3-defaults": Case(3, 2, 32, 136, batch=1, block_n=None, splits=None, valid_heads=1, scales="e4m3"),
+    "e4m3-every-scale-byte": Case(4, 2, 32, 64, valid_heads=1, scales="e4m3", every_scale_byte=True),
 }
 
 
 def _split(codes: Codes, start: int, end: int, key_group: int, keys: bool) -> Codes:
     """Tokens ``start..end-1`` of ``codes`` (``start``, ``end`` multiples of ``key_group``)."""
     meta = slice(start // key_group, end // key_group) if keys else slice(start, end)
-    return Codes(codes.packed[:, :, start:end], codes.scale[:, :, meta], codes.zero[:, :, meta])
+    zero = None if codes.zero is None else codes.zero[:, :, meta]
+    return Codes(codes.packed[:, :, start:end], codes.scale[:, :, meta], zero)
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[tuple, dict]:
@@ -83,8 +92,13 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[tuple, dict]:
     # Per-channel offsets and spreads, as real keys have (the reason KIVI quantizes keys per channel).
     keys = torch.randn(b, h, cap, d, generator=gen) * (0.5 + 2 * torch.rand(d, generator=gen))
     keys += torch.randn(d, generator=gen)
-    key_codes = quantize_keys(keys, case.bits, kg)
-    value_codes = quantize_values(torch.randn(b, h, cap, d, generator=gen), case.bits, case.value_group)
+    key_codes = quantize_keys(keys, case.bits, kg, scales=case.scales)
+    values = torch.randn(b, h, cap, d, generator=gen)
+    value_codes = quantize_values(values, case.bits, case.value_group, scales=case.scales)
+    if case.every_scale_byte:  # subnormal, normal and the largest scales, decoded in the kernel from their bytes
+        for codes, shift in ((key_codes, 0), (value_codes, 61)):
+            raw = codes.scale.view(torch.uint8)
+            raw.copy_(((torch.arange(raw.numel()) + shift) % 127).view(raw.shape))
     keys_view = _split(key_codes, pad, pad + n, kg, keys=True)  # [B, H, N, W] views when sliced
     values_view = _split(value_codes, pad, pad + n, kg, keys=False)
     if case.sliced:
@@ -104,14 +118,17 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[tuple, dict]:
 
 
 def _poison_ignored(keys: Codes, values: Codes, valid: torch.Tensor, key_group: int) -> None:
-    """NaN scale/zero on every ignored token's values and on key groups whose tokens are all ignored."""
+    """NaN scale/zero on every ignored token's values and on key groups whose tokens are all ignored (float8
+    scales: the byte 0x7F, E4M3's NaN)."""
     b, h, n = keys.packed.shape[:3]
     ignored = ~valid.expand(b, h, n)  # [B, H, N]
-    values.scale[ignored] = float("nan")
-    values.zero[ignored] = float("nan")
     ignored_groups = ignored.reshape(b, h, n // key_group, key_group).all(dim=-1)  # [B, H, N / key_group]
-    keys.scale[ignored_groups] = float("nan")
-    keys.zero[ignored_groups] = float("nan")
+    for codes, where in ((values, ignored), (keys, ignored_groups)):
+        if codes.zero is None:
+            codes.scale.view(torch.uint8)[where] = 0x7F
+        else:
+            codes.scale[where] = float("nan")
+            codes.zero[where] = float("nan")
 
 
 def brute_force(query, keys, values, valid, *, bits, key_group, value_group, scaling):
@@ -238,6 +255,10 @@ def _scale_rows(codes: Codes, rows: int) -> Codes:
     return Codes(codes.packed, codes.scale[:, :, :rows], codes.zero[:, :, :rows])
 
 
+def _symmetric(codes: Codes, scale_dtype: torch.dtype = E4M3) -> Codes:
+    return Codes(codes.packed, codes.scale.to(scale_dtype), None)
+
+
 # Each entry turns valid inputs (query, keys, values, valid, kwargs) into bad ones.
 BAD_INPUTS = {
     r"query must be \[B, Hq, D\]": lambda q, k, v, m, kw: ((q[0], k, v, m), kw),
@@ -256,6 +277,8 @@ BAD_INPUTS = {
     "values.packed must be an int32": lambda q, k, v, m, kw: ((q, k, Codes(v.packed.long(), v.scale, v.zero), m), kw),
     r"valid must be \[B=2, 1 or H=2, N=40\]": lambda q, k, v, m, kw: ((q, k, v, m[..., :30]), kw),
     "valid must be a bool": lambda q, k, v, m, kw: ((q, k, v, m.float()), kw),
+    "both have zero points": lambda q, k, v, m, kw: ((q, _symmetric(k), v, m), kw),
+    "need float8 E4M3 scales": lambda q, k, v, m, kw: ((q, _symmetric(k, torch.float16), _symmetric(v), m), kw),
 }
 
 
@@ -275,8 +298,8 @@ def test_bad_backend_raises_value_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4])
-def test_cuda_real_shapes_match_the_reference_without_materialising_the_cache(bits):
+@pytest.mark.parametrize(("bits", "scales"), [(2, "fp16"), (4, "fp16"), (4, "e4m3")])
+def test_cuda_real_shapes_match_the_reference_without_materialising_the_cache(bits, scales):
     """One Llama-3-8B-like layer at 32K tokens: B=1, H=8, G=4, D=128, codes sliced from larger buffers."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -284,8 +307,8 @@ def test_cuda_real_shapes_match_the_reference_without_materialising_the_cache(bi
 
     b, h, g, d, n, group, cap = 1, 8, 4, 128, 32768, 32, 32768 + 512
     gen = torch.Generator(device="cuda").manual_seed(0)
-    keys = quantize_keys(torch.randn(b, h, cap, d, device="cuda", generator=gen), bits, group)
-    values = quantize_values(torch.randn(b, h, cap, d, device="cuda", generator=gen), bits, group)
+    keys = quantize_keys(torch.randn(b, h, cap, d, device="cuda", generator=gen), bits, group, scales=scales)
+    values = quantize_values(torch.randn(b, h, cap, d, device="cuda", generator=gen), bits, group, scales=scales)
     keys = _split(keys, group, group + n, group, True)  # [B, H, N, W] views into capacity buffers
     values = _split(values, group, group + n, group, False)
     query = torch.randn(b, h * g, d, device="cuda", generator=gen).bfloat16()

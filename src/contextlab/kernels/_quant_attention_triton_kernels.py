@@ -12,6 +12,11 @@ loads its word (neighbouring channels hit the same cache line), shifts and masks
 scale/zero row ``token // KEY_GROUP``, so a block need not align with key groups. With G <= 8 the logits
 are tiny mat-vecs, computed as broadcast products and sums in fp32 rather than ``tl.dot`` (which would pad
 ``G`` to 16 rows and, in fp32, not use tensor cores anyway).
+
+With ``SYMMETRIC`` (``scales="e4m3"`` codes) each group has one float8 E4M3 scale and no zero point: the
+launcher passes the scales as their bytes, decoded here with integer arithmetic (:func:`e4m3_to_float`, so
+the interpreter, which has no float8, runs the same code), and a code reads back as
+``(code - 2**(BITS-1) + 0.5) * scale``; the zero pointer is then unused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ import triton.language as tl
 
 # Triton decides at decoration time, from this variable, whether the kernels below run interpreted (on CPU).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@triton.jit
+def e4m3_to_float(byte):
+    """Float32 value of float8 E4M3 (``fn``) bytes held in int32, sign ignored (scales are non-negative):
+    ``(8 + mantissa) * 2**(exponent - 10)``, or ``mantissa * 2**-9`` for subnormals (exponent 0)."""
+    exponent = (byte >> 3) & 15
+    mantissa = (byte & 7).to(tl.float32)
+    normal = (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32))
+    return tl.where(exponent > 0, normal, mantissa * 0.001953125)
 
 
 @triton.jit
@@ -39,7 +54,7 @@ def quantized_decode_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     scale, N, KV_HEADS, GROUPS, HEAD_DIM, KEY_GROUP, VALUE_GROUP, TOKENS_PER_SPLIT,
-    BITS: tl.constexpr, PER_WORD: tl.constexpr, HAS_VALID: tl.constexpr,
+    BITS: tl.constexpr, PER_WORD: tl.constexpr, HAS_VALID: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Partial ``out[b, hq, split, :]`` and ``lse[b, hq, split]`` of the ``G`` query heads of KV head ``h``
@@ -66,6 +81,7 @@ def quantized_decode_kernel(
     vz_row = vz_ptr + b * stride_vzb + h * stride_vzh
     valid_row = valid_ptr + b * stride_mb + h * stride_mh
 
+    MIDDLE = (1 << (BITS - 1)) - 0.5  # symmetric codes: the code that reads back as 0 (between two levels)
     row_max = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite start: no (-inf) - (-inf) on empty blocks
     row_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -80,9 +96,17 @@ def quantized_decode_kernel(
         # Mask after the (arithmetic) shift: at 8 bits the top code sits in the sign bit.
         key_codes = (key_words >> shift[None, :]) & ((1 << BITS) - 1)  # [N, D]
         groups = tokens // KEY_GROUP  # [N]
-        k_scale = tl.load(ks_row + groups[:, None] * stride_ksn + dims[None, :] * stride_ksd, mask=tile_ok, other=0.0)
-        k_zero = tl.load(kz_row + groups[:, None] * stride_kzn + dims[None, :] * stride_kzd, mask=tile_ok, other=0.0)
-        k = key_codes.to(tl.float32) * k_scale.to(tl.float32) + k_zero.to(tl.float32)  # [N, D]
+        if SYMMETRIC:
+            k_byte = tl.load(ks_row + groups[:, None] * stride_ksn + dims[None, :] * stride_ksd, mask=tile_ok, other=0)
+            k = (key_codes.to(tl.float32) - MIDDLE) * e4m3_to_float(k_byte.to(tl.int32))  # [N, D]
+        else:
+            k_scale = tl.load(
+                ks_row + groups[:, None] * stride_ksn + dims[None, :] * stride_ksd, mask=tile_ok, other=0.0
+            )
+            k_zero = tl.load(
+                kz_row + groups[:, None] * stride_kzn + dims[None, :] * stride_kzd, mask=tile_ok, other=0.0
+            )
+            k = key_codes.to(tl.float32) * k_scale.to(tl.float32) + k_zero.to(tl.float32)  # [N, D]
         logits = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, N]
         attend = token_ok
         if HAS_VALID:
@@ -96,13 +120,19 @@ def quantized_decode_kernel(
         # Values: per-token scale/zero of the channel's value group.
         value_words = tl.load(vc_row + tokens[:, None] * stride_vcn + word[None, :] * stride_vcw, mask=tile_ok, other=0)
         value_codes = (value_words >> shift[None, :]) & ((1 << BITS) - 1)  # [N, D]
-        v_scale = tl.load(
-            vs_row + tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd, mask=tile_ok, other=0.0
-        )
-        v_zero = tl.load(
-            vz_row + tokens[:, None] * stride_vzn + value_meta[None, :] * stride_vzd, mask=tile_ok, other=0.0
-        )
-        v = value_codes.to(tl.float32) * v_scale.to(tl.float32) + v_zero.to(tl.float32)  # [N, D]
+        if SYMMETRIC:
+            v_byte = tl.load(
+                vs_row + tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd, mask=tile_ok, other=0
+            )
+            v = (value_codes.to(tl.float32) - MIDDLE) * e4m3_to_float(v_byte.to(tl.int32))  # [N, D]
+        else:
+            v_scale = tl.load(
+                vs_row + tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd, mask=tile_ok, other=0.0
+            )
+            v_zero = tl.load(
+                vz_row + tokens[:, None] * stride_vzn + value_meta[None, :] * stride_vzd, mask=tile_ok, other=0.0
+            )
+            v = value_codes.to(tl.float32) * v_scale.to(tl.float32) + v_zero.to(tl.float32)  # [N, D]
         v = tl.where(attend[:, None], v, 0.0)  # a zero probability times a NaN garbage value is still NaN
         acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)  # [G, D]
         row_max = new_max

@@ -12,6 +12,7 @@ Shapes (``G = Hq // H`` query heads per KV head; query head ``j`` reads KV head 
 - ``query``: ``[B, Hq, D]``, one decode query per query head (fp32, fp16 or bf16).
 - ``keys``, ``values``: :class:`~contextlab.store.codec.Codes` of ``N`` tokens, ``packed`` ``[B, H, N, W]``
   int32; keys' ``scale``/``zero`` ``[B, H, N / key_group, D]``, values' ``[B, H, N, D / value_group]``.
+  Symmetric codes (``scales="e4m3"``): float8 E4M3 ``scale`` and ``zero = None``, on both.
   They may be views sliced along dim 2 from larger capacity buffers: every path honours strides.
 - ``valid``: ``[B, 1 | H, N]`` bool (False: the token is ignored) or None (all valid).
 - results: ``out [B, Hq, D]`` float32, the softmax-weighted sum of dequantized values, and ``lse [B, Hq]``
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from contextlab.kernels._triton import triton_available
-from contextlab.store.codec import Codes, check_bits, dequantize_keys, dequantize_values, words
+from contextlab.store.codec import E4M3, Codes, check_bits, dequantize_keys, dequantize_values, words
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -54,8 +55,13 @@ def check_inputs(
                 f"{name}.packed must be an int32 [B, H, N, W] tensor; got {codes.packed.dtype} "
                 f"{tuple(codes.packed.shape)}"
             )
-        if not (codes.scale.is_floating_point() and codes.zero.is_floating_point()):
+        if codes.zero is None:
+            if codes.scale.dtype != E4M3:
+                raise ValueError(f"{name} without zero points (symmetric codes) need float8 E4M3 scales")
+        elif not (codes.scale.is_floating_point() and codes.zero.is_floating_point()):
             raise ValueError(f"{name}.scale and {name}.zero must be floating point")
+    if (keys.zero is None) != (values.zero is None):
+        raise ValueError("keys and values must both have zero points (float16 scales) or neither (float8 scales)")
     if keys.packed.shape != values.packed.shape:
         raise ValueError(
             f"keys and values hold different code shapes: {tuple(keys.packed.shape)} and {tuple(values.packed.shape)}"
@@ -73,17 +79,18 @@ def check_inputs(
         raise ValueError(f"value_group ({value_group}) must divide the head dim ({d})")
     key_meta, value_meta = (b, h, n // key_group, d), (b, h, n, d // value_group)
     for name, codes, shape in (("keys", keys, key_meta), ("values", values, value_meta)):
-        if tuple(codes.scale.shape) != shape or tuple(codes.zero.shape) != shape:
+        zero_shape = shape if codes.zero is None else tuple(codes.zero.shape)
+        if tuple(codes.scale.shape) != shape or zero_shape != shape:
             raise ValueError(
-                f"{name}.scale and {name}.zero must be {list(shape)}; got {tuple(codes.scale.shape)} and "
-                f"{tuple(codes.zero.shape)}"
+                f"{name}.scale and {name}.zero must be {list(shape)}; got {tuple(codes.scale.shape)} and {zero_shape}"
             )
     if valid is not None:
         if valid.dim() != 3 or valid.shape[0] != b or valid.shape[1] not in (1, h) or valid.shape[2] != n:
             raise ValueError(f"valid must be [B={b}, 1 or H={h}, N={n}]; got {tuple(valid.shape)}")
         if valid.dtype != torch.bool:
             raise ValueError(f"valid must be a bool tensor; got {valid.dtype}")
-    tensors = [query, keys.packed, keys.scale, keys.zero, values.packed, values.scale, values.zero]
+    tensors = [query, keys.packed, keys.scale, values.packed, values.scale]
+    tensors += [t for t in (keys.zero, values.zero) if t is not None]
     devices = {t.device for t in [*tensors, *([] if valid is None else [valid])]}
     if len(devices) > 1:
         raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")

@@ -66,6 +66,10 @@ def quantized_attention_triton(
     splits = triton.cdiv(blocks, blocks_per_split)  # no split left without tokens
 
     query, keys, values = _kernel_dtypes(query, keys, values, kernels.INTERPRETED)
+    symmetric = keys.zero is None
+    if symmetric:  # float8 scales as their bytes (decoded in the kernel); the zero arguments are unused
+        keys = Codes(keys.packed, keys.scale.view(torch.uint8), keys.scale.view(torch.uint8))
+        values = Codes(values.packed, values.scale.view(torch.uint8), values.scale.view(torch.uint8))
     # A bool tensor reinterpreted as bytes (no copy, strides kept); broadcast over heads by a zero stride.
     mask = valid.view(torch.uint8).expand(b, h, n) if valid is not None else out
     mask_strides = mask.stride() if valid is not None else (0, 0, 0)
@@ -109,6 +113,7 @@ def quantized_attention_triton(
         BITS=bits,
         PER_WORD=per_word(bits),
         HAS_VALID=valid is not None,
+        SYMMETRIC=symmetric,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -151,8 +156,8 @@ def _kernel_dtypes(
     if not interpreted:
         return query, keys, values
 
-    def fp32_if_bf16(x: torch.Tensor) -> torch.Tensor:
-        return x.float() if x.dtype == torch.bfloat16 else x
+    def fp32_if_bf16(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x.float() if x is not None and x.dtype == torch.bfloat16 else x
 
     return (
         fp32_if_bf16(query),

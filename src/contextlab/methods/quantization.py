@@ -34,8 +34,8 @@ class KIVI(Method):
     zero point (the 8-bit shared block scale of the microscaling formats, Rouhani et al., arXiv 2310.10537):
     ``8 / group + 8 / value_group`` bits of metadata instead of ``32 / group + 32 / value_group`` on average
     over keys and values, so 4.25 bits per element at 4 bits / group 32 (0.266 of bf16) and 2.25 at 2 bits
-    (0.141), at the cost of a coarser grid for channels whose range is off-centre (KIVI's keys). Reads go
-    through a dequantized copy (the fused decode kernel reads the float16 layout)."""
+    (0.141), at the cost of a coarser grid for channels whose range is off-centre (KIVI's keys). The fused
+    decode kernel reads either layout."""
 
     name = "kivi"
     paper = "https://arxiv.org/abs/2402.02750"

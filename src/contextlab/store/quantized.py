@@ -91,9 +91,8 @@ class QuantSpec:
 
     @property
     def direct_read(self) -> bool:
-        """True when attention can read the codes as they are (post-RoPE keys, no outliers, float16 scales and
-        zero points: the layout of :mod:`contextlab.kernels.quant_attention`)."""
-        return not self.pre_rope and not self.outliers and self.low_bits is None and self.scales == "fp16"
+        """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
+        return not self.pre_rope and not self.outliers and self.low_bits is None
 
     def channels(self, head_dim: int) -> int:
         """Channels per value scale on a head of ``head_dim``."""
