@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -26,19 +27,25 @@ def test_profile_measures_once_saves_and_reuses(model_dir, tmp_path):
     assert first.returncode == 0, first.stderr
     saved = list((tmp_path / "profiles").glob("minference-*.json"))
     assert len(saved) == 1 and str(saved[0]) in first.stdout and " heads" in first.stdout
-    again = run_cli(*args, env=env)
-    assert again.returncode == 0 and again.stdout == first.stdout
-    duo = run_cli("profile", "--model", str(model_dir), "--method", "duo:calibration=1024", env=env)
-    assert duo.returncode == 0 and "streaming" in duo.stdout, duo.stderr
-    wrong = run_cli("profile", "--model", str(model_dir), "--method", "snapkv:0.5", env=env)
-    assert wrong.returncode == 2 and "measures nothing on the model" in wrong.stderr
     damaged = tmp_path / "damaged.json"
     damaged.write_text(saved[0].read_text().replace('"a_shape"', '"dense"').replace('"block_sparse"', '"dense"'))
     spec = f"minference:calibration=1024,recall=0.5,profile={damaged}"
-    refused = run_cli("profile", "--model", str(model_dir), "--method", spec, env=env)
-    assert refused.returncode == 2 and "failed its checksum" in refused.stderr, refused.stderr
-    forced = run_cli("profile", "--model", str(model_dir), "--method", spec, "--force", env=env)
-    assert forced.returncode == 2 and "drop profile=" in forced.stderr
+    # The rest are independent processes (each spends seconds importing): run side by side.
+    calls = {
+        "again": args,
+        "duo": ("profile", "--model", str(model_dir), "--method", "duo:calibration=1024"),
+        "wrong": ("profile", "--model", str(model_dir), "--method", "snapkv:0.5"),
+        "refused": ("profile", "--model", str(model_dir), "--method", spec),
+        "forced": ("profile", "--model", str(model_dir), "--method", spec, "--force"),
+    }
+    with ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(run_cli, *call, env=env) for name, call in calls.items()}
+        out = {name: future.result() for name, future in futures.items()}
+    assert out["again"].returncode == 0 and out["again"].stdout == first.stdout
+    assert out["duo"].returncode == 0 and "streaming" in out["duo"].stdout, out["duo"].stderr
+    assert out["wrong"].returncode == 2 and "measures nothing on the model" in out["wrong"].stderr
+    assert out["refused"].returncode == 2 and "failed its checksum" in out["refused"].stderr, out["refused"].stderr
+    assert out["forced"].returncode == 2 and "drop profile=" in out["forced"].stderr
 
 
 def test_methods_lists_every_method_with_its_paper():
