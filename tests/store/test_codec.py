@@ -42,12 +42,18 @@ def _step_bound(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tor
     return scale.float().amax() / 2 + 2e-3 * magnitude
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+# Random code shapes: bit width, key groups of tokens, group size, value groups of channels.
+SHAPES = dict(
     bits=st.sampled_from(BITS),
     groups=st.integers(1, 4),
     group=st.sampled_from([4, 8, 16, 32]),
     dim_groups=st.integers(1, 4),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    **SHAPES,
     heads=st.integers(1, 3),
     spread=st.floats(0.01, 20.0),
     seed=st.integers(0, 2**16),
@@ -113,10 +119,7 @@ def test_e4m3_scales_round_up_to_the_next_float8_number():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    bits=st.sampled_from(BITS),
-    groups=st.integers(1, 4),
-    group=st.sampled_from([4, 8, 16, 32]),
-    dim_groups=st.integers(1, 4),
+    **SHAPES,
     spread=st.floats(0.01, 20.0),
     offset=st.floats(-5.0, 5.0),
     seed=st.integers(0, 2**16),
