@@ -608,6 +608,8 @@ def report_perplexity(store: Store, count: int) -> list[str]:
             ("kivi:bits=4,group=128", 0.1),
             ("kivi:bits=2", 0.5),
             ("kivi:bits=2,group=128", 0.5),
+            ("kivi:bits=4,scales=e4m3", 0.1),
+            ("kivi:bits=2,scales=e4m3", 0.5),
             ("kvquant:bits=3", 0.1),
         ):
             if spec in cells:
