@@ -218,6 +218,9 @@ def report(store: dict, threads: int) -> str:
             accuracy_table(store, "shared"),
             "## Decode speed and reads",
             speed_table(store),
+            "Each speed cell prefilled the 32K prompt once and timed the decode steps after the first, on one "
+            "thread, while one other single-thread benchmark ran on the machine's second core. Cells whose "
+            "decode steps overlapped a test run were measured again (the table shows the quiet values).",
             f"Platform: {platform.platform()}",
         ]
     )

@@ -721,7 +721,8 @@ def report(store: Store, args) -> str:
         "reference model. Batch size 1 throughout. Command: `PYTHONPATH=. python -u "
         "benchmarks/quantization.py` (cells accumulate across runs; this file was last written by "
         f"`--sections {' '.join(args.sections)}{' --quick' if args.quick else ''}`). Timings are on a machine "
-        "shared with other work: prefill seconds are indicative only.",
+        "shared with other work: prefill seconds are indicative only (the `scales=e4m3` cells ran on one "
+        "thread beside other runs, the others on two).",
         "",
     ]
     lines += report_bytes(store, args.measured)
