@@ -48,6 +48,23 @@ TUNED = "selfextend:group=16,window=1024"
 NEW_TOKENS = {"reference": 12, "smollm": 32}
 
 
+# How the stored cells were taken (the store accumulates runs of several sessions).
+CONDITIONS = [
+    "## Conditions of the runs",
+    "- 2026-11-24/25: prefill seconds of some cells were measured while other jobs shared the 2 cores (the "
+    "test suite, debugging runs): reference 8000 `selfextend`, `selfextend:group=16,window=1024`, `string`, "
+    "and 16000 `full`, `selfextend`. They are inflated; compare methods by the speed table above (one run, "
+    "side by side, quiet machine) and by the quiet cells (16000: `selfextend:group=16,window=1024` 13.8 s vs "
+    "`ntk`/`yarn`/`linear` ~8 s).",
+    "- SmolLM2 cells with `new` = 12 (2026-11-25) gave the answer 12 tokens: SmolLM2-Instruct often restates "
+    "the question before the number, so some of their misses are cut-off answers, not lost needles. The "
+    "32-token cells (2026-12-06): `selfextend` on one thread beside another single-thread run (its prefill "
+    "seconds are one thread's), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
+    "chunk 2048): peak KV 209 MiB vs 704 MiB and prefill 51 s vs 92 s for full attention. 32K was not run.",
+    "",
+]
+
+
 def depth_samples(tok, length: int, n: int, seed: int):
     rng = random.Random(seed)
     depths = [0.1 + 0.8 * rng.random() for _ in range(n)]
@@ -253,6 +270,7 @@ def report(store: dict, args) -> str:
         "this model larger groups (grouped positions below ~2K, where it answers 100% inside its window) found "
         "more needles. Cells with fewer samples were run with `--few` to bound the run's time.",
         "",
+        *CONDITIONS,
     ]
     return "\n".join(lines)
 
