@@ -31,6 +31,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["ivf", "exact"])
     if field.name == "offload":
         return st.sampled_from(["none", "cpu"])
+    if field.name == "scales":
+        return st.sampled_from(["fp16", "e4m3"])
     if field.name == "profile":
         return st.sampled_from(["", "/tmp/profiles/minference.json"])
     if field.name in ("bits", "high", "low"):
