@@ -41,6 +41,19 @@ def e4m3_to_float(byte):
 
 
 @triton.jit
+def dequantize_tile(codes, scale_ptrs, zero_ptrs, mask, MIDDLE, SYMMETRIC: tl.constexpr):
+    """Float32 values of a tile of integer ``codes``: ``code * scale + zero`` (float16 scale and zero at
+    ``scale_ptrs`` / ``zero_ptrs``), or with ``SYMMETRIC`` ``(code - MIDDLE) * scale`` (float8 scale bytes at
+    ``scale_ptrs``; ``zero_ptrs`` unused)."""
+    if SYMMETRIC:
+        scale_bytes = tl.load(scale_ptrs, mask=mask, other=0).to(tl.int32)
+        return (codes.to(tl.float32) - MIDDLE) * e4m3_to_float(scale_bytes)
+    scale = tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return codes.to(tl.float32) * scale + zero
+
+
+@triton.jit
 def quantized_decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, valid_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -96,17 +109,9 @@ def quantized_decode_kernel(
         # Mask after the (arithmetic) shift: at 8 bits the top code sits in the sign bit.
         key_codes = (key_words >> shift[None, :]) & ((1 << BITS) - 1)  # [N, D]
         groups = tokens // KEY_GROUP  # [N]
-        if SYMMETRIC:
-            k_byte = tl.load(ks_row + groups[:, None] * stride_ksn + dims[None, :] * stride_ksd, mask=tile_ok, other=0)
-            k = (key_codes.to(tl.float32) - MIDDLE) * e4m3_to_float(k_byte.to(tl.int32))  # [N, D]
-        else:
-            k_scale = tl.load(
-                ks_row + groups[:, None] * stride_ksn + dims[None, :] * stride_ksd, mask=tile_ok, other=0.0
-            )
-            k_zero = tl.load(
-                kz_row + groups[:, None] * stride_kzn + dims[None, :] * stride_kzd, mask=tile_ok, other=0.0
-            )
-            k = key_codes.to(tl.float32) * k_scale.to(tl.float32) + k_zero.to(tl.float32)  # [N, D]
+        k_meta = groups[:, None] * stride_ksn + dims[None, :] * stride_ksd  # [N, D] scale offsets
+        k_zero = groups[:, None] * stride_kzn + dims[None, :] * stride_kzd
+        k = dequantize_tile(key_codes, ks_row + k_meta, kz_row + k_zero, tile_ok, MIDDLE, SYMMETRIC)  # [N, D]
         logits = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, N]
         attend = token_ok
         if HAS_VALID:
@@ -120,19 +125,9 @@ def quantized_decode_kernel(
         # Values: per-token scale/zero of the channel's value group.
         value_words = tl.load(vc_row + tokens[:, None] * stride_vcn + word[None, :] * stride_vcw, mask=tile_ok, other=0)
         value_codes = (value_words >> shift[None, :]) & ((1 << BITS) - 1)  # [N, D]
-        if SYMMETRIC:
-            v_byte = tl.load(
-                vs_row + tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd, mask=tile_ok, other=0
-            )
-            v = (value_codes.to(tl.float32) - MIDDLE) * e4m3_to_float(v_byte.to(tl.int32))  # [N, D]
-        else:
-            v_scale = tl.load(
-                vs_row + tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd, mask=tile_ok, other=0.0
-            )
-            v_zero = tl.load(
-                vz_row + tokens[:, None] * stride_vzn + value_meta[None, :] * stride_vzd, mask=tile_ok, other=0.0
-            )
-            v = value_codes.to(tl.float32) * v_scale.to(tl.float32) + v_zero.to(tl.float32)  # [N, D]
+        v_meta = tokens[:, None] * stride_vsn + value_meta[None, :] * stride_vsd
+        v_zero = tokens[:, None] * stride_vzn + value_meta[None, :] * stride_vzd
+        v = dequantize_tile(value_codes, vs_row + v_meta, vz_row + v_zero, tile_ok, MIDDLE, SYMMETRIC)  # [N, D]
         v = tl.where(attend[:, None], v, 0.0)  # a zero probability times a NaN garbage value is still NaN
         acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)  # [G, D]
         row_max = new_max
