@@ -71,10 +71,17 @@ def depth_samples(tok, length: int, n: int, seed: int):
     return samples(tok, "niah_single_2", length, n, seed=seed + length, depths=depths)
 
 
-def run(model, tok, method: str, items, allow: bool, new_tokens: int = 12) -> dict:
-    scores, prefill, peak = [], [], 0
-    start = time.perf_counter()
-    for s in items:
+def run(
+    model, tok, method: str, items, allow: bool, new_tokens: int = 12, cell: dict | None = None, save_cell=None
+) -> dict:
+    """Score ``items`` in order, extending ``cell`` (a shorter measurement of the same cell) in place.
+
+    The first ``len(cell["scores"])`` items were measured already and are skipped; the cell is handed to
+    ``save_cell`` after every needle, so a long cell (minutes per needle) survives an interrupted run.
+    """
+    cell = cell or {"scores": [], "prefill_s": 0.0, "peak_kv_mib": 0.0, "seconds": 0.0, "new_tokens": new_tokens}
+    for s in items[len(cell["scores"]) :]:
+        start = time.perf_counter()
         out = cl.generate(
             model,
             tok,
@@ -84,16 +91,14 @@ def run(model, tok, method: str, items, allow: bool, new_tokens: int = 12) -> di
             max_new_tokens=new_tokens,
             allow_beyond_window=allow,
         )
-        scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
-        prefill.append(out.prefill_seconds)
-        peak = max(peak, out.peak_memory_bytes)
-    return {
-        "scores": scores,
-        "prefill_s": sum(prefill) / len(prefill),
-        "peak_kv_mib": peak / 2**20,
-        "seconds": time.perf_counter() - start,
-        "new_tokens": new_tokens,
-    }
+        done = len(cell["scores"])
+        cell["scores"].append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+        cell["prefill_s"] = (cell["prefill_s"] * done + out.prefill_seconds) / (done + 1)
+        cell["peak_kv_mib"] = max(cell["peak_kv_mib"], out.peak_memory_bytes / 2**20)
+        cell["seconds"] += time.perf_counter() - start
+        if save_cell is not None:
+            save_cell(cell)
+    return cell
 
 
 def identity(store: dict) -> None:
@@ -128,13 +133,20 @@ def accuracy(store: dict, section: str, model_name: str, lengths: list[int], pla
             key = f"{section}|{length}|{spec}"
             done = store.get(key, {})
             if "skipped" in done or (done.get("new_tokens", 12) == new and len(done.get("scores", [])) >= n):
-                continue  # a cell measured with other answer room, or fewer needles, is measured again
+                continue
+            # a cell measured with other answer room is measured again; one with fewer needles is extended
+            cell = done if done.get("new_tokens", 12) == new else None
             method = cl.method(spec)
             limit = method.window_for(native)
             if spec != "full" and limit is not None and length + new > limit:
                 store[key] = {"skipped": f"serves at most {limit} tokens on this model"}
             else:
-                store[key] = run(model, tok, spec, pool[:n], allow=spec == "full", new_tokens=new)
+
+                def save_cell(cell: dict, key: str = key) -> None:
+                    store[key] = cell
+                    save(store)
+
+                store[key] = run(model, tok, spec, pool[:n], spec == "full", new, cell, save_cell)
             save(store)
             print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
 

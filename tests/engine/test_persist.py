@@ -33,6 +33,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "snapkv:0.5+kivi:bits=4,group=16,residual=16", 1),
         ("llama", "adakv:0.5+kivi:bits=2,group=16,residual=8", 2),
         ("llama", "decode(h2o,budget=48,every=4)+kivi:bits=3,group=16,residual=8", 1),
+        ("llama", "decode(h2o,budget=48,every=4)+kivi:bits=3,group=16,residual=8,sink=2", 2),
         ("gemma3", "kivi:bits=4,group=16,residual=16", 2),
         ("llama", "snapkv:0.5+kivi:bits=2,group=16,residual=8,scales=e4m3", 2),
         ("qwen2", "pyramidkv:0.5", 2),

@@ -18,23 +18,27 @@ def _layer(spec: QuantSpec) -> ContextlabLayer:
     return ContextlabLayer(LayerPolicy, make_store=lambda tracker, rope: QuantizedStore(spec, tracker, rope))
 
 
-def _step(layer: ContextlabLayer, n: int, gen: torch.Generator, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _step(
+    layer: ContextlabLayer, n: int, gen: torch.Generator, device: str, dtype: torch.dtype, loud: float = 1.0
+) -> torch.Tensor:
     b, h, g, d = 2, 2, 3, 32
     k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in range(2))
+    k[:, :, 0] *= loud  # an attention sink's outlier key (the prompt's first token)
     q = torch.randn(b, h * g, n, d, generator=gen).to(device, dtype)
     layer.update(k, v)
     return layer.attend(q, None, d**-0.5), q
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bits", [2, 4])
-def test_decode_over_codes_matches_attention_over_the_dequantized_cache(device, bits):
+@pytest.mark.parametrize(("bits", "sink"), [(2, 0), (4, 0), (2, 2)])
+def test_decode_over_codes_matches_attention_over_the_dequantized_cache(device, bits, sink):
+    """With ``sink`` exact slots, decode attends to them beside the codes (whose copies of them are masked)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(bits)
-    layer = _layer(QuantSpec(bits=bits, group=16, residual=16))
-    _step(layer, 200, gen, device, dtype)  # the prompt: 176 slots quantized, 24 in full precision
+    layer = _layer(QuantSpec(bits=bits, group=16, residual=16, sink=sink))
+    _step(layer, 200, gen, device, dtype, loud=8.0)  # the prompt: 176 slots quantized, 24 in full precision
     compared = 0
     for _ in range(20):
         before = layer.store.groups[0].quantized

@@ -289,7 +289,7 @@ def _zipcache_seen_bytes(method, counts: torch.Tensor) -> int:
 def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool) -> int:
     """Bytes one KV head of a layer holds for ``count`` slots: key and value, plus the position (int32) once
     evicted; a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros (or
-    float8 scales)."""
+    float8 scales), and its exact sink slots."""
     positions = 4 * count if evicted else 0
     zip_part = _zipcache_part(method)
     if zip_part is not None:  # two tiers of codes, chosen once for the whole prompt
@@ -317,7 +317,9 @@ def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool)
     # Outliers: an int16 index and a float16 value each, per key group and per value token.
     outliers = 4 * outlier_count(quant.outliers, quant.group * head_dim) * (coded // quant.group)
     outliers += 4 * outlier_count(quant.outliers, head_dim) * coded
-    return codes + scales + outliers + (count - coded) * 2 * head_dim * itemsize + positions
+    # Exact sink slots (once anything is coded): key and value in the cache's dtype and an int32 slot index.
+    sinks = quant.sink * (2 * head_dim * itemsize + 4) if coded else 0
+    return codes + scales + outliers + sinks + (count - coded) * 2 * head_dim * itemsize + positions
 
 
 def _sliding_savings(model, n: int, head_dim: int, itemsize: int) -> int:

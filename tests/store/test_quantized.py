@@ -247,3 +247,83 @@ def test_a_key_group_longer_than_the_head_gives_values_one_scale_per_token():
     split.settle()
     assert split.groups[0].prefix.buffers["value.scale"].shape[-1] == 4
     assert split.used_bytes() - store.used_bytes() == B * H * 64 * 2 * 2 * 3  # three more scale+zero pairs
+
+
+def _with_loud_first_token(n: int, scale: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = _tokens(n)
+    keys[:, :, 0] *= scale  # an attention sink: an outlier in every channel
+    values[:, :, 0] *= scale
+    return keys, values
+
+
+def test_sink_slots_stay_exact_and_out_of_their_key_groups_range():
+    keys, values = _with_loud_first_token(40)
+    errors = {}
+    for sink in (0, 1):
+        store = QuantizedStore(QuantSpec(bits=4, group=8, residual=8, sink=sink))
+        store.append(keys, values)
+        store.settle()
+        k, v = store.groups[0].used()
+        if sink:
+            assert torch.equal(k[:, :, 0], keys[:, :, 0]) and torch.equal(v[:, :, 0], values[:, :, 0])
+            assert (store.groups[0].prefix.sink_slots == 0).all()
+        errors[sink] = (k[:, :, 1:8] - keys[:, :, 1:8]).abs().max()  # the sink's key group, without it
+    # without the sink in the range, the group's step is about 50 times finer
+    assert errors[1] < errors[0] / 10
+    expect = dequantize_keys(quantize_keys(keys[:, :, 8:32], 4, 8), 4, 8, D)
+    assert torch.equal(k[:, :, 8:32], expect)  # later groups are untouched
+
+
+def test_sink_slots_count_their_exact_bytes():
+    spec = QuantSpec(bits=4, group=8, residual=12, sink=2)
+    store = _filled(spec, 50)[0]
+    assert store.used_bytes() == _expected_bytes(spec, 32, 18) + B * H * 2 * (2 * D * 4 + 4)
+
+
+def test_sinks_skip_left_padding_even_across_appends():
+    spec = QuantSpec(bits=4, group=8, residual=0, sink=2)
+    store = QuantizedStore(spec)
+    keys, values = _tokens(24)
+    valid = torch.ones(B, 24, dtype=torch.bool)
+    valid[1, :11] = False  # row 1: its first valid slot is 11, in the second group
+    for start in (0, 8, 16):  # three forwards of 8 slots, each quantized after it
+        store.append(keys[:, :, start : start + 8], values[:, :, start : start + 8])
+        store.mark_new(8, valid[:, start : start + 8], None)
+        store.settle()
+    prefix = store.groups[0].prefix
+    assert prefix.sink_slots[0].tolist() == [[0, 1]] * H and prefix.sink_slots[1].tolist() == [[11, 12]] * H
+    k, v = store.groups[0].used()
+    for row, slots in ((0, [0, 1]), (1, [11, 12])):
+        assert torch.equal(k[row, :, slots], keys[row, :, slots]) and torch.equal(
+            v[row, :, slots], values[row, :, slots]
+        )
+
+
+def test_sinks_follow_batch_reordering_and_a_saved_prefix():
+    store = QuantizedStore(QuantSpec(bits=4, group=8, residual=8, sink=1))
+    keys, values = _with_loud_first_token(40)
+    store.append(keys, values)
+    store.settle()
+    before = store.view().keys
+    store.map_batch(lambda t: t.flip(0))
+    assert torch.equal(store.view().keys, before.flip(0))
+    meta, tensors = store.export()
+    again = QuantizedStore(QuantSpec(bits=4, group=8, residual=8, sink=1))
+    again.restore(meta, tensors)
+    assert torch.equal(again.view().keys, store.view().keys) and again.used_bytes() == store.used_bytes()
+    other = QuantizedStore(QuantSpec(bits=4, group=8, residual=8, sink=2))
+    with pytest.raises(ValueError, match="saved slots hold 1 exact sink slots; this method keeps 2"):
+        other.restore(meta, tensors)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(sink=-1), "sink must be an integer >= 0, got -1"),
+        (dict(sink=True), "sink must be an integer >= 0, got True"),
+        (dict(sink=1, low_bits=2), "exact sink slots are implemented for one precision tier"),
+    ],
+)
+def test_bad_sink_counts_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)

@@ -335,16 +335,18 @@ def _causal(tq: int, total: int, device: torch.device) -> torch.Tensor:
 
 def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor:
     """One decode query per head over a quantized group, read from its codes (the fused Triton kernel on
-    CUDA; dequantize-then-attend elsewhere) and its full-precision tail, merged by log-sum-exp."""
+    CUDA; dequantize-then-attend elsewhere), its exact sink slots (if any) and its full-precision tail,
+    merged by log-sum-exp."""
     prefix = g.prefix
     keys, values = prefix.codes()
     spec = prefix.spec
     query = q[:, :, 0]  # [B, Hq, D]
+    sinks = prefix.sinks()  # exact sink slots: attended beside the codes, their codes masked out
     coded = quantized_attention(
         query,
         keys,
         values,
-        prefix.used_valid(),
+        prefix.used_valid() if sinks is None else sinks[3],
         bits=spec.bits,
         key_group=spec.group,
         value_group=prefix.channels,
@@ -352,5 +354,7 @@ def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor
     )
     tail_valid = None if g.valid is None else g.valid[:, :, : g.tail]
     recent = dense_attention_lse(query, g.keys[:, :, : g.tail], g.values[:, :, : g.tail], tail_valid, scaling)
-    out, _ = merge_attention(*coded, *recent)
+    out, lse = merge_attention(*coded, *recent)
+    if sinks is not None:
+        out, _ = merge_attention(out, lse, *dense_attention_lse(query, *sinks[:3], scaling))
     return out.to(q.dtype).unsqueeze(2)  # [B, Hq, 1, D]

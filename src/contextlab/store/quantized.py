@@ -49,7 +49,8 @@ class QuantSpec:
     apart in float16 (KVQuant's dense-and-sparse split), ``pre_rope``: keys quantized before RoPE (rotated
     back by their position when stored, forward when read; KVQuant), ``scales``: ``"fp16"`` (asymmetric,
     float16 scale and zero point) or ``"e4m3"`` (symmetric, one float8 scale per group; see
-    :mod:`contextlab.store.codec`)."""
+    :mod:`contextlab.store.codec`), ``sink``: the first ``sink`` valid slots of each row and head keep exact
+    keys and values and do not widen their key group's range (see :class:`QuantizedPrefix`)."""
 
     bits: int = 4
     group: int = 32
@@ -61,10 +62,15 @@ class QuantSpec:
     salient: float = 1.0  # share of slots at ``bits`` when ``low_bits`` is set
     tokenwise_keys: bool = False  # mixed precision: ZipCache's channel-separable token-wise keys
     scales: str = "fp16"
+    sink: int = 0  # the first ``sink`` valid slots stay exact (attention sinks)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_scales(self.scales)
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"sink must be an integer >= 0, got {self.sink!r}")
+        if self.sink and self.low_bits is not None:
+            raise ValueError("exact sink slots are implemented for one precision tier (kivi, kvquant), not zipcache")
         if self.scales != "fp16" and (self.low_bits is not None or self.pre_rope or self.outliers):
             raise ValueError(
                 f"scales={self.scales} is implemented for plain per-group codes (kivi); mixed precision, "
@@ -117,9 +123,21 @@ class QuantizedPrefix(BufferPrefix):
     ``[B, Hg, cap / group, k]`` and ``value.outlier_*`` ``[B, Hg, cap, k]``; ``valid [B, 1 | Hg, cap]`` and
     ``positions [B, Hg, cap]`` mirror the dense group's metadata (absent when it has none). ``units[name]``:
     slots per entry along dim 2 (``group`` for per-group key tensors, 1 otherwise).
+
+    Attention sinks (``spec.sink = S > 0``): the first ``S`` valid slots of every row and head, found as
+    slots arrive (left padding is skipped), keep their exact keys and values in ``sink_keys`` /
+    ``sink_values [B, Hg, S, D]`` (the cache's dtype) with their slot index in ``sink_slots [B, Hg, S]``
+    (int32, -1 until found). They are left out of their key group's range, so their large magnitudes do not
+    coarsen the other tokens' codes, and reads put the exact entries back (their codes stay in the packed
+    buffers, unused). The first token draws a large share of attention in most LLMs (StreamingLLM, arXiv
+    2309.17453), and keeping it lossless is what IntactKV (Liu et al., arXiv 2403.01241) and KVQuant's
+    attention-sink-aware variant do. Bytes: ``S * (2 * D * itemsize + 4)`` per row and head.
     """
 
     anchor = "key.packed"
+    sink_slots: torch.Tensor | None = None  # [B, Hg, S] int32 slot index of each exact sink slot, -1 = not yet
+    sink_keys: torch.Tensor | None = None  # [B, Hg, S, D] exact (post-RoPE) keys of the sink slots
+    sink_values: torch.Tensor | None = None
 
     def __init__(
         self, spec: QuantSpec, like: torch.Tensor, capacity: int, tracker: MemoryTracker, rope: Rope | None = None
@@ -160,11 +178,27 @@ class QuantizedPrefix(BufferPrefix):
         for name, width, dtype, unit in layout:
             self.buffers[name] = torch.zeros(b, h, cap // unit, width, dtype=dtype, device=device)
             self.units[name] = unit
+        if spec.sink:
+            self.sink_slots = torch.full((b, h, spec.sink), -1, dtype=torch.int32, device=device)
+            self.sink_keys = like.new_zeros(b, h, spec.sink, d)
+            self.sink_values = like.new_zeros(b, h, spec.sink, d)
         tracker.change(self.nbytes())
 
     @property
     def direct_read(self) -> bool:
         return self.spec.direct_read
+
+    # -- bytes ------------------------------------------------------------------------------------------
+    def _sink_bytes(self) -> int:
+        if self.sink_slots is None:
+            return 0
+        return sum(t.nbytes for t in (self.sink_slots, self.sink_keys, self.sink_values))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self._sink_bytes()
+
+    def used_bytes(self) -> int:
+        return super().used_bytes() + self._sink_bytes()
 
     # -- reading ----------------------------------------------------------------------------------------
     def codes(self) -> tuple[Codes, Codes]:
@@ -184,7 +218,34 @@ class QuantizedPrefix(BufferPrefix):
         v = dequantize_values(values, spec.bits, self.channels, self.dim)
         if spec.pre_rope:
             k = rotate(k, self.slot_positions(), self.rope)
-        return k.to(dtype), v.to(dtype)
+        k, v = k.to(dtype), v.to(dtype)
+        if self.sink_slots is not None:
+            self._put_sinks(k, v)
+        return k, v
+
+    def sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The exact sink slots for attention beside the codes: ``(keys, values [B, Hg, S, D], valid
+        [B, Hg, S], coded [B, Hg, length])``, ``coded`` the validity the codes keep (the prefix's with the
+        sink slots taken out); None without sinks."""
+        if self.sink_slots is None:
+            return None
+        found = self.sink_slots >= 0
+        slots = self.sink_slots.long().clamp(min=0)
+        b, h = self.sink_slots.shape[:2]
+        valid = self.used_valid()
+        valid = torch.ones(b, h, self.length, dtype=torch.bool, device=self.device) if valid is None else valid
+        valid = valid.expand(b, h, self.length)
+        sink_valid = found & valid.gather(-1, slots.clamp(max=max(self.length - 1, 0)))
+        taken = torch.zeros(b, h, self.length + 1, dtype=torch.bool, device=self.device)
+        taken.scatter_(-1, torch.where(found, slots, self.length), True)  # not found: the spare column
+        return self.sink_keys, self.sink_values, sink_valid, valid & ~taken[..., : self.length]
+
+    def _put_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the sink slots of dequantized ``keys``/``values [B, Hg, length, D]`` with exact ones."""
+        found = (self.sink_slots >= 0).unsqueeze(-1)  # [B, Hg, S, 1]
+        index = self.sink_slots.long().clamp(min=0).unsqueeze(-1).expand(*self.sink_keys.shape)
+        for out, exact in ((keys, self.sink_keys), (values, self.sink_values)):
+            out.scatter_(2, index, torch.where(found, exact.to(out.dtype), out.gather(2, index)))
 
     def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots ``[start, end)`` dequantized (the whole prefix is dequantized, then sliced)."""
@@ -208,9 +269,12 @@ class QuantizedPrefix(BufferPrefix):
         start, stop = self.length, self.length + m
         if stop > self.capacity:
             self._grow(max(stop, int(self.capacity * 1.5)))
+        in_range = valid  # slots that set their key group's range: not padding, not sinks
+        if self.sink_slots is not None and bool((self.sink_slots < 0).any()):
+            in_range = self._take_sinks(keys, values, valid, start)
         if spec.pre_rope:
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
-        kc = quantize_keys(keys, spec.bits, spec.group, valid, spec.outliers, spec.scales)  # padding: not in range
+        kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales)
         vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
         for name, t in fresh.items():
@@ -218,6 +282,59 @@ class QuantizedPrefix(BufferPrefix):
             self.buffers[name][:, :, start // unit : stop // unit] = t
         self._append_metadata(valid, positions, start, stop)
         self.length = stop
+
+    def _take_sinks(
+        self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, start: int
+    ) -> torch.Tensor:
+        """Record the valid slots among ``keys``/``values [B, Hg, m, D]`` (slots ``start..``) that are still
+        among the first ``spec.sink`` of their row and head; returns the validity ``[B, Hg, m]`` with them
+        removed (the slots that set key ranges)."""
+        b, h, m, d = keys.shape
+        sink = self.spec.sink
+        ok = torch.ones(b, h, m, dtype=torch.bool, device=keys.device) if valid is None else valid.expand(b, h, m)
+        rank = (self.sink_slots >= 0).sum(-1, keepdim=True) + ok.long().cumsum(-1) - 1  # [B, Hg, m]
+        take = ok & (rank < sink)
+        spot = torch.where(take, rank, sink)  # entry of the sink tables; ``sink`` = a spare column, dropped
+        here = torch.arange(start, start + m, dtype=torch.int32, device=keys.device).expand(b, h, m)
+        got = torch.zeros(b, h, sink + 1, dtype=torch.bool, device=keys.device).scatter(-1, spot, take)[..., :sink]
+        slots = self.sink_slots.new_full((b, h, sink + 1), -1).scatter(-1, spot, here)[..., :sink]
+        self.sink_slots = torch.where(got, slots, self.sink_slots)
+        where = spot.unsqueeze(-1).expand(b, h, m, d)
+        for name, new in (("sink_keys", keys), ("sink_values", values)):
+            old = getattr(self, name)
+            fresh = old.new_zeros(b, h, sink + 1, d).scatter(2, where, new.to(old.dtype))[:, :, :sink]
+            setattr(self, name, torch.where(got.unsqueeze(-1), fresh, old))
+        return ok & ~take
+
+    # -- batch, saving ----------------------------------------------------------------------------------
+    def map_batch(self, fn) -> None:
+        super().map_batch(fn)
+        if self.sink_slots is not None:
+            self.sink_slots, self.sink_keys, self.sink_values = map(
+                fn, (self.sink_slots, self.sink_keys, self.sink_values)
+            )
+
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta, tensors = super().export()
+        if self.sink_slots is not None:
+            tensors |= {"sink.slots": self.sink_slots, "sink.key": self.sink_keys, "sink.value": self.sink_values}
+        return meta, tensors
+
+    def restore(self, tensors: dict[str, torch.Tensor], length: int) -> None:
+        sinks = {k: tensors[k] for k in ("sink.slots", "sink.key", "sink.value") if k in tensors}
+        if bool(sinks) != (self.sink_slots is not None) or (
+            sinks and sinks["sink.slots"].shape != self.sink_slots.shape
+        ):
+            raise ValueError(
+                f"saved slots hold {len(sinks) and sinks['sink.slots'].shape[-1]} exact sink slots; this method "
+                f"keeps {self.spec.sink}"
+            )
+        super().restore({k: v for k, v in tensors.items() if not k.startswith("sink.")}, length)
+        if sinks:
+            self.tracker.change(-self._sink_bytes())
+            self.sink_slots = sinks["sink.slots"].to(torch.int32)
+            self.sink_keys, self.sink_values = sinks["sink.key"], sinks["sink.value"]
+            self.tracker.change(self._sink_bytes())
 
 
 class QuantizedStore(PrefixStore):
