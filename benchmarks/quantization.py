@@ -80,7 +80,9 @@ BYTES_SPECS = [
     "snapkv:0.5+kivi:bits=4,group=128",
     "snapkv:0.5+kivi:bits=4,scales=e4m3",
     "adakv:0.5+kivi:2",
+    "kivi:bits=2,sink=1",
     "kvquant:bits=3",
+    "kvquant:bits=3,sink=0",
     "kvquant:bits=4",
     "zipcache",
     "zipcache:keys=channel",
@@ -96,9 +98,14 @@ PPL_SPECS = [
     "kivi:bits=2,group=128",
     "kivi:bits=4,scales=e4m3",
     "kivi:bits=2,scales=e4m3",
+    "kivi:bits=3,sink=1",
+    "kivi:bits=2,sink=1",
     "kvquant:bits=4",
+    "kvquant:bits=4,sink=0",
     "kvquant:bits=3",
+    "kvquant:bits=3,sink=0",
     "kvquant:bits=2",
+    "kvquant:bits=2,sink=0",
     "zipcache",
     "zipcache:keys=channel",
     "snapkv:0.5",
@@ -111,11 +118,12 @@ NEEDLE_SPECS = [
     "kivi:bits=2",
     "kivi:bits=4,scales=e4m3",
     "snapkv:0.5+kivi:4",
+    "kvquant:bits=3,sink=0",
     "kvquant:bits=3",
     "zipcache",
     "zipcache:keys=channel",
 ]
-SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3", "zipcache"]
+SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3,sink=0", "zipcache"]
 ANALYTIC_LENGTHS = [4096, 8192, 32768]
 POSITION_BYTES = 4  # int32 position per kept slot per head once a prompt was evicted
 HELDOUT_CHARS = 400_000  # the perplexity text: the Bible's last 400K characters (Acts 25 .. Revelation)
@@ -164,8 +172,9 @@ def head_bytes(quant, kept: int, dim: int, itemsize: int, positions: bool) -> in
     int32 words), the keys' float16 scale and zero per channel per group of slots (``2 * 2 * dim`` bytes per
     ``group`` slots) and the values' per slot per group of ``c = min(group, dim)`` channels
     (``2 * 2 * dim / c`` bytes; ``value_group`` when set); with ``scales=e4m3`` one float8 scale (1 byte)
-    where float16 keeps a scale and a zero (4 bytes). Plus ``POSITION_BYTES`` per slot when the prompt was
-    evicted (kept positions are stored)."""
+    where float16 keeps a scale and a zero (4 bytes). With ``sink = S`` (once any slot is quantized), the S
+    exact sink slots: ``S * (2 * dim * itemsize + 4)`` (key, value and an int32 slot index). Plus
+    ``POSITION_BYTES`` per slot when the prompt was evicted (kept positions are stored)."""
     extra = POSITION_BYTES * kept if positions else 0
     full = 2 * dim * itemsize
     if quant is None:
@@ -175,7 +184,8 @@ def head_bytes(quant, kept: int, dim: int, itemsize: int, positions: bool) -> in
     per_group = meta_bytes(quant)
     key_meta = quantized // quant.group * per_group * dim
     value_meta = quantized * (dim // quant.channels(dim)) * per_group
-    return codes + key_meta + value_meta + (kept - quantized) * full + extra
+    sinks = quant.sink * (full + 4) if quantized else 0
+    return codes + key_meta + value_meta + sinks + (kept - quantized) * full + extra
 
 
 def meta_bytes(quant) -> int:
@@ -577,7 +587,9 @@ def report_perplexity(store: Store, count: int) -> list[str]:
         f"{CONTEXT}-token context is quantized (all but its newest 128..159 tokens) and evicted; a token-by-"
         "token decode would also see its own older continuation tokens quantized. `zipcache` is ZipCache's "
         "token-wise key quantizer (the paper's); `zipcache:keys=channel` keeps KIVI's per-channel keys inside "
-        "each precision tier.",
+        "each precision tier. `sink=1` keeps each window's first token exact and out of its key group's range "
+        "(the default of `kvquant`; `sink=0` rows are `kvquant` before that default). The first token of a window "
+        "here is a mid-verse word, not a BOS: the sink forms on whatever token comes first.",
         "",
     ]
     base = _ppl(cells["full"]) if "full" in cells else None
@@ -610,7 +622,9 @@ def report_perplexity(store: Store, count: int) -> list[str]:
             ("kivi:bits=2,group=128", 0.5),
             ("kivi:bits=4,scales=e4m3", 0.1),
             ("kivi:bits=2,scales=e4m3", 0.5),
+            ("kivi:bits=2,sink=1", 0.5),
             ("kvquant:bits=3", 0.1),
+            ("kvquant:bits=3,sink=0", 0.1),
         ):
             if spec in cells:
                 delta = _ppl(cells[spec]) - base
