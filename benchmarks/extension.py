@@ -58,8 +58,9 @@ CONDITIONS = [
     "`ntk`/`yarn`/`linear` ~8 s).",
     "- SmolLM2 cells with `new` = 12 (2026-11-25) gave the answer 12 tokens: SmolLM2-Instruct often restates "
     "the question before the number, so some of their misses are cut-off answers, not lost needles. The "
-    "32-token cells (2026-12-06): `selfextend` on one thread beside another single-thread run (its prefill "
-    "seconds are one thread's), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
+    "32-token cells (2026-12-06): `selfextend` on one thread beside other single-thread runs (its prefill "
+    "seconds are one thread's; its first 8 needles in one run, the next 22 appended by a later run over the "
+    "same sample list), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
     "chunk 2048): peak KV 209 MiB vs 704 MiB and prefill 51 s vs 92 s for full attention. 32K was not run.",
     "",
 ]
