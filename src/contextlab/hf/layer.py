@@ -346,7 +346,7 @@ def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor
         query,
         keys,
         values,
-        prefix.used_valid() if sinks is None else sinks[3],
+        prefix.used_valid() if sinks is None else sinks.coded,
         bits=spec.bits,
         key_group=spec.group,
         value_group=prefix.channels,
@@ -356,5 +356,6 @@ def _attend_codes(g: SlotGroup, q: torch.Tensor, scaling: float) -> torch.Tensor
     recent = dense_attention_lse(query, g.keys[:, :, : g.tail], g.values[:, :, : g.tail], tail_valid, scaling)
     out, lse = merge_attention(*coded, *recent)
     if sinks is not None:
-        out, _ = merge_attention(out, lse, *dense_attention_lse(query, *sinks[:3], scaling))
+        exact = dense_attention_lse(query, sinks.keys, sinks.values, sinks.valid, scaling)
+        out, _ = merge_attention(out, lse, *exact)
     return out.to(q.dtype).unsqueeze(2)  # [B, Hq, 1, D]

@@ -86,10 +86,10 @@ class KVQuant(Method):
     calibrated non-uniform datatypes and offline per-channel scales (ranges here are per group of ``group``
     tokens, computed online) and Q-Norm. Like ``kivi``, the newest ``residual`` tokens stay in full precision.
     The first ``sink`` valid tokens (default 1, the attention sink) keep exact keys and values and stay out of
-    their group's range (IntactKV, arXiv 2403.01241; KVSink, arXiv 2508.04257, applies the same protection
-    to KVQuant): on SmolLM2-135M at 3 bits this takes the perplexity delta from +0.19 to +0.14
-    (``benchmarks/quantization.py``). Reads go through a dequantized copy (the fused decode kernel reads
-    post-RoPE codes without outliers)."""
+    their group's range (IntactKV, arXiv 2403.01241; the "preserve first N" baseline that KVSink, arXiv
+    2508.04257, compares against on KVQuant): on SmolLM2-135M at 3 bits this takes the perplexity delta
+    from +0.19 to +0.13 (``benchmarks/quantization.py``). Reads go through a dequantized copy (the fused
+    decode kernel reads post-RoPE codes without outliers)."""
 
     name = "kvquant"
     paper = "https://arxiv.org/abs/2401.18079"

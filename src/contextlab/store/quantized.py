@@ -22,6 +22,7 @@ positions, and the full-precision window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -114,6 +115,20 @@ class QuantSpec:
             )
 
 
+class Sinks(NamedTuple):
+    """A prefix's exact sink slots, for attention beside its codes."""
+
+    keys: torch.Tensor  # [B, Hg, S, D]
+    values: torch.Tensor  # [B, Hg, S, D]
+    valid: torch.Tensor  # [B, Hg, S]: found and still valid
+    coded: torch.Tensor  # [B, Hg, length]: the prefix's validity with the sink slots taken out
+
+
+def _per_head(valid: torch.Tensor | None, b: int, h: int, n: int, device: torch.device) -> torch.Tensor:
+    """``[B, 1 | H, n]`` validity (None = all valid) as ``[B, H, n]``."""
+    return torch.ones(b, h, n, dtype=torch.bool, device=device) if valid is None else valid.expand(b, h, n)
+
+
 class QuantizedPrefix(BufferPrefix):
     """Codes of a slot group's oldest slots, in buffers that grow geometrically (capacity ``cap`` slots).
 
@@ -130,8 +145,8 @@ class QuantizedPrefix(BufferPrefix):
     (int32, -1 until found). They are left out of their key group's range, so their large magnitudes do not
     coarsen the other tokens' codes, and reads put the exact entries back (their codes stay in the packed
     buffers, unused). The first token draws a large share of attention in most LLMs (StreamingLLM, arXiv
-    2309.17453), and keeping it lossless is what IntactKV (Liu et al., arXiv 2403.01241) and KVQuant's
-    attention-sink-aware variant do. Bytes: ``S * (2 * D * itemsize + 4)`` per row and head.
+    2309.17453); keeping it lossless is IntactKV's idea (Liu et al., arXiv 2403.01241), the "preserve first
+    N" baseline of KVSink (arXiv 2508.04257). Bytes: ``S * (2 * D * itemsize + 4)`` per row and head.
     """
 
     anchor = "key.packed"
@@ -223,22 +238,18 @@ class QuantizedPrefix(BufferPrefix):
             self._put_sinks(k, v)
         return k, v
 
-    def sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The exact sink slots for attention beside the codes: ``(keys, values [B, Hg, S, D], valid
-        [B, Hg, S], coded [B, Hg, length])``, ``coded`` the validity the codes keep (the prefix's with the
-        sink slots taken out); None without sinks."""
+    def sinks(self) -> Sinks | None:
+        """The exact sink slots for attention beside the codes (None without sinks)."""
         if self.sink_slots is None:
             return None
         found = self.sink_slots >= 0
         slots = self.sink_slots.long().clamp(min=0)
         b, h = self.sink_slots.shape[:2]
-        valid = self.used_valid()
-        valid = torch.ones(b, h, self.length, dtype=torch.bool, device=self.device) if valid is None else valid
-        valid = valid.expand(b, h, self.length)
+        valid = _per_head(self.used_valid(), b, h, self.length, self.device)
         sink_valid = found & valid.gather(-1, slots.clamp(max=max(self.length - 1, 0)))
         taken = torch.zeros(b, h, self.length + 1, dtype=torch.bool, device=self.device)
         taken.scatter_(-1, torch.where(found, slots, self.length), True)  # not found: the spare column
-        return self.sink_keys, self.sink_values, sink_valid, valid & ~taken[..., : self.length]
+        return Sinks(self.sink_keys, self.sink_values, sink_valid, valid & ~taken[..., : self.length])
 
     def _put_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the sink slots of dequantized ``keys``/``values [B, Hg, length, D]`` with exact ones."""
@@ -291,7 +302,7 @@ class QuantizedPrefix(BufferPrefix):
         removed (the slots that set key ranges)."""
         b, h, m, d = keys.shape
         sink = self.spec.sink
-        ok = torch.ones(b, h, m, dtype=torch.bool, device=keys.device) if valid is None else valid.expand(b, h, m)
+        ok = _per_head(valid, b, h, m, keys.device)
         rank = (self.sink_slots >= 0).sum(-1, keepdim=True) + ok.long().cumsum(-1) - 1  # [B, Hg, m]
         take = ok & (rank < sink)
         spot = torch.where(take, rank, sink)  # entry of the sink tables; ``sink`` = a spare column, dropped
