@@ -56,6 +56,7 @@ from contextlab.engine.inputs import positions_from_mask
 from contextlab.engine.result import full_cache_bytes, kept_positions
 from contextlab.hf.compat import cache_kwarg
 from contextlab.store.codec import words
+from contextlab.store.dense import position_dtype
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "quantization.json"
@@ -134,7 +135,7 @@ NEEDLE_SPECS = [
 ]
 SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3,sink=0", "zipcache"]
 ANALYTIC_LENGTHS = [4096, 8192, 32768]
-POSITION_BYTES = 4  # int32 position per kept slot per head once a prompt was evicted
+LONG_POSITION_BYTES = 4  # int32 positions once a row passes 32768 tokens (int16 below)
 HELDOUT_CHARS = 400_000  # the perplexity text: the Bible's last 400K characters (Acts 25 .. Revelation)
 CONTEXT, CONTINUATION = 2048, 256
 NEEDLE_TOKENS, NEW_TOKENS = 4096, 12
@@ -172,7 +173,12 @@ def has_formula(spec: str) -> bool:
     return not any(p.name in ("kvquant", "zipcache") for p in getattr(method, "parts", (method,)))
 
 
-def head_bytes(quant, kept: int, dim: int, itemsize: int, positions: bool) -> int:
+def position_bytes(length: int, evicts: bool) -> int:
+    """Bytes of each kept slot's position after a ``length``-token prompt (0 when nothing was evicted)."""
+    return torch.empty(0, dtype=position_dtype(length - 1)).element_size() if evicts else 0
+
+
+def head_bytes(quant, kept: int, dim: int, itemsize: int, position: int) -> int:
     """Bytes one KV head of one layer holds for ``kept`` slots after a prompt.
 
     Unquantized: K and V, ``2 * dim * itemsize`` per slot. Quantized (the store settles a prompt into whole
@@ -183,8 +189,9 @@ def head_bytes(quant, kept: int, dim: int, itemsize: int, positions: bool) -> in
     (``2 * 2 * dim / c`` bytes; ``value_group`` when set); with ``scales=e4m3`` one float8 scale (1 byte)
     where float16 keeps a scale and a zero (4 bytes). With ``sink = S`` (once any slot is quantized), the S
     exact sink slots: ``S * (2 * dim * itemsize + 4)`` (key, value and an int32 slot index). Plus
-    ``POSITION_BYTES`` per slot when the prompt was evicted (kept positions are stored)."""
-    extra = POSITION_BYTES * kept if positions else 0
+    ``position`` bytes per slot when the prompt was evicted (kept positions are stored: int16 while every
+    position is below 32768, else int32; :func:`position_bytes`)."""
+    extra = position * kept
     full = 2 * dim * itemsize
     if quant is None:
         return kept * full + extra
@@ -217,13 +224,14 @@ def analytic(spec: str, length: int, layers: int, heads: int, dim: int, itemsize
     slots here). Other methods: ``low == high == even``."""
     quant, evicts = parts(spec)
     kept = cl.method(spec).prompt_keep(length) or length
-    even = layers * heads * head_bytes(quant, kept, dim, itemsize, evicts)
+    pos = position_bytes(length, evicts)
+    even = layers * heads * head_bytes(quant, kept, dim, itemsize, pos)
     if quant is None or not spec.startswith("adakv"):
         return even, even, even
     r, g = quant.residual, quant.group
-    fp = head_bytes(quant, r, dim, itemsize, evicts)  # r slots, all full precision
+    fp = head_bytes(quant, r, dim, itemsize, pos)  # r slots, all full precision
     b = fp // r
-    a = (head_bytes(quant, r + g, dim, itemsize, evicts) - fp) / g  # g more slots, all quantized
+    a = (head_bytes(quant, r + g, dim, itemsize, pos) - fp) / g  # g more slots, all quantized
     low = layers * heads * (a * kept + (b - a) * r)
     high = layers * heads * (a * kept + (b - a) * (r + g - 1))
     return even, round(low), round(high)
@@ -232,21 +240,22 @@ def analytic(spec: str, length: int, layers: int, heads: int, dim: int, itemsize
 def formula_from_cache(spec: str, done, dim: int, itemsize: int) -> int:
     """The formula applied to each head's kept slot count in a prefilled cache."""
     quant, evicts = parts(spec)
+    pos = position_bytes(done.attention_mask.shape[-1], evicts)
     total = 0
     for layer in kept_positions(done.cache, done.attention_mask):  # [B, H, slots], -1 on unused slots
         for count in (layer[0] >= 0).sum(-1).tolist():
-            total += head_bytes(quant, count, dim, itemsize, evicts)
+            total += head_bytes(quant, count, dim, itemsize, pos)
     return total
 
 
 def bits_per_element(quant, evicts: bool, dim: int) -> float:
-    """Asymptotic bits per cached K/V element (residual ignored)."""
+    """Asymptotic bits per cached K/V element (residual ignored; int16 positions, prompts up to 32K)."""
     if quant is None:
-        return 16.0 + (POSITION_BYTES * 8 / (2 * dim) if evicts else 0.0)
+        return 16.0 + position_bytes(1 << 15, evicts) * 8 / (2 * dim)
     codes = words(dim, quant.bits) * 32 / dim
     half = meta_bytes(quant) * 4  # half the bits of one group's metadata: K and V are averaged
     meta = half / quant.group + half / quant.channels(dim)
-    return codes + meta + (POSITION_BYTES * 8 / (2 * dim) if evicts else 0.0)
+    return codes + meta + position_bytes(1 << 15, evicts) * 8 / (2 * dim)
 
 
 # -- texts ---------------------------------------------------------------------------------------------------
@@ -441,7 +450,7 @@ def report_bytes(store: Store, measured: int) -> list[str]:
         "are the formula below with every head keeping the method's prompt budget (AdaKV: in parentheses, the "
         "range any split of the budget across heads can give); 32K is past SmolLM2's 8K window, so it is "
         "arithmetic on its shapes only. Asymptotic: bits per element of the full cache's K and V, residual "
-        "window left out (kept fraction included).",
+        "window left out (kept fraction included), positions of evicted caches at 2 bytes (prompts up to 32K).",
         "",
     ]
     head = ["method", f"measured {measured // 1024}K", "MiB"] + [f"{n // 1024}K formula" for n in lengths]
@@ -481,7 +490,9 @@ def report_bytes(store: Store, measured: int) -> list[str]:
         "`kvquant` (outliers: an int16 index and a float16 value each) and `zipcache` (two tiers) are measured "
         "only. With `sink=S` (once any slot is quantized), the S exact sink slots: `S * (2 * D * 2 + 4)` bytes "
         "(key and value in bf16, an int32 slot index). When "
-        "the prompt was evicted, 4 bytes (int32 position) per kept slot. The measured bytes equal this formula "
+        "the prompt was evicted, each kept slot's position: 2 bytes (int16) while every position is below 32768, "
+        "4 (int32) beyond (the store widens its position buffers when a row passes 32767). The measured bytes "
+        "equal this formula "
         "applied to every head's own kept count (asserted), and for every method but AdaKV (uneven per-head "
         "budgets, each head with its own full-precision tail) they also equal the even-split column "
         "(asserted). The same check passes on the reference model (float32, head dim "
@@ -502,7 +513,8 @@ def reference_dim(store: Store) -> int | str:
 
 def arithmetic(dim: int) -> list[str]:
     """The floor each setting cannot go below, printed step by step."""
-    position = POSITION_BYTES * 8 / (2 * dim)
+    position = position_bytes(1 << 15, True) * 8 / (2 * dim)
+    long_position = LONG_POSITION_BYTES * 8 / (2 * dim)
     out = [
         "Arithmetic of the floor. A float16 scale and zero point are 32 bits per group: keys have one per channel "
         "per `group` tokens (`32 / group` bits per key element), values one per token per `c = min(group, "
@@ -521,8 +533,8 @@ def arithmetic(dim: int) -> list[str]:
             )
     best4 = 4 + 16 / 128 + 16 / dim
     out.append(
-        f"- eviction adds a 4-byte position per kept slot and head: 32 / (2 x {dim}) = {position:g} bits per kept "
-        f"element. 50% eviction + 4-bit: 0.5 x (5 + {position:g}) / 16 = {0.5 * (5 + position) / 16:.4f} at group "
+        f"- eviction adds a 2-byte (int16) position per kept slot and head up to 32K tokens: 16 / (2 x {dim}) = "
+        f"{position:g} bits per kept element ({long_position:g} with int32 positions past 32K). 50% eviction + 4-bit: 0.5 x (5 + {position:g}) / 16 = {0.5 * (5 + position) / 16:.4f} at group "
         f"32, 0.5 x ({best4:g} + {position:g}) / 16 = {0.5 * (best4 + position) / 16:.4f} at group 128."
     )
     out.append(
@@ -541,8 +553,8 @@ def arithmetic(dim: int) -> list[str]:
         "`scales=e4m3` (symmetric codes, one float8 E4M3 scale per group, no zero point: the microscaling "
         "formats' 8-bit block scale) takes the metadata to 8 bits per group: 4-bit group 32: 4 + 4/32 + 4/32 = "
         f"4.25 bits, / 16 = {4.25 / 16:.4f}; 2-bit: 2.25 bits, {2.25 / 16:.4f}; 50% eviction + 4-bit: 0.5 x "
-        f"(4.25 + {position:g}) / 16 = {0.5 * (4.25 + position) / 16:.4f} (the int32 positions alone keep it above "
-        "0.14). The residual window's 128 full-precision tokens add their share on top, which only long prompts "
+        f"(4.25 + {position:g}) / 16 = {0.5 * (4.25 + position) / 16:.4f} ({0.5 * (4.25 + long_position) / 16:.4f} "
+        "with int32 positions, which alone kept it above 0.14 before positions were stored as int16). The residual window's 128 full-precision tokens add their share on top, which only long prompts "
         "amortize (4K: +0.023 at 4 bits; 32K: +0.003).",
     ]
     return out

@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--speed-lengths", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-warmup", action="store_true", help="no untimed compile call before the timed ones")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,14 +160,14 @@ def main() -> None:
     for section in args.sections:
         if section == "accuracy":
             for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
-                for task in TASKS:
+                for task in args.tasks:
                     cases = items(tok, task, length, args.samples)
-                    for spec in METHODS:
+                    for spec in args.methods:
                         cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
         elif section == "speed":
             for length in args.speed_lengths:
                 case = items(tok, "niah_single_2", length, 1)[0]
-                for spec in METHODS:
+                for spec in args.methods:
                     key = f"speed|niah_single_2|{length}|{spec}"
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
         else:

@@ -103,7 +103,7 @@ def test_lminfinite_keeps_only_the_lambda_after_the_prompt(model, tokenizer):
     full = cl.generate(model, tokenizer, ids(300, 3), method="selfextend", max_new_tokens=1)
     layers = model.config.num_hidden_layers
     per_slot = full.kv_bytes // (300 * layers)  # keys + values of one token in one layer
-    meta = 4 * model.config.num_key_value_heads  # each slot's int32 position, per KV head
+    meta = 2 * model.config.num_key_value_heads  # each slot's int16 position, per KV head
     assert out.kv_bytes == layers * (4 + 32 - 1) * (per_slot + meta)
     assert out.kv_bytes_end <= layers * (4 + 32 - 1 + 8) * (per_slot + meta)
 
@@ -178,7 +178,7 @@ def test_infiniretri_reads_segments_keeps_its_budget_and_drops_the_question_copi
     context, question = ids(200, 11), ids(6, 12)
     out = cl.generate(model, tokenizer, context, question, method=RETRIEVAL, max_new_tokens=3)
     layers = model.config.num_hidden_layers
-    meta = 4 * model.config.num_key_value_heads
+    meta = 2 * model.config.num_key_value_heads  # int16 positions
     per_slot = 2 * model.config.head_dim * 4 * model.config.num_key_value_heads
     assert out.kv_bytes == layers * 16 * (per_slot + meta)  # budget per layer, no question copy left
     for kept in out.kept_positions:  # positions are the prompt's own: copies took none

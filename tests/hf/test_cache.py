@@ -89,7 +89,7 @@ def test_memory_tracker_sees_the_transient_full_layer(llama, tokenizer):
     assert done.cache.kv_bytes() < full.kv_bytes()
     per_layer_kept = done.cache.kv_bytes() // layers
     store = done.cache.layers[0].store
-    positions_bytes = store.groups[0].positions.nbytes  # int32 per kept slot and head
+    positions_bytes = store.groups[0].positions.nbytes  # int16 per kept slot and head
     # Layers evict one after another; at the peak the last layer holds its whole prompt while its kept slots
     # are copied into a right-sized buffer (its kept positions are written after the prompt is freed).
     assert done.cache.peak_bytes == (layers - 1) * per_layer_kept + per_layer_full + per_layer_kept - positions_bytes

@@ -105,3 +105,41 @@ def test_crop_only_removes_fresh_slots():
 def test_growth_must_be_above_one():
     with pytest.raises(ValueError, match="growth must be > 1"):
         DenseStore(growth=1.0)
+
+
+def test_kept_positions_take_two_bytes_until_a_position_passes_int16():
+    tracker = MemoryTracker()
+    store = DenseStore(tracker)
+    keys, values = _tokens(400, b=1, h=2)
+    store.append(keys, values)
+    indices = torch.stack([torch.arange(0, 400, 4), torch.arange(1, 400, 4)])[None]  # [1, 2, 100]
+    store.keep(indices, torch.ones_like(indices, dtype=torch.bool), headroom=10)
+    g = store.groups[0]
+    assert g.positions.dtype == torch.int16 and g.positions.nbytes == 2 * 2 * 110
+    step_k, step_v = _tokens(1, b=1, h=2, seed=1)
+    store.append(step_k, step_v)
+    store.mark_new(1, None, torch.tensor([[32767]]), largest=32767)  # still fits
+    assert g.positions.dtype == torch.int16
+    store.append(step_k, step_v)
+    store.mark_new(1, None, torch.tensor([[40_000]]), largest=40_000)
+    assert g.positions.dtype == torch.int32 and tracker.current == store.nbytes()
+    expected = torch.cat([indices, torch.tensor([32767, 40_000]).expand(1, 2, 2)], dim=-1)
+    assert torch.equal(store.view().positions, expected)  # earlier positions survive the widening
+    store.append(step_k, step_v)
+    store.mark_new(1, None, torch.tensor([[40_001]]))  # no bound given: the positions themselves are read
+    assert store.view().positions[0, 0, -1] == 40_001
+
+
+def test_a_prompt_past_int16_keeps_int32_positions():
+    store = DenseStore()
+    keys, values = _tokens(8, b=1, h=1)
+    store.append(keys, values)
+    store.keep(torch.arange(0, 8, 2)[None, None], torch.ones(1, 1, 4, dtype=torch.bool))
+    assert store.groups[0].positions.dtype == torch.int16
+    store = DenseStore()
+    store.append(keys, values)
+    store.mark_new(8, None, None)
+    store.groups[0].positions = torch.arange(40_000, 40_008, dtype=torch.int32)[None, None]  # explicit, past int16
+    store.keep(torch.arange(0, 8, 2)[None, None], torch.ones(1, 1, 4, dtype=torch.bool))
+    assert store.groups[0].positions.dtype == torch.int32
+    assert store.view().positions[0, 0].tolist() == [40_000, 40_002, 40_004, 40_006]

@@ -327,3 +327,22 @@ def test_sinks_follow_batch_reordering_and_a_saved_prefix():
 def test_bad_sink_counts_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantSpec(**kwargs)
+
+
+def test_codes_take_int16_positions_and_widen_them_with_the_buffers():
+    spec = QuantSpec(bits=8, group=8, residual=8)
+    tracker = MemoryTracker()
+    store, _ = _filled(spec, 48, tracker)
+    keep = torch.arange(0, 48, 2).expand(B, H, -1)
+    store.keep(keep, torch.ones_like(keep, dtype=torch.bool))
+    store.settle()
+    prefix = store.groups[0].prefix
+    assert prefix.positions.dtype == torch.int16 and store.groups[0].positions.dtype == torch.int16
+    keys, values = _tokens(8, seed=5)
+    store.append(keys, values)
+    far = torch.arange(40_000, 40_008).expand(B, 8)
+    store.mark_new(8, None, far, largest=40_007)
+    store.settle()  # the newest slots push 8 older ones into the codes
+    assert store.groups[0].positions.dtype == torch.int32 and prefix.positions.dtype == torch.int32
+    assert torch.equal(store.view().positions.expand(B, H, -1), torch.cat([keep, far[:, None].expand(B, H, 8)], -1))
+    assert tracker.current == store.nbytes()

@@ -159,7 +159,8 @@ class ContextlabLayer(DynamicLayer):
             raise RuntimeError(f"layer {self.layer_idx} cached {self.waiting} new tokens but got {tq} queries")
         self.waiting = 0
         new_valid = None if new_mask is None else new_mask[:, 0, -1, -tq:]  # [B, Tq]: the last query sees all
-        self.store.mark_new(tq, new_valid, self._advance_rows(new_valid, tq, query.shape[0], query.device))
+        positions = self._advance_rows(new_valid, tq, query.shape[0], query.device)
+        self.store.mark_new(tq, new_valid, positions, largest=self.seen - 1)  # a row's tokens <= its columns
         step = Step(
             query,
             scaling,

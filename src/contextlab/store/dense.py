@@ -30,6 +30,18 @@ COMPACT_BLOCK = 1024  # slots moved at a time by in-place compaction (bounds its
 SHRINK_SLACK = 64  # after eviction, free capacity beyond max(this, a quarter of what is kept) is given back
 
 
+def position_dtype(largest: int) -> torch.dtype:
+    """The narrowest type for slot positions up to ``largest``: int16 (2 bytes per slot and head) while
+    every position is below 32768, int32 beyond. Stores widen their buffers when a later position needs it,
+    so an evicted cache of a prompt under 32K tokens spends 2 bytes, not 4, on each kept slot's position."""
+    return torch.int16 if largest <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def largest_of(positions: torch.Tensor) -> int:
+    """The largest entry of ``positions`` (0 when empty)."""
+    return int(positions.max()) if positions.numel() else 0
+
+
 class MemoryTracker:
     """Current and peak bytes held by stores (the CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
 
@@ -51,7 +63,7 @@ class SlotGroup:
     values: torch.Tensor  # [B, Hg, capacity, D]
     length: int = 0
     valid: torch.Tensor | None = None  # [B, 1 | Hg, capacity] bool; None = every used slot is valid
-    positions: torch.Tensor | None = None  # [B, Hg, capacity] int32; None = rank among valid slots
+    positions: torch.Tensor | None = None  # [B, Hg, capacity] int16/int32; None = rank among valid slots
     prefix: Prefix | None = None  # the oldest slots, held in another form (quantized codes); None = none
 
     @property
@@ -261,9 +273,17 @@ class DenseStore:
             g.length += t
         self.fresh += t
 
-    def mark_new(self, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+    def mark_new(
+        self, count: int, valid: torch.Tensor | None, positions: torch.Tensor | None, largest: int | None = None
+    ) -> None:
         """Validity ``[B, count]`` (None = all valid) and positions ``[B, count]`` of the newest slots
-        (needed once the store :attr:`keeps_positions`)."""
+        (needed once the store :attr:`keeps_positions`). ``largest``: a bound on those positions known
+        without reading them (the layer's column count; None = read them), which widens the position
+        buffers when they outgrow int16."""
+        if positions is not None and self.keeps_positions:
+            bound = int(positions.max()) if largest is None else largest
+            for g in self.groups:
+                g.positions = self._widened(g.positions, position_dtype(bound))
         for g in self.groups:
             span = slice(g.tail - count, g.tail)
             if valid is not None:
@@ -271,7 +291,7 @@ class DenseStore:
                     g.valid = self._metadata(g, torch.ones, torch.bool, heads=1)
                 g.valid[:, :, span] = valid[:, None, :]
             if g.positions is not None:
-                g.positions[:, :, span] = positions[:, None, :].to(torch.int32)
+                g.positions[:, :, span] = positions[:, None, :].to(g.positions.dtype)
 
     def crop(self, count: int) -> None:
         """Forget the newest ``count`` slots of every group."""
@@ -379,6 +399,14 @@ class DenseStore:
         self.tracker.change(out.nbytes)
         return out
 
+    def _widened(self, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``t`` converted to ``dtype`` when that is wider than its own type (its bytes re-tracked)."""
+        if t is None or t.element_size() >= torch.empty(0, dtype=dtype).element_size():
+            return t
+        out = t.to(dtype)
+        self.tracker.change(out.nbytes - t.nbytes)
+        return out
+
     def _resize(self, g: SlotGroup, capacity: int) -> None:
         """Move a group into buffers of ``capacity`` slots (its used slots are copied once)."""
         old = g.nbytes()
@@ -432,7 +460,7 @@ class DenseStore:
         Safe in place: the slot written at column j comes from column indices[j] >= j, and a block reads
         all its sources before writing, so no source is overwritten before it is read."""
         view = self._single_view(g)
-        positions = view.positions.expand(-1, g.num_heads, -1).gather(-1, indices).to(torch.int32)  # [B, Hg, C]
+        positions = view.positions.expand(-1, g.num_heads, -1).gather(-1, indices)  # [B, Hg, C]
         c, d = indices.shape[-1], g.keys.shape[-1]
         for start in range(0, c, COMPACT_BLOCK):
             idx = indices[:, :, start : start + COMPACT_BLOCK]
@@ -449,7 +477,7 @@ class DenseStore:
         if not all_kept:
             g.valid = self._metadata(g, torch.zeros, torch.bool)
             g.valid[:, :, :c] = kept
-        g.positions = self._metadata(g, torch.zeros, torch.int32)
+        g.positions = self._metadata(g, torch.zeros, position_dtype(largest_of(positions)))
         g.positions[:, :, :c] = positions
 
     def _drop_metadata(self, g: SlotGroup) -> None:
@@ -485,8 +513,9 @@ class DenseStore:
             if not bool(ok.all()):
                 g.valid = self._metadata(g, torch.zeros, torch.bool)
                 g.valid[:, :, :size] = ok
-            g.positions = self._metadata(g, torch.zeros, torch.int32)
-            g.positions[:, :, :size] = view.positions.expand(b, h, -1)[:, pick].gather(-1, idx)
+            kept_positions = view.positions.expand(b, h, -1)[:, pick].gather(-1, idx)
+            g.positions = self._metadata(g, torch.zeros, position_dtype(largest_of(kept_positions)))
+            g.positions[:, :, :size] = kept_positions
             groups.append(g)
         self.tracker.change(-transient - self.nbytes())
         self.groups = groups

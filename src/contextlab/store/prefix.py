@@ -128,7 +128,11 @@ class BufferPrefix:
             raise RuntimeError("slots held apart must all carry explicit positions or none")
         if positions is not None:
             if self.positions is None:
-                self._metadata("positions", positions.shape[1], torch.int32, fill=0)
+                self._metadata("positions", positions.shape[1], positions.dtype, fill=0)
+            elif positions.element_size() > self.positions.element_size():  # the dense buffers were widened
+                old = self.positions
+                self.buffers["positions"] = old.to(positions.dtype)
+                self.tracker.change(self.positions.nbytes - old.nbytes)
             self.positions[:, :, start:stop] = positions
 
     def _append_valid(self, valid: torch.Tensor | None, start: int, stop: int) -> None:
