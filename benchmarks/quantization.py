@@ -534,8 +534,9 @@ def arithmetic(dim: int) -> list[str]:
     best4 = 4 + 16 / 128 + 16 / dim
     out.append(
         f"- eviction adds a 2-byte (int16) position per kept slot and head up to 32K tokens: 16 / (2 x {dim}) = "
-        f"{position:g} bits per kept element ({long_position:g} with int32 positions past 32K). 50% eviction + 4-bit: 0.5 x (5 + {position:g}) / 16 = {0.5 * (5 + position) / 16:.4f} at group "
-        f"32, 0.5 x ({best4:g} + {position:g}) / 16 = {0.5 * (best4 + position) / 16:.4f} at group 128."
+        f"{position:g} bits per kept element ({long_position:g} with int32 positions past 32K). 50% eviction + "
+        f"4-bit: 0.5 x (5 + {position:g}) / 16 = {0.5 * (5 + position) / 16:.4f} at group 32, "
+        f"0.5 x ({best4:g} + {position:g}) / 16 = {0.5 * (best4 + position) / 16:.4f} at group 128."
     )
     out.append(
         "- the residual window adds `(k - q) / k x (1 - asymptotic ratio)`: e.g. 4-bit group 32 at 4K, 128 / 4096 x "
@@ -554,8 +555,9 @@ def arithmetic(dim: int) -> list[str]:
         "formats' 8-bit block scale) takes the metadata to 8 bits per group: 4-bit group 32: 4 + 4/32 + 4/32 = "
         f"4.25 bits, / 16 = {4.25 / 16:.4f}; 2-bit: 2.25 bits, {2.25 / 16:.4f}; 50% eviction + 4-bit: 0.5 x "
         f"(4.25 + {position:g}) / 16 = {0.5 * (4.25 + position) / 16:.4f} ({0.5 * (4.25 + long_position) / 16:.4f} "
-        "with int32 positions, which alone kept it above 0.14 before positions were stored as int16). The residual window's 128 full-precision tokens add their share on top, which only long prompts "
-        "amortize (4K: +0.023 at 4 bits; 32K: +0.003).",
+        "with int32 positions, which alone kept it above 0.14 before positions were stored as int16). The "
+        "residual window's 128 full-precision tokens add their share on top, which only long prompts amortize "
+        "(4K: +0.023 at 4 bits; 32K: +0.003).",
     ]
     return out
 

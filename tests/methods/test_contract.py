@@ -288,8 +288,8 @@ def _zipcache_seen_bytes(method, counts: torch.Tensor) -> int:
 
 def _head_bytes(method, count: int, head_dim: int, itemsize: int, evicted: bool) -> int:
     """Bytes one KV head of a layer holds for ``count`` slots: key and value, plus the position once evicted
-    (int16: every prompt here is far below 32768 tokens); a quantized store holds whole groups beyond the residual as codes with float16 scales/zeros (or
-    float8 scales), and its exact sink slots."""
+    (int16: every prompt here is far below 32768 tokens); a quantized store holds whole groups beyond the
+    residual as codes with float16 scales/zeros (or float8 scales), and its exact sink slots."""
     positions = 2 * count if evicted else 0
     zip_part = _zipcache_part(method)
     if zip_part is not None:  # two tiers of codes, chosen once for the whole prompt
