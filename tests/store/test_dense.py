@@ -50,13 +50,20 @@ def test_nbytes_counts_capacity_and_used_bytes_count_slots():
     assert tracker.current == store.nbytes()
 
 
-def test_eviction_compacts_in_place_and_shrinks():
-    tracker = MemoryTracker()
+def _every_fourth_kept(tracker: MemoryTracker) -> tuple[DenseStore, torch.Tensor, torch.Tensor]:
+    """A store of 400 tokens (1 row, 2 heads) that kept every fourth slot (head 1 shifted by one), with room
+    for 10 more: the store, the prompt's keys and the kept indices ``[1, 2, 100]``."""
     store = DenseStore(tracker)
     keys, values = _tokens(400, b=1, h=2)
     store.append(keys, values)
-    indices = torch.stack([torch.arange(0, 400, 4), torch.arange(1, 400, 4)])[None]  # [1, 2, 100]
+    indices = torch.stack([torch.arange(0, 400, 4), torch.arange(1, 400, 4)])[None]
     store.keep(indices, torch.ones_like(indices, dtype=torch.bool), headroom=10)
+    return store, keys, indices
+
+
+def test_eviction_compacts_in_place_and_shrinks():
+    tracker = MemoryTracker()
+    store, keys, indices = _every_fourth_kept(tracker)
     g = store.groups[0]
     k, _v = g.used()
     expected = keys.gather(2, indices[..., None].expand(-1, -1, -1, keys.shape[-1]))
@@ -109,11 +116,7 @@ def test_growth_must_be_above_one():
 
 def test_kept_positions_take_two_bytes_until_a_position_passes_int16():
     tracker = MemoryTracker()
-    store = DenseStore(tracker)
-    keys, values = _tokens(400, b=1, h=2)
-    store.append(keys, values)
-    indices = torch.stack([torch.arange(0, 400, 4), torch.arange(1, 400, 4)])[None]  # [1, 2, 100]
-    store.keep(indices, torch.ones_like(indices, dtype=torch.bool), headroom=10)
+    store, _, indices = _every_fourth_kept(tracker)
     g = store.groups[0]
     assert g.positions.dtype == torch.int16 and g.positions.nbytes == 2 * 2 * 110
     step_k, step_v = _tokens(1, b=1, h=2, seed=1)
