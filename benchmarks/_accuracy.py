@@ -14,7 +14,7 @@ from pathlib import Path
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
-from contextlab.bench.report import interval
+from contextlab.bench.report import interval, paired
 from contextlab.bench.tasks import TASKS
 from contextlab.bench.tasks.base import Sample
 
@@ -35,6 +35,22 @@ def score_columns(scores: Sequence[float], note: str = "") -> list[str]:
     """A table's accuracy columns: the mean (``note`` after it), the Wilson 95% interval, and n."""
     stat = interval(scores)
     return [f"{stat.mean:.2f}{note}", f"[{stat.low:.2f}, {stat.high:.2f}]", str(len(scores))]
+
+
+PAIRED_NOTE = (
+    "`vs full, same samples`: on the identical prompts, how many samples the method scored above (+) and "
+    "below (-) full attention, and the exact two-sided sign test's p over those samples (a small p: a "
+    "difference unlikely to be chance)."
+)
+
+
+def versus_full(store: dict, key: str, scores: Sequence[float]) -> str:
+    """``key``'s scores against full attention's cell on the same samples (the key with its last field, the
+    method, replaced by ``full``): samples where it scored higher / lower, and the sign test's p-value."""
+    full = store.get(key.rsplit("|", 1)[0] + "|full")
+    if key.endswith("|full") or full is None or len(full["scores"]) != len(scores):
+        return "-"
+    return paired(full["scores"], list(scores)).cell()
 
 
 def samples(

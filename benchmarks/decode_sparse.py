@@ -38,7 +38,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from benchmarks._accuracy import CellStore, markdown, samples, score_columns
+from benchmarks._accuracy import PAIRED_NOTE, CellStore, markdown, samples, score_columns, versus_full
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
@@ -151,7 +151,8 @@ def _timed(model, tok, spec: str, item) -> dict:
 
 
 def accuracy_table(store: dict, section: str) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "s per answer", "MiB read per step"]
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "vs full, same samples", "s per answer"]
+    head += ["MiB read per step"]
     rows = []
     for key, r in store.items():
         name, task, length, spec = key.split("|")
@@ -164,6 +165,7 @@ def accuracy_table(store: dict, section: str) -> str:
                 length,
                 spec,
                 *score_columns(r["scores"], extra),
+                versus_full(store, key, r["scores"]),
                 f"{r['seconds']:.1f}",
                 f"{r['read_bytes'] / 2**20:.2f}",
             ]
@@ -211,7 +213,7 @@ def report(store: dict, threads: int) -> str:
             f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy, "
             f"{NEW_TOKENS} new tokens. Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
             "`PYTHONPATH=. python benchmarks/decode_sparse.py`. Budgets: 1/8 of the prompt for every reader "
-            "(`:0.875` reads 1/8 of the cached tokens per step) and for SnapKV (keeps 1/8).",
+            "(`:0.875` reads 1/8 of the cached tokens per step) and for SnapKV (keeps 1/8). " + PAIRED_NOTE,
             "## RULER needles, 1/8 budget",
             accuracy_table(store, "accuracy"),
             "## Shared context (scbench_kv, 4 questions in turns on one cache), 1/8 budget",

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import CellStore, markdown, samples, score_columns
+from benchmarks._accuracy import PAIRED_NOTE, CellStore, markdown, samples, score_columns, versus_full
 from benchmarks._machine import cpu_name
 
 import contextlab as cl
@@ -89,7 +89,8 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
 
 
 def accuracy_table(store: dict) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "KV held vs full", "s per answer", "threads"]
+    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "vs full, same samples", "KV held vs full"]
+    head += ["s per answer", "threads"]
     rows = []
     for key, r in store.items():
         section, task, length, spec = key.split("|")
@@ -101,6 +102,7 @@ def accuracy_table(store: dict) -> str:
                 length,
                 spec,
                 *score_columns(r["scores"]),
+                versus_full(store, key, r["scores"]),
                 f"{r['kv_share']:.2f}",
                 f"{r['seconds']:.1f}",
                 str(r.get("threads", "-")),
@@ -131,7 +133,7 @@ def report(store: dict, threads: int) -> str:
             "in the tables (cells that ran beside other work have inflated seconds; ratios come from cells run "
             "side by side). "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
-            "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults.",
+            "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults. " + PAIRED_NOTE,
             "## Accuracy and KV bytes",
             accuracy_table(store),
             "## Prefill time (speed-up = full attention's time / the method's, same run)",

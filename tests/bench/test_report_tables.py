@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from contextlab.bench.report import best_per_budget, budget_label, interval, summarise, write_report
+from contextlab.bench.report import best_per_budget, budget_label, interval, paired, summarise, write_report
 from contextlab.bench.spec import RunSpec
 from contextlab.bench.store import RunStore
 
@@ -72,6 +72,21 @@ def test_best_per_budget_marks_overlapping_intervals_as_tied():
         "keep 25%": ("h2o:0.75", []),
     }
     assert interval([1.0] * 8 + [0.0] * 2).overlaps(interval([1.0] * 7 + [0.0] * 3))
+
+
+def test_paired_sign_test_counts_discordant_samples_and_matches_the_binomial_tail():
+    full = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.5]
+    other = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.75]
+    result = paired(full, other)
+    assert (result.n, result.better, result.worse) == (8, 2, 3)  # ties (samples 0, 3, 6) are left out
+    assert result.p == pytest.approx(1.0)  # 2 vs 3 of 5: as even as it gets
+    lopsided = paired([1.0] * 10, [0.0] * 10)  # worse on all 10: 2 * 0.5**10
+    assert lopsided.p == pytest.approx(2 / 1024) and lopsided.cell() == "+0 / -10 (p = 0.002)"
+    eight_of_nine = paired([0.0] * 9 + [1.0], [1.0] * 8 + [0.0] * 2)  # better on 8, worse on 1: 2 * 10 / 512
+    assert eight_of_nine.p == pytest.approx(20 / 512)
+    assert paired([], []).p == 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        paired([1.0], [1.0, 0.0])
 
 
 def test_decode_time_is_per_generated_token_and_ttft_is_first_turn_prefill():

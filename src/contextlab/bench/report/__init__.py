@@ -16,10 +16,12 @@ from contextlab.bench.report.figures import _heatmap_axes
 from contextlab.bench.report.labels import MARKER_SIZE, length_label, method_styles, place_labels
 from contextlab.bench.report.stats import (
     MethodSummary,
+    Paired,
     Stat,
     best_per_budget,
     budget_label,
     interval,
+    paired,
     pareto_front,
     summarise,
 )
@@ -29,6 +31,7 @@ from contextlab.bench.report.write import write_report
 __all__ = [
     "MARKER_SIZE",
     "MethodSummary",
+    "Paired",
     "Stat",
     "_heatmap_axes",
     "best_per_budget",
@@ -36,6 +39,7 @@ __all__ = [
     "interval",
     "length_label",
     "method_styles",
+    "paired",
     "pareto_front",
     "place_labels",
     "summarise",

@@ -44,6 +44,32 @@ def interval(scores: list[float]) -> Stat:
     return Stat(n, mean, max(0.0, mean - half), min(1.0, mean + half))
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Two methods scored on the same samples: where ``other`` scored higher (``better``) or lower (``worse``)
+    than ``reference``, and the exact two-sided sign test's p-value over those discordant samples (ties
+    dropped): the chance of a split at least this uneven if neither method were better."""
+
+    n: int
+    better: int
+    worse: int
+    p: float
+
+    def cell(self) -> str:
+        return f"+{self.better} / -{self.worse} (p = {self.p:.2g})"
+
+
+def paired(reference: list[float], other: list[float]) -> Paired:
+    """Compare two score lists sample by sample (same samples, same order); see :class:`Paired`."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired scores need the same samples: {len(reference)} vs {len(other)} scores")
+    better = sum(o > r for r, o in zip(reference, other, strict=True))
+    worse = sum(o < r for r, o in zip(reference, other, strict=True))
+    m, k = better + worse, min(better, worse)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m  # P(X <= k), X ~ Binomial(m, 1/2)
+    return Paired(len(reference), better, worse, min(1.0, 2 * tail))
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     """Names whose (cost, accuracy) no other point beats on both (lower cost, higher accuracy)."""
     front = set()
