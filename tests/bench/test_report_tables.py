@@ -9,6 +9,7 @@ import re
 import pytest
 
 from contextlab.bench.report import best_per_budget, budget_label, interval, paired, summarise, write_report
+from contextlab.bench.report.stats import paired_with
 from contextlab.bench.spec import RunSpec
 from contextlab.bench.store import RunStore
 
@@ -89,6 +90,16 @@ def test_paired_sign_test_counts_discordant_samples_and_matches_the_binomial_tai
         paired([1.0], [1.0, 0.0])
 
 
+def test_methods_are_paired_with_full_attention_on_the_samples_both_ran():
+    rows = samples("full", 9) + samples("snapkv:0.5", 6)
+    rows += [row("snapkv:0.5", 1.0, sample_index=20)]  # full never ran this sample: left out of the pairs
+    rows += samples("tova:0.5", 9, length=8000)  # another length than full's: nothing to pair with
+    versus = paired_with(rows)
+    assert set(versus) == {"snapkv:0.5"}
+    assert (versus["snapkv:0.5"].n, versus["snapkv:0.5"].better, versus["snapkv:0.5"].worse) == (10, 0, 3)
+    assert paired_with(samples("snapkv:0.5", 6)) == {}
+
+
 def test_decode_time_is_per_generated_token_and_ttft_is_first_turn_prefill():
     # a failing method that rambles 40 tokens spends 5x the decode time per sample at the same speed per token
     rows = samples("snapkv:0.5", 10, new_tokens=8, decode_seconds=0.08)
@@ -130,6 +141,7 @@ def test_report_page_puts_the_budget_answer_first(synthetic_run, tmp_path):
     assert "4000 tokens" in page and "4K tokens" in page and "3.90625K" not in page and "3K" not in page
     assert "decode ms/token" in page and "TTFT ms" in page and "tied" in page
     assert "cpu: cpu (default)" in page and "None" not in page
+    assert "vs full, same samples" in page and "(p = " in page
     assert not re.search(r"<th[^>]*></th>", page)  # every column has a header
     records = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [r["decode_ms_per_token"] for r in records] == [pytest.approx(10.0)] * 15

@@ -7,7 +7,7 @@ import html
 import math
 
 from contextlab.bench.report.labels import _method_key, length_label
-from contextlab.bench.report.stats import MethodSummary, best_per_budget, interval
+from contextlab.bench.report.stats import MethodSummary, Paired, best_per_budget, interval, paired_with
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;
@@ -57,7 +57,7 @@ def _budget_table(summary: list[MethodSummary]) -> str:
     return _table(head, body, text_columns=(0, 1, 7))
 
 
-def _methods_table(summary: list[MethodSummary]) -> str:
+def _methods_table(summary: list[MethodSummary], versus: dict[str, Paired]) -> str:
     standing = {best.method: "best" for best, _ in best_per_budget(summary)}
     standing |= {m.method: "tied" for _, tied in best_per_budget(summary) for m in tied}
     body = [
@@ -66,6 +66,7 @@ def _methods_table(summary: list[MethodSummary]) -> str:
             html.escape(m.method),
             m.accuracy.cell(),
             standing.get(m.method, ""),
+            versus[m.method].cell() if m.method in versus else "—",
             str(m.accuracy.n),
             f"{m.kv_ratio:.3f}",
             _bytes_label(m.kv_bytes),
@@ -77,9 +78,9 @@ def _methods_table(summary: list[MethodSummary]) -> str:
         ]
         for m in summary
     ]
-    head = ["KV budget", "method", "accuracy [95% CI]", "at budget", "n", "KV / full", "KV bytes", "TTFT ms"]
-    tail = ["decode ms/token", "peak MiB", "model calls / answer", "tokens processed / answer"]
-    return _table([*head, *tail], body, text_columns=(0, 1, 3))
+    head = ["KV budget", "method", "accuracy [95% CI]", "at budget", "vs full, same samples", "n", "KV / full"]
+    tail = ["KV bytes", "TTFT ms", "decode ms/token", "peak MiB", "model calls / answer", "tokens processed / answer"]
+    return _table([*head, *tail], body, text_columns=(0, 1, 3, 4))
 
 
 def _page(rows, summary, figures, spec, env, run_name: str) -> str:
@@ -97,7 +98,10 @@ def _page(rows, summary, figures, spec, env, run_name: str) -> str:
         "token) is the prefill time per sample; decode is the total decode time over all generated tokens, "
         "so a method that fails and rambles is not shown as slower per token.</p>",
         "<h2>Methods</h2>",
-        _methods_table(summary),
+        _methods_table(summary, paired_with(rows)),
+        "<p><i>vs full, same samples</i>: on the samples both ran, how many this method scored above (+) and "
+        "below (-) full attention, and the exact two-sided sign test's p-value over those (a small p: a "
+        "difference unlikely to be chance).</p>",
     ]
     for name, caption in figures:
         parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")

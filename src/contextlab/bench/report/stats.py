@@ -70,6 +70,21 @@ def paired(reference: list[float], other: list[float]) -> Paired:
     return Paired(len(reference), better, worse, min(1.0, 2 * tail))
 
 
+def paired_with(rows: list[dict], reference: str = "full") -> dict[str, Paired]:
+    """Per method other than ``reference``: :func:`paired` against it over the samples (task, length, sample
+    index, turn) both scored. Empty when the run has no ``reference`` rows."""
+
+    def key(r: dict) -> tuple:
+        return r["task"], r["length"], r["sample_index"], r["turn"]
+
+    base = {key(r): r["score"] for r in rows if r["method"] == reference}
+    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        if r["method"] != reference and key(r) in base:
+            by_method[r["method"]].append((base[key(r)], r["score"]))
+    return {m: paired([a for a, _ in pairs], [b for _, b in pairs]) for m, pairs in by_method.items()}
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     """Names whose (cost, accuracy) no other point beats on both (lower cost, higher accuracy)."""
     front = set()
