@@ -136,6 +136,9 @@ def report(store: dict, threads: int) -> str:
             "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults. " + PAIRED_NOTE,
             "## Accuracy and KV bytes",
             accuracy_table(store),
+            "KV held vs full: the cells here ran when each kept slot's position took 4 bytes (int32); positions "
+            "now take 2 (int16) below 32768 tokens, which lowers duo's share a little (one 4K prompt measured "
+            "again: 0.541 where the table says 0.543).",
             "## Prefill time (speed-up = full attention's time / the method's, same run)",
             speed_table(store),
             f"Platform: {platform.platform()}",
