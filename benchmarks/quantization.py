@@ -175,7 +175,7 @@ def has_formula(spec: str) -> bool:
 
 def position_bytes(length: int, evicts: bool) -> int:
     """Bytes of each kept slot's position after a ``length``-token prompt (0 when nothing was evicted)."""
-    return torch.empty(0, dtype=position_dtype(length - 1)).element_size() if evicts else 0
+    return position_dtype(length - 1).itemsize if evicts else 0
 
 
 def head_bytes(quant, kept: int, dim: int, itemsize: int, position: int) -> int:

@@ -37,11 +37,6 @@ def position_dtype(largest: int) -> torch.dtype:
     return torch.int16 if largest <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def largest_of(positions: torch.Tensor) -> int:
-    """The largest entry of ``positions`` (0 when empty)."""
-    return int(positions.max()) if positions.numel() else 0
-
-
 class MemoryTracker:
     """Current and peak bytes held by stores (the CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
 
@@ -52,6 +47,15 @@ class MemoryTracker:
     def change(self, delta: int) -> None:
         self.current += delta
         self.peak = max(self.peak, self.current)
+
+
+def widened(t: torch.Tensor | None, dtype: torch.dtype, tracker: MemoryTracker) -> torch.Tensor | None:
+    """``t`` converted to ``dtype`` when that is wider than its own type (the bytes change tracked)."""
+    if t is None or t.element_size() >= dtype.itemsize:
+        return t
+    out = t.to(dtype)
+    tracker.change(out.nbytes - t.nbytes)
+    return out
 
 
 @dataclass
@@ -283,7 +287,7 @@ class DenseStore:
         if positions is not None and self.keeps_positions:
             bound = int(positions.max()) if largest is None else largest
             for g in self.groups:
-                g.positions = self._widened(g.positions, position_dtype(bound))
+                g.positions = widened(g.positions, position_dtype(bound), self.tracker)
         for g in self.groups:
             span = slice(g.tail - count, g.tail)
             if valid is not None:
@@ -399,13 +403,12 @@ class DenseStore:
         self.tracker.change(out.nbytes)
         return out
 
-    def _widened(self, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """``t`` converted to ``dtype`` when that is wider than its own type (its bytes re-tracked)."""
-        if t is None or t.element_size() >= torch.empty(0, dtype=dtype).element_size():
-            return t
-        out = t.to(dtype)
-        self.tracker.change(out.nbytes - t.nbytes)
-        return out
+    def _keep_positions(self, g: SlotGroup, positions: torch.Tensor) -> None:
+        """Give ``g`` a fresh position buffer holding ``positions [B, Hg, n]`` in its first ``n`` slots, in the
+        narrowest type they fit (:func:`position_dtype`)."""
+        largest = int(positions.max()) if positions.numel() else 0
+        g.positions = self._metadata(g, torch.zeros, position_dtype(largest))
+        g.positions[:, :, : positions.shape[-1]] = positions
 
     def _resize(self, g: SlotGroup, capacity: int) -> None:
         """Move a group into buffers of ``capacity`` slots (its used slots are copied once)."""
@@ -477,8 +480,7 @@ class DenseStore:
         if not all_kept:
             g.valid = self._metadata(g, torch.zeros, torch.bool)
             g.valid[:, :, :c] = kept
-        g.positions = self._metadata(g, torch.zeros, position_dtype(largest_of(positions)))
-        g.positions[:, :, :c] = positions
+        self._keep_positions(g, positions)
 
     def _drop_metadata(self, g: SlotGroup) -> None:
         freed = sum(t.nbytes for t in (g.valid, g.positions) if t is not None)
@@ -513,9 +515,7 @@ class DenseStore:
             if not bool(ok.all()):
                 g.valid = self._metadata(g, torch.zeros, torch.bool)
                 g.valid[:, :, :size] = ok
-            kept_positions = view.positions.expand(b, h, -1)[:, pick].gather(-1, idx)
-            g.positions = self._metadata(g, torch.zeros, position_dtype(largest_of(kept_positions)))
-            g.positions[:, :, :size] = kept_positions
+            self._keep_positions(g, view.positions.expand(b, h, -1)[:, pick].gather(-1, idx))
             groups.append(g)
         self.tracker.change(-transient - self.nbytes())
         self.groups = groups

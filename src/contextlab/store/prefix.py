@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from contextlab.store.dense import SHRINK_SLACK, DenseStore, MemoryTracker, SlotGroup
+from contextlab.store.dense import SHRINK_SLACK, DenseStore, MemoryTracker, SlotGroup, widened
 
 
 class BufferPrefix:
@@ -129,10 +129,8 @@ class BufferPrefix:
         if positions is not None:
             if self.positions is None:
                 self._metadata("positions", positions.shape[1], positions.dtype, fill=0)
-            elif positions.element_size() > self.positions.element_size():  # the dense buffers were widened
-                old = self.positions
-                self.buffers["positions"] = old.to(positions.dtype)
-                self.tracker.change(self.positions.nbytes - old.nbytes)
+            else:  # follow the dense buffers when they were widened
+                self.buffers["positions"] = widened(self.positions, positions.dtype, self.tracker)
             self.positions[:, :, start:stop] = positions
 
     def _append_valid(self, valid: torch.Tensor | None, start: int, stop: int) -> None:
