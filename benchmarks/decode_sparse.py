@@ -58,6 +58,7 @@ def methods(length: int) -> list[str]:
         "quest:0.875",
         "tokenselect:0.875",
         "recycled:0.875",
+        "recycled:0.875,similar=0.8",
         f"infllm:budget={eighth},block=64,local={length // 16}",
         f"retrieval:budget={eighth}",
         "snapkv:0.875",

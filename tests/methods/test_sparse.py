@@ -129,6 +129,7 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
         "tokenselect:0.0",
         "tokenselect:budget=4096",
         "recycled:0.0,every=3",
+        "recycled:0.0,similar=0.9",
         "infllm:budget=4096,block=16,local=64",
         "retrieval:budget=4096,local=16",
         "snapkv:0.5+recycled:budget=4096",
@@ -222,7 +223,7 @@ RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
 
 @pytest.mark.parametrize(
     "spec",
-    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL],
+    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", "recycled:budget=32,similar=0.9", INFLLM, RETRIEVAL],
 )
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
@@ -251,6 +252,7 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("quest:budget=64+tokenselect:budget=64", "read selection"),
         ("tokenselect:similar=2", "similar \\(cosine\\) must be a number in"),
         ("recycled:every=0", "every must be an integer >= 1"),
+        ("recycled:similar=1.5", "similar \\(cosine\\) must be a number in"),
         ("infllm:budget=100,local=1024", "leaves no room for one block"),
         ("infllm:0.5", "budget must be a number of tokens"),
         ("infllm:reps=200", "cannot exceed the block size"),
@@ -334,6 +336,44 @@ def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(ll
     full = [n + 1 + i for i in range(10)]  # the whole cache at step i
     assert reads == [full[0], 34, 35, 36, full[4], 34, 35, 36, full[8], 34]
     assert layer.policy.selections == 3
+
+
+@pytest.mark.parametrize(("similar", "full_steps"), [(1.0, 10), (-1.0, 1)])
+def test_recycled_reads_everything_again_when_the_query_moves(llama, tokenizer, similar, full_steps):
+    """similar = 1: every new query differs from the last full step's, so every step reads everything;
+    similar = -1: no query is that far, so only the fixed schedule (every = 100) applies."""
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    cache = ContextlabCache(llama.config, cl.method(f"recycled:budget=32,every=100,similar={similar}"))
+    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=10)
+    _decode(llama, cache, ids, 10)
+    for layer in cache.compressible:
+        assert layer.policy.full_steps == full_steps
+        assert layer.policy.last_read == (ids.shape[1] + 10 if similar == 1.0 else 32 + 10)
+
+
+def test_recycled_full_step_of_one_row_leaves_the_other_on_its_selection():
+    gen = torch.Generator().manual_seed(19)
+    keys = torch.randn(2, 2, 60, 8, generator=gen)
+    valid = torch.ones(2, 60, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded
+    store = _store(keys, valid)
+    policy = cl.method("recycled:budget=10,every=50,similar=0.5").build(0, 1)
+    first = torch.randn(2, 4, 1, 8, generator=gen)
+    assert policy.before_attend(store, _step(first)) is None  # no selection yet: both rows read everything
+    store.append(keys[:, :, :1], keys[:, :, :1])
+    store.mark_new(1, None, None)
+    later = first.clone()
+    later[1] = -first[1]  # row 1's query turns around (cosine -1), row 0's stays
+    plan = policy.before_attend(store, _step(later))
+    read = [
+        {int(i) for i, ok in zip(plan.indices[b, h], plan.valid[b, h], strict=True) if ok}
+        for b in range(2)
+        for h in range(2)
+    ]
+    selected = [{int(i) for i in policy.selected[0, h]} for h in range(2)]
+    assert read[0] == selected[0] | {59, 60} and read[1] == selected[1] | {59, 60}  # selection + tokens since
+    assert read[2] == read[3] == set(range(5, 61))  # row 1 reads every slot it holds
+    assert policy.full_steps == 3 and policy.steps.tolist() == [2, 1]  # steps taken since each full one
 
 
 def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():

@@ -365,6 +365,19 @@ class SelectionPolicy(LayerPolicy):
         return sum(t.nbytes for t in (self.selected, self.chosen, self.since) if t is not None)
 
 
+def _moved(step: Step, then: torch.Tensor, similar: float) -> torch.Tensor:
+    """``[B]``: rows whose decode query (all query heads, flattened) has a cosine below ``similar`` to
+    ``then [B, Hq * D]``, the query that made their selection."""
+    now = step.queries[:, :, 0].flatten(1).float()
+    return torch.nn.functional.cosine_similarity(now, then, dim=-1) < similar
+
+
+def _queries_of(step: Step, rows: torch.Tensor, then: torch.Tensor | None) -> torch.Tensor:
+    """``then [B, Hq * D]`` with the ``rows [B]`` replaced by this step's decode queries."""
+    now = step.queries[:, :, 0].flatten(1).float()
+    return now if then is None else torch.where(rows.view(-1, 1), now, then)
+
+
 def _pad(t: torch.Tensor, width: int, fill) -> torch.Tensor:
     """``t [B, H, K]`` padded with ``fill`` to ``width`` entries on the last axis."""
     if t.shape[-1] == width:
@@ -408,13 +421,11 @@ class TokenSelectPolicy(SelectionPolicy):
         self.query: torch.Tensor | None = None  # [B, Hq * D]: the query that made each row's selection
 
     def _due(self, step: Step) -> torch.Tensor:
-        query = step.queries[:, :, 0].flatten(1).float()
-        return torch.nn.functional.cosine_similarity(query, self.query, dim=-1) < self.similar
+        return _moved(step, self.query, self.similar)
 
     def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> ReadPlan:
         self._remember(store, step, keep, rows)
-        query = step.queries[:, :, 0].flatten(1).float()
-        self.query = query if self.query is None else torch.where(rows.view(-1, 1), query, self.query)
+        self.query = _queries_of(step, rows, self.query)
         return self._plan(store)
 
     def map_batch(self, fn) -> None:
@@ -427,14 +438,18 @@ class TokenSelectPolicy(SelectionPolicy):
 
 @dataclass(frozen=True, eq=False)
 class Recycled(SparseReader):
-    """Recycled Attention: every ``every`` decode steps one step reads the whole cache, and the ``budget``
-    tokens it attended to most (summed over the query heads of each KV head) are what the next ``every - 1``
-    steps read, with every token appended since.
+    """Recycled Attention: a full step reads the whole cache, and the ``budget`` tokens it attended to most
+    (summed over the query heads of each KV head) are what the steps after it read, with every token appended
+    since, until the next full step: ``every`` decode steps later, or, with ``similar`` set, as soon as the
+    decode query's cosine to the full step's query falls below ``similar`` (the paper's dynamic schedule).
 
     Xu et al., 2024 (arXiv 2411.05787): on RULER and long-context language modelling, "comparable speedup to
-    baselines which only consider local context while improving the performance by 2x". The full step's
-    attention weights are computed beside the attention itself here (a fused kernel would return them). A
-    budget at or above the cache reads everything (exactly full attention)."""
+    baselines which only consider local context while improving the performance by 2x"; the paper also decides
+    "when to perform recycled or full attention step based on the query similarities". Here each layer
+    compares its own query (all query heads, flattened), per row: a row whose query moved reads everything
+    while the others read their selection. The full step's attention weights are computed beside the attention
+    itself (a fused kernel would return them). A budget at or above the cache reads everything (exactly full
+    attention)."""
 
     name = "recycled"
     paper = "Xu et al., 2024, Recycled Attention, https://arxiv.org/abs/2411.05787"
@@ -442,11 +457,17 @@ class Recycled(SparseReader):
         "older tokens the partial steps read (budget=N), or the fraction they skip (0.875 reads 1/8)",
         Budget(tokens=2048),
     )
-    every: int = param("one full-attention step every this many decode steps", 16)
+    every: int = param("one full-attention step at least every this many decode steps", 16)
+    similar: float | None = param(
+        "also a full step when the query's cosine to the last full step's query is below this; None = fixed schedule",
+        None,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("recycled: every", self.every, 1)
+        if self.similar is not None:
+            check_number("recycled: similar (cosine)", self.similar, -1.0, 1.0)
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return RecycledPolicy(self)
@@ -455,23 +476,59 @@ class Recycled(SparseReader):
 class RecycledPolicy(SelectionPolicy):
     def __init__(self, method: Recycled) -> None:
         super().__init__(method.budget)
-        self.every = method.every
-        self.steps = 0  # decode steps since the last full step
+        self.every, self.similar = method.every, method.similar
+        self.steps: torch.Tensor | None = None  # [B] decode steps since each row's last full step
+        self.query: torch.Tensor | None = None  # [B, Hq * D] the query of each row's last full step
+        self.full_steps = 0  # row steps that read everything
 
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
         plan = super().before_attend(store, step)
-        self.steps += step.phase == "decode" and step.tokens == 1
+        if step.phase == "decode" and step.tokens == 1 and self.steps is not None:
+            self.steps = self.steps + 1
         return plan
 
     def _due(self, step: Step) -> torch.Tensor:
-        return torch.full((step.queries.shape[0],), self.steps >= self.every, device=step.queries.device)
+        due = self.steps >= self.every
+        if self.similar is not None:
+            due = due | _moved(step, self.query, self.similar)
+        return due
 
-    def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> None:
-        """The full step: read everything (None), and keep its top tokens for the next steps."""
-        self._remember(store, step, keep, torch.ones_like(rows))
-        self.steps = 0
-        self.last_read = store.length
-        return None
+    def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> ReadPlan | None:
+        """The full step of ``rows``: they read everything and keep their top tokens for the next steps; the
+        other rows read their selection (None when every row reads everything)."""
+        if self.selected is None or store.version != self.version:
+            rows = torch.ones_like(rows)  # no selection to read yet: every row starts over
+        self._remember(store, step, keep, rows)
+        self.query = _queries_of(step, rows, self.query)
+        if self.steps is None:
+            self.steps = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        self.steps = torch.where(rows, 0, self.steps)
+        self.full_steps += int(rows.sum())
+        if bool(rows.all()):
+            self.last_read = store.length
+            return None
+        return self._with_full_rows(store, rows)
+
+    def _with_full_rows(self, store: DenseStore, rows: torch.Tensor) -> ReadPlan:
+        """Every store column, valid where a full row holds a token or a selective row's plan reads it."""
+        partial = self._plan(store)
+        b, h, _ = partial.indices.shape
+        hits = torch.zeros(b, h, store.length, dtype=torch.int32, device=rows.device)
+        hits.scatter_add_(-1, partial.indices, partial.valid.int())  # padding entries add nothing
+        read = torch.where(rows.view(b, 1, 1), _validity(store, 0, store.length), hits > 0)
+        self.last_read = int(read.sum(-1).max())
+        columns = torch.arange(store.length, device=rows.device)
+        return ReadPlan(columns.expand(b, h, -1), read)
+
+    def map_batch(self, fn) -> None:
+        super().map_batch(fn)
+        if self.steps is not None:
+            self.steps = fn(self.steps)
+        if self.query is not None:
+            self.query = fn(self.query)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(t.nbytes for t in (self.steps, self.query) if t is not None)
 
 
 OFFLOADS = ("none", "cpu")
