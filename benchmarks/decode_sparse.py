@@ -14,6 +14,12 @@ reads, and decode speed.
    the first), bytes each step reads from the cache (all layers: the slots read and what choosing them
    read), bytes InfLLM copies from host memory per step with ``offload=cpu``, and KV bytes held.
 
+4. ``capture``: why a reader misses. On the first samples of the single-needle cell, at every decode step of
+   every layer that selects, the share of full attention's weight (each query head's softmax over the whole
+   cache, averaged over heads) that falls on the slots the reader read; a step that reads everything counts
+   1. Reported per method: the mean, the worst layer's mean, and the share of layer steps that read
+   everything.
+
 Every cell also reports the mean bytes a decode step read (``GenerationResult.read_bytes_per_step``).
 
 Each cell is saved to ``benchmarks/results/decode_sparse.json`` when it finishes and not run again (delete
@@ -21,7 +27,7 @@ the file to start over).
 
     PYTHONPATH=. python benchmarks/decode_sparse.py [--sections accuracy shared speed] [--samples 40]
         [--lengths 4096 8192] [--tasks niah_single_2 ...] [--methods full snapkv ...] [--speed-length 32768]
-        [--threads N]
+        [--capture-samples 8] [--threads N]
 
 Writes benchmarks/results/decode_sparse.md (and .json).
 """
@@ -43,6 +49,9 @@ from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.hf.layer import ContextlabLayer
+from contextlab.methods.policy import LayerPolicy
+from contextlab.methods.sparse import attention_mass
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "decode_sparse.json"
@@ -105,6 +114,63 @@ def shared_cell(model, tok, spec: str, items) -> dict:
         turn_scores.append(marks)
     by_turn = [sum(t[i] for t in turn_scores) / len(turn_scores) for i in range(len(turn_scores[0]))]
     return {"scores": scores, "by_turn": by_turn, "seconds": seconds / len(items), "read_bytes": read / len(items)}
+
+
+class Capture:
+    """While active, records per (layer, decode step) of every selecting layer the share of full attention's
+    weight that the step's read plan covers (1.0 for a step that reads everything)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []
+
+    def __enter__(self) -> Capture:
+        record = self.steps
+        plan_read, full_read = ContextlabLayer._attend_plan, ContextlabLayer._attend_groups
+
+        def with_plan(layer, query, plan, scaling):
+            keys = layer.store.groups[0].span(0, layer.store.length)[0]
+            heads = keys.shape[1]
+            share = attention_mass(query[:, :, 0], keys, None, scaling) / (query.shape[1] // heads)  # [B, H, S]
+            hits = torch.zeros(share.shape, dtype=torch.int32).scatter_add(-1, plan.indices, plan.valid.int())
+            record.append((layer.layer_idx, float((share * (hits > 0)).sum(-1).mean())))
+            return plan_read(layer, query, plan, scaling)
+
+        def everything(layer, query, scaling):
+            if query.shape[2] == 1 and type(layer.policy) is not LayerPolicy:  # a selecting layer's full step
+                record.append((layer.layer_idx, 1.0))
+            return full_read(layer, query, scaling)
+
+        self._patches = [
+            mock.patch.object(ContextlabLayer, "_attend_plan", with_plan),
+            mock.patch.object(ContextlabLayer, "_attend_groups", everything),
+        ]
+        for patch in self._patches:
+            patch.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for patch in self._patches:
+            patch.stop()
+
+
+def capture_cell(model, tok, spec: str, items) -> dict:
+    scores, capture = [], Capture()
+    with capture:
+        for s in items:
+            out = cl.generate(model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=NEW_TOKENS)
+            scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
+    layers: dict[int, list[float]] = {}
+    for layer, share in capture.steps:
+        layers.setdefault(layer, []).append(share)
+    means = {layer: statistics.fmean(v) for layer, v in sorted(layers.items())}
+    worst = min(means, key=means.get)
+    return {
+        "scores": scores,
+        "capture": statistics.fmean(share for _, share in capture.steps),
+        "worst_layer": [worst, means[worst]],
+        "per_layer": means,
+        "full_steps": sum(share == 1.0 for _, share in capture.steps) / len(capture.steps),
+    }
 
 
 def speed_cell(model, tok, spec: str, item) -> dict:
@@ -207,6 +273,19 @@ def speed_table(store: dict) -> str:
     return markdown(head, rows)
 
 
+def capture_table(store: dict) -> str:
+    head = ["task", "tokens", "method", "answered", "weight read (mean)", "worst layer", "layer steps reading all"]
+    rows = []
+    for key, r in store.items():
+        name, task, length, spec = key.split("|")
+        if name == "capture":
+            layer, share = r["worst_layer"]
+            answered = f"{int(sum(r['scores']))}/{len(r['scores'])}"
+            rows.append([task, length, spec, answered, f"{r['capture']:.3f}", f"{layer}: {share:.3f}"])
+            rows[-1].append(f"{r['full_steps']:.2f}")
+    return markdown(head, rows)
+
+
 def report(store: dict, threads: int) -> str:
     return "\n\n".join(
         [
@@ -224,6 +303,12 @@ def report(store: dict, threads: int) -> str:
             "Each speed cell prefilled the 32K prompt once and timed the decode steps after the first, on one "
             "thread, while one other single-thread benchmark ran on the machine's second core. Cells whose "
             "decode steps overlapped a test run were measured again (the table shows the quiet values).",
+            "## What the readers read of full attention's weight (single needle, first samples)",
+            capture_table(store),
+            "Weight read: at each decode step of each layer that selects, the share of full attention's softmax "
+            "weight (over the whole cache, averaged over query heads) on the slots the reader read; a step "
+            "that reads everything counts 1. Worst layer: the layer with the lowest mean. Quest leaves its first "
+            "two layers dense (not counted); the others select in every layer.",
             f"Platform: {platform.platform()}",
         ]
     )
@@ -231,10 +316,11 @@ def report(store: dict, threads: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["accuracy", "shared", "speed"])
+    parser.add_argument("--sections", nargs="+", default=["accuracy", "shared", "speed", "capture"])
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--speed-length", type=int, default=32768)
+    parser.add_argument("--capture-samples", type=int, default=8, help="samples of the capture section")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="accuracy tasks to run")
     parser.add_argument(
@@ -261,6 +347,10 @@ def main() -> None:
                 items = samples(tok, "scbench_kv", length, args.samples, seed=7 + length)
                 for spec in chosen(methods(length)):
                     cells.run(f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
+        elif section == "capture":
+            items = needle_items(tok, "niah_single_2", 4096, args.samples)[: args.capture_samples]
+            for spec in chosen(methods(4096)[1:-1]):  # the readers
+                cells.run(f"capture|niah_single_2|4096|{spec}", capture_cell, model, tok, spec, items)
         elif section == "speed":
             length = args.speed_length
             item = needle_items(tok, "niah_single_2", length, 1)[0]
