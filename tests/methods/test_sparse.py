@@ -323,7 +323,7 @@ def test_tokenselect_reuses_its_selection_while_queries_stay_similar(llama, toke
 
 def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(llama, tokenizer):
     ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
-    reads = []
+    reads, chosen = [], []
     cache = ContextlabCache(llama.config, cl.method("recycled:budget=32,every=4"))
     cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=10)
     layer = cache.compressible[0]
@@ -332,10 +332,12 @@ def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(ll
         for _ in range(10):
             logits = llama(logits.argmax(-1), **{cache_kwarg(llama): cache}).logits[:, -1:]
             reads.append(layer.policy.last_read)
+            chosen.append(layer.policy.selection_bytes())
     n = ids.shape[1]
     full = [n + 1 + i for i in range(10)]  # the whole cache at step i
     assert reads == [full[0], 34, 35, 36, full[4], 34, 35, 36, full[8], 34]
     assert layer.policy.selections == 3
+    assert chosen == [0] * 10  # a full step's weights come with its read; the steps between choose nothing
 
 
 @pytest.mark.parametrize(("similar", "full_steps"), [(1.0, 10), (-1.0, 1)])

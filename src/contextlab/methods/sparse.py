@@ -448,8 +448,8 @@ class Recycled(SparseReader):
     "when to perform recycled or full attention step based on the query similarities". Here each layer
     compares its own query (all query heads, flattened), per row: a row whose query moved reads everything
     while the others read their selection. The full step's attention weights are computed beside the attention
-    itself (a fused kernel would return them). A budget at or above the cache reads everything (exactly full
-    attention)."""
+    itself (a fused kernel would return them), so a full step counts the bytes of the full read only. A budget
+    at or above the cache reads everything (exactly full attention)."""
 
     name = "recycled"
     paper = "Xu et al., 2024, Recycled Attention, https://arxiv.org/abs/2411.05787"
@@ -499,6 +499,7 @@ class RecycledPolicy(SelectionPolicy):
         if self.selected is None or store.version != self.version:
             rows = torch.ones_like(rows)  # no selection to read yet: every row starts over
         self._remember(store, step, keep, rows)
+        self.chose_bytes = 0  # the weights come with the full read itself (a fused kernel returns them)
         self.query = _queries_of(step, rows, self.query)
         if self.steps is None:
             self.steps = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
