@@ -154,6 +154,15 @@ def _decode(model, cache, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return out
 
 
+def _decoded(model, tokenizer, spec: str, steps: int) -> tuple[ContextlabCache, int]:
+    """A cache of ``spec`` after CONTEXT's prompt and ``steps`` greedy decode steps, and the prompt length."""
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
+    cache = ContextlabCache(model.config, cl.method(spec))
+    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=steps)
+    _decode(model, cache, ids, steps)
+    return cache, ids.shape[1]
+
+
 def test_a_small_budget_reads_only_its_pages_and_stays_close_to_full(llama, tokenizer):
     ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
     n = ids.shape[1]
@@ -312,10 +321,7 @@ def test_tokenselect_reads_the_tokens_with_the_most_attention():
 
 @pytest.mark.parametrize(("similar", "selections"), [(1.0, 12), (-1.0, 1)])
 def test_tokenselect_reuses_its_selection_while_queries_stay_similar(llama, tokenizer, similar, selections):
-    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
-    cache = ContextlabCache(llama.config, cl.method(f"tokenselect:budget=32,similar={similar}"))
-    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=12)
-    _decode(llama, cache, ids, 12)
+    cache, _ = _decoded(llama, tokenizer, f"tokenselect:budget=32,similar={similar}", 12)
     for layer in cache.compressible:
         assert layer.policy.selections == selections
         assert layer.policy.last_read == (32 + 1 if similar == 1.0 else 32 + 12)  # + every token since
@@ -344,13 +350,10 @@ def test_recycled_reads_everything_every_few_steps_and_its_top_tokens_between(ll
 def test_recycled_reads_everything_again_when_the_query_moves(llama, tokenizer, similar, full_steps):
     """similar = 1: every new query differs from the last full step's, so every step reads everything;
     similar = -1: no query is that far, so only the fixed schedule (every = 100) applies."""
-    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"]])
-    cache = ContextlabCache(llama.config, cl.method(f"recycled:budget=32,every=100,similar={similar}"))
-    cache.begin_prompt(ids.shape[1], [ids.shape[1]], new_tokens=10)
-    _decode(llama, cache, ids, 10)
+    cache, n = _decoded(llama, tokenizer, f"recycled:budget=32,every=100,similar={similar}", 10)
     for layer in cache.compressible:
         assert layer.policy.full_steps == full_steps
-        assert layer.policy.last_read == (ids.shape[1] + 10 if similar == 1.0 else 32 + 10)
+        assert layer.policy.last_read == (n + 10 if similar == 1.0 else 32 + 10)
 
 
 def test_recycled_full_step_of_one_row_leaves_the_other_on_its_selection():
