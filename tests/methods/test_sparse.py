@@ -266,6 +266,7 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("infllm:0.5", "budget must be a number of tokens"),
         ("infllm:reps=200", "cannot exceed the block size"),
         ("infllm:offload=gpu", "offload must be one of"),
+        ("infllm:vote=row", "vote must be one of"),
         ("infllm:offload=cpu+kivi:bits=4", "storage"),
         ("retrieval:budget=60", "leaves nothing to retrieve"),
         ("retrieval:index=hnsw", "index must be one of"),
@@ -405,6 +406,32 @@ def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():
         assert set(range(4)) | block5 | tail <= read  # sinks, the needle's block, the tail (and the newest)
         assert len(read) == 4 + 2 * 16 + len(tail)  # budget 76 = 4 sinks + 40 local + 2 blocks of 16
         assert len(read) <= 76 + 16 - 1 + 1
+
+
+@pytest.mark.parametrize("vote", ["layer", "head"])
+def test_infllm_votes_for_blocks_per_layer_or_per_head(vote):
+    """Head 0's needle sits in block 5, head 1's in block 2; two blocks fit the budget. Voting per head, each
+    head reads its own needle's block; voting per layer, both heads read the same two blocks: both needles'."""
+    gen = torch.Generator().manual_seed(23)
+    b, h, g, s, d = 1, 2, 2, 200, 8
+    keys = torch.randn(b, h, s, d, generator=gen) * 0.1
+    needles = torch.randn(h, d, generator=gen)
+    for head, block in ((0, 5), (1, 2)):
+        keys[:, head, 4 + block * 16 + 3] = needles[head] * 3
+    policy = cl.method(f"infllm:budget=76,block=16,sink=4,local=40,reps=2,vote={vote}").build(0, 1)
+    store = _store(keys, None)
+    prompt = needles.repeat_interleave(g, 0).view(1, h * g, 1, d)  # each head's last prompt query seeks its needle
+    policy.after_forward(store, Step(prompt, 1.0, "prompt_end", None, 0, 1))
+    store.append(keys[:, :, :1], keys[:, :, :1])
+    plan = policy.before_attend(store, Step(prompt, 1.0, "decode", None, 0, 1))
+    blocks = []
+    for head in range(h):
+        read = {int(i) for i, ok in zip(plan.indices[0, head], plan.valid[0, head], strict=True) if ok}
+        blocks.append({k for k in range(9) if set(range(4 + k * 16, 4 + (k + 1) * 16)) <= read})
+    assert all(len(chosen) == 2 for chosen in blocks)
+    assert 5 in blocks[0] and 2 in blocks[1]
+    if vote == "layer":
+        assert blocks[0] == blocks[1] == {2, 5}
 
 
 @pytest.mark.usefixtures("offload_on_cpu")

@@ -533,6 +533,7 @@ class RecycledPolicy(SelectionPolicy):
 
 
 OFFLOADS = ("none", "cpu")
+VOTES = ("layer", "head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -545,7 +546,9 @@ class InfLLM(SparseReader):
     tokens are those the queries of that moment score highest (summed ``q . k`` over the query heads of the KV
     head: the prompt's last ``observe`` queries for blocks formed at the prompt's end, the decode query for
     blocks formed later; the paper scores with the local window's queries). A block's relevance to a query is
-    the sum of ``q . k`` over its representatives and the query heads of its KV head. Tokens between the last
+    the sum of ``q . k`` over its representatives and over the query heads of the whole layer
+    (``vote=layer``, as in the paper's code: every head reads the same blocks) or of its KV head only
+    (``vote=head``: each KV head reads its own blocks). Tokens between the last
     whole block and the local window are read too, so a query reads at most ``budget + block - 1`` tokens.
     A budget at or above the cache reads everything (exactly full attention).
 
@@ -570,9 +573,12 @@ class InfLLM(SparseReader):
     reps: int = param("representative tokens per block", 4)
     observe: int = param("prompt queries that pick the representatives of blocks formed at the prompt's end", 32)
     offload: str = param("none | cpu (memory blocks in host memory, the read slots copied per step)", "none")
+    vote: str = param("layer (all heads of a layer pick the same blocks, as the paper) | head (each KV head)", "layer")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.vote not in VOTES:
+            raise ValueError(f"infllm: vote must be one of {VOTES}, got {self.vote!r}")
         check_int("infllm: block", self.block, 1)
         check_int("infllm: sink", self.sink, 0)
         check_int("infllm: local", self.local, 1)
@@ -693,6 +699,8 @@ class InfLLMPolicy(LayerPolicy):
         self.chose_bytes += self.reps.nbytes
         formed = torch.arange(self.reps.shape[2], device=device) < self.formed.unsqueeze(-1)
         relevance = relevance.masked_fill(~formed, float("-inf"))
+        if m.vote == "layer":  # one choice per row: the blocks' relevance summed over every KV head
+            relevance = relevance.sum(1, keepdim=True).expand(b, h, -1)
         take = min(m.blocks_read, self.reps.shape[2])
         chosen = relevance.topk(take, dim=-1).indices.sort(dim=-1).values  # [B, H, K]
         chosen_ok = formed.gather(-1, chosen)
