@@ -65,6 +65,7 @@ def methods(length: int) -> list[str]:
     return [
         "full",
         "quest:0.875",
+        "quest:0.875,page=4",
         "tokenselect:0.875",
         "recycled:0.875",
         "recycled:0.875,similar=0.8",
