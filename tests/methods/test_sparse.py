@@ -357,6 +357,18 @@ def test_recycled_reads_everything_again_when_the_query_moves(llama, tokenizer, 
         assert layer.policy.last_read == (n + 10 if similar == 1.0 else 32 + 10)
 
 
+def test_recycled_resumes_from_a_saved_single_step_count():
+    """Caches saved before per-row step counts hold one int for the batch; a loaded one keeps its schedule."""
+    policy = cl.method("recycled:budget=4,every=3").build(0, 1)
+    scalars, tensors = policy.export_state()
+    scalars["steps"] = 2
+    policy.load_state(scalars, tensors)
+    step = _step(torch.randn(2, 2, 1, 4))  # two rows
+    assert policy._due(step).tolist() == [False, False]
+    policy.steps = 3
+    assert policy._due(step).tolist() == [True, True]
+
+
 def test_recycled_full_step_of_one_row_leaves_the_other_on_its_selection():
     gen = torch.Generator().manual_seed(19)
     keys = torch.randn(2, 2, 60, 8, generator=gen)

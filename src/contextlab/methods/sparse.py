@@ -488,7 +488,8 @@ class RecycledPolicy(SelectionPolicy):
         return plan
 
     def _due(self, step: Step) -> torch.Tensor:
-        due = self.steps >= self.every
+        rows = step.queries.shape[0]  # a cache saved before per-row counts holds one int for every row
+        due = torch.as_tensor(self.steps, device=step.queries.device).expand(rows) >= self.every
         if self.similar is not None:
             due = due | _moved(step, self.query, self.similar)
         return due
