@@ -62,6 +62,10 @@ CONDITIONS = [
     "seconds are one thread's; its first 8 needles in one run, the next 22 appended by a later run over the "
     "same sample list), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
     "chunk 2048): peak KV 209 MiB vs 704 MiB and prefill 51 s vs 92 s for full attention. 32K was not run.",
+    "- SmolLM2 `selfextend:group=16,window=1024` (2026-12-06, the reference model's best setting, fixed before "
+    "this run): stopped after 5 needles, 2 found, where the default (here G = 7, W = 2048) found all 5 of the "
+    "same needles; on this model the wider exact window or the smaller group matters more than keeping "
+    "grouped positions below 2K.",
     "",
 ]
 
