@@ -31,6 +31,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["ivf", "exact"])
     if field.name == "offload":
         return st.sampled_from(["none", "cpu"])
+    if field.name == "vote":
+        return st.sampled_from(["layer", "head"])
     if field.name == "scales":
         return st.sampled_from(["fp16", "e4m3"])
     if field.name == "profile":
