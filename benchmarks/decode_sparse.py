@@ -303,7 +303,10 @@ def report(store: dict, threads: int) -> str:
             speed_table(store),
             "Each speed cell prefilled the 32K prompt once and timed the decode steps after the first, on one "
             "thread, while one other single-thread benchmark ran on the machine's second core. Cells whose "
-            "decode steps overlapped a test run were measured again (the table shows the quiet values).",
+            "decode steps overlapped a test run were measured again (the table shows the quiet values), except "
+            "the two recycled rows: measured again after a byte-accounting fix (2026-12-06) while the test "
+            "suite and another benchmark shared the 2 cores, so their milliseconds are not comparable with the "
+            "other rows; their bytes are exact.",
             "## What the readers read of full attention's weight (single needle, first samples)",
             capture_table(store),
             "Weight read: at each decode step of each layer that selects, the share of full attention's softmax "
