@@ -122,7 +122,7 @@ class Capture:
     weight that the step's read plan covers (1.0 for a step that reads everything)."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[int, float]] = []
+        self.steps: list[tuple[int, float, bool]] = []  # (layer, share read, whether it read everything)
 
     def __enter__(self) -> Capture:
         record = self.steps
@@ -132,13 +132,13 @@ class Capture:
             keys = layer.store.groups[0].span(0, layer.store.length)[0]
             heads = keys.shape[1]
             share = attention_mass(query[:, :, 0], keys, None, scaling) / (query.shape[1] // heads)  # [B, H, S]
-            hits = torch.zeros(share.shape, dtype=torch.int32).scatter_add(-1, plan.indices, plan.valid.int())
-            record.append((layer.layer_idx, float((share * (hits > 0)).sum(-1).mean())))
+            read = plan.covers(share.shape[-1])
+            record.append((layer.layer_idx, float((share * read).sum(-1).mean()), False))
             return plan_read(layer, query, plan, scaling)
 
         def everything(layer, query, scaling):
             if query.shape[2] == 1 and type(layer.policy) is not LayerPolicy:  # a selecting layer's full step
-                record.append((layer.layer_idx, 1.0))
+                record.append((layer.layer_idx, 1.0, True))
             return full_read(layer, query, scaling)
 
         self._patches = [
@@ -161,16 +161,16 @@ def capture_cell(model, tok, spec: str, items) -> dict:
             out = cl.generate(model, tok, s.context_ids, s.question_ids, method=spec, max_new_tokens=NEW_TOKENS)
             scores.append(METRIC_FUNCTIONS[s.metric](out.text, s.answers))
     layers: dict[int, list[float]] = {}
-    for layer, share in capture.steps:
+    for layer, share, _ in capture.steps:
         layers.setdefault(layer, []).append(share)
     means = {layer: statistics.fmean(v) for layer, v in sorted(layers.items())}
     worst = min(means, key=means.get)
     return {
         "scores": scores,
-        "capture": statistics.fmean(share for _, share in capture.steps),
+        "capture": statistics.fmean(share for _, share, _ in capture.steps),
         "worst_layer": [worst, means[worst]],
         "per_layer": means,
-        "full_steps": sum(share == 1.0 for _, share in capture.steps) / len(capture.steps),
+        "full_steps": sum(full for _, _, full in capture.steps) / len(capture.steps),
     }
 
 
@@ -282,8 +282,8 @@ def capture_table(store: dict) -> str:
         if name == "capture":
             layer, share = r["worst_layer"]
             answered = f"{int(sum(r['scores']))}/{len(r['scores'])}"
-            rows.append([task, length, spec, answered, f"{r['capture']:.3f}", f"{layer}: {share:.3f}"])
-            rows[-1].append(f"{r['full_steps']:.2f}")
+            shares = [f"{r['capture']:.3f}", f"{layer}: {share:.3f}", f"{r['full_steps']:.2f}"]
+            rows.append([task, length, spec, answered, *shares])
     return markdown(head, rows)
 
 

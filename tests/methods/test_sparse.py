@@ -353,8 +353,18 @@ def test_recycled_reads_everything_again_when_the_query_moves(llama, tokenizer, 
     similar = -1: no query is that far, so only the fixed schedule (every = 100) applies."""
     cache, n = _decoded(llama, tokenizer, f"recycled:budget=32,every=100,similar={similar}", 10)
     for layer in cache.compressible:
-        assert layer.policy.full_steps == full_steps
+        assert layer.policy.selections == full_steps  # each full step of a row selects its top tokens
         assert layer.policy.last_read == (n + 10 if similar == 1.0 else 32 + 10)
+
+
+def test_a_plan_covers_the_columns_its_valid_entries_name_once():
+    plan = ReadPlan(
+        torch.tensor([[[3, 0, 3, 5], [0, 0, 2, 1]]]),
+        torch.tensor([[[True, False, True, True], [True, False, True, False]]]),
+    )
+    assert plan.covers(6).tolist() == [
+        [[False, False, False, True, False, True], [True, False, True, False, False, False]]
+    ]
 
 
 def test_recycled_resumes_from_a_saved_single_step_count():
@@ -391,7 +401,7 @@ def test_recycled_full_step_of_one_row_leaves_the_other_on_its_selection():
     selected = [{int(i) for i in policy.selected[0, h]} for h in range(2)]
     assert read[0] == selected[0] | {59, 60} and read[1] == selected[1] | {59, 60}  # selection + tokens since
     assert read[2] == read[3] == set(range(5, 61))  # row 1 reads every slot it holds
-    assert policy.full_steps == 3 and policy.steps.tolist() == [2, 1]  # steps taken since each full one
+    assert policy.selections == 3 and policy.steps.tolist() == [2, 1]  # steps taken since each full one
 
 
 def test_infllm_reads_sinks_the_block_a_query_needs_and_the_local_window():

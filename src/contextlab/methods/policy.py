@@ -68,6 +68,13 @@ class ReadPlan:
     indices: torch.Tensor
     valid: torch.Tensor
 
+    def covers(self, columns: int) -> torch.Tensor:
+        """``[B, H, columns]`` bool: which store columns the plan reads (an index named twice, or named by a
+        padding entry as well, counts once)."""
+        b, h, _ = self.indices.shape
+        hits = torch.zeros(b, h, columns, dtype=torch.int32, device=self.indices.device)
+        return hits.scatter_add_(-1, self.indices, self.valid.int()) > 0
+
 
 class LayerPolicy:
     """A policy that does nothing: full attention over everything cached."""

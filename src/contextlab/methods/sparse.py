@@ -479,7 +479,6 @@ class RecycledPolicy(SelectionPolicy):
         self.every, self.similar = method.every, method.similar
         self.steps: torch.Tensor | None = None  # [B] decode steps since each row's last full step
         self.query: torch.Tensor | None = None  # [B, Hq * D] the query of each row's last full step
-        self.full_steps = 0  # row steps that read everything
 
     def before_attend(self, store: DenseStore, step: Step) -> ReadPlan | None:
         plan = super().before_attend(store, step)
@@ -497,15 +496,12 @@ class RecycledPolicy(SelectionPolicy):
     def _select(self, store: DenseStore, step: Step, keep: int, rows: torch.Tensor) -> ReadPlan | None:
         """The full step of ``rows``: they read everything and keep their top tokens for the next steps; the
         other rows read their selection (None when every row reads everything)."""
-        if self.selected is None or store.version != self.version:
-            rows = torch.ones_like(rows)  # no selection to read yet: every row starts over
         self._remember(store, step, keep, rows)
         self.chose_bytes = 0  # the weights come with the full read itself (a fused kernel returns them)
         self.query = _queries_of(step, rows, self.query)
         if self.steps is None:
             self.steps = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
         self.steps = torch.where(rows, 0, self.steps)
-        self.full_steps += int(rows.sum())
         if bool(rows.all()):
             self.last_read = store.length
             return None
@@ -515,9 +511,7 @@ class RecycledPolicy(SelectionPolicy):
         """Every store column, valid where a full row holds a token or a selective row's plan reads it."""
         partial = self._plan(store)
         b, h, _ = partial.indices.shape
-        hits = torch.zeros(b, h, store.length, dtype=torch.int32, device=rows.device)
-        hits.scatter_add_(-1, partial.indices, partial.valid.int())  # padding entries add nothing
-        read = torch.where(rows.view(b, 1, 1), _validity(store, 0, store.length), hits > 0)
+        read = torch.where(rows.view(b, 1, 1), _validity(store, 0, store.length), partial.covers(store.length))
         self.last_read = int(read.sum(-1).max())
         columns = torch.arange(store.length, device=rows.device)
         return ReadPlan(columns.expand(b, h, -1), read)
