@@ -88,8 +88,10 @@ BYTES_SPECS = [
     KIVI2_E4M3_SINK,
     f"snapkv:0.5+{KIVI4_E4M3_SINK}",
     "kvquant:bits=3",
-    "kvquant:bits=3,sink=0",
+    "kvquant:bits=3,levels=uniform",
+    "kvquant:bits=3,sink=0,levels=uniform",
     "kvquant:bits=4",
+    "kvquant:bits=4,levels=uniform",
     "zipcache",
     "zipcache:keys=channel",
     "snapkv:0.5+zipcache",
@@ -108,12 +110,17 @@ PPL_SPECS = [
     "kivi:bits=2,sink=1",
     KIVI4_E4M3_SINK,
     KIVI2_E4M3_SINK,
+    "kivi:bits=3,sink=1,levels=normal",
+    "kivi:bits=2,sink=1,levels=normal",
     "kvquant:bits=4",
-    "kvquant:bits=4,sink=0",
+    "kvquant:bits=4,levels=uniform",
+    "kvquant:bits=4,sink=0,levels=uniform",
     "kvquant:bits=3",
-    "kvquant:bits=3,sink=0",
+    "kvquant:bits=3,levels=uniform",
+    "kvquant:bits=3,sink=0,levels=uniform",
     "kvquant:bits=2",
-    "kvquant:bits=2,sink=0",
+    "kvquant:bits=2,levels=uniform",
+    "kvquant:bits=2,sink=0,levels=uniform",
     "zipcache",
     "zipcache:keys=channel",
     "snapkv:0.5",
@@ -128,12 +135,13 @@ NEEDLE_SPECS = [
     "kivi:bits=4,scales=e4m3",
     KIVI4_E4M3_SINK,
     "snapkv:0.5+kivi:4",
-    "kvquant:bits=3,sink=0",
+    "kvquant:bits=3,sink=0,levels=uniform",
+    "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3",
     "zipcache",
     "zipcache:keys=channel",
 ]
-SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3,sink=0", "zipcache"]
+SPEED_SPECS = ["full", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=3,sink=0,levels=uniform", "zipcache"]
 ANALYTIC_LENGTHS = [4096, 8192, 32768]
 LONG_POSITION_BYTES = 4  # int32 positions once a row passes 32768 tokens (int16 below)
 HELDOUT_CHARS = 400_000  # the perplexity text: the Bible's last 400K characters (Acts 25 .. Revelation)
@@ -618,7 +626,10 @@ def report_perplexity(store: Store, count: int) -> list[str]:
         "token-wise key quantizer (the paper's); `zipcache:keys=channel` keeps KIVI's per-channel keys inside "
         "each precision tier. `sink=1` keeps each window's first token exact and out of its key group's range "
         "(the default of `kvquant`; `sink=0` rows are `kvquant` before that default). The first token of a window "
-        "here is a mid-verse word, not a BOS: the sink forms on whatever token comes first.",
+        "here is a mid-verse word, not a BOS: the sink forms on whatever token comes first. `levels=normal` (the "
+        "default of `kvquant`; `levels=uniform` rows are `kvquant` before that default) puts a group's codes on "
+        "non-uniform levels between its min and max, the Lloyd-Max levels of a min/max-normalized group of "
+        "Gaussian entries (`contextlab.store.codec.level_table`); the bytes are those of uniform codes.",
         "",
     ]
     base = _ppl(cells["full"]) if "full" in cells else None
@@ -654,8 +665,10 @@ def report_perplexity(store: Store, count: int) -> list[str]:
             ("kivi:bits=2,sink=1", 0.5),
             (KIVI4_E4M3_SINK, 0.1),
             (KIVI2_E4M3_SINK, 0.5),
+            ("kivi:bits=2,sink=1,levels=normal", 0.5),
             ("kvquant:bits=3", 0.1),
-            ("kvquant:bits=3,sink=0", 0.1),
+            ("kvquant:bits=3,levels=uniform", 0.1),
+            ("kvquant:bits=3,sink=0,levels=uniform", 0.1),
         ):
             if spec in cells:
                 delta = _ppl(cells[spec]) - base

@@ -14,6 +14,7 @@ from contextlab.store.codec import (
     check_bits,
     dequantize_keys,
     dequantize_values,
+    level_table,
     pack,
     quantize_keys,
     quantize_values,
@@ -157,3 +158,56 @@ def test_e4m3_metadata_is_a_quarter_of_float16_scale_and_zero():
 def test_e4m3_refuses_a_range_beyond_float8():
     with pytest.raises(ValueError, match=r"needs a scale above float8 E4M3's 448; use scales=fp16"):
         quantize_values(torch.full((1, 1, 2, 32), 5000.0), 4, 32, scales="e4m3")
+
+
+# -- non-uniform (normal) levels ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [8, 32, 128])
+def test_normal_table_spans_the_group_and_is_symmetric(bits, n):
+    top = (1 << bits) - 1
+    table = level_table("normal", bits, n)
+    assert table.shape == (top + 1,) and table[0] == 0 and table[-1] == top
+    assert bool((table[1:] > table[:-1]).all())
+    assert torch.allclose(table + table.flip(0), torch.full_like(table, top), atol=1e-5)
+    if bits < 8:  # denser near the middle than the uniform grid: the inner gaps are narrower than one code
+        middle = top // 2
+        assert float(table[middle + 1] - table[middle]) < 1.0 < float(table[1] - table[0])
+
+
+def test_uniform_levels_have_no_table_and_tiny_groups_keep_the_uniform_grid():
+    assert level_table("uniform", 3, 32) is None
+    assert torch.equal(level_table("normal", 2, 2), torch.arange(4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="levels must be one of uniform, normal, got 'nf4'"):
+        level_table("nf4", 4, 32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(**SHAPES, seed=st.integers(0, 2**16))
+def test_normal_codes_take_the_nearest_level(bits, groups, group, dim_groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, d = groups * group, dim_groups * group
+    x = torch.randn(1, 2, n, d, generator=gen) * 3
+    for quantize, dequantize, per in ((quantize_keys, dequantize_keys, 2), (quantize_values, dequantize_values, 3)):
+        table = level_table("normal", bits, group)
+        codes = quantize(x, bits, group, table=table)
+        back = dequantize(codes, bits, group, d, table)
+        scale = codes.scale.float().repeat_interleave(group, dim=per)
+        zero = codes.zero.float().repeat_interleave(group, dim=per)
+        # brute force: every level of each entry's group, read back the way the codec does
+        candidates = table * scale.unsqueeze(-1) + zero.unsqueeze(-1)  # [..., levels]
+        best = (candidates - x.unsqueeze(-1)).abs().amin(-1)
+        assert torch.allclose((back - x).abs(), best, atol=1e-4 * (1 + x.abs().amax()))
+
+
+def test_normal_levels_cut_the_error_of_gaussian_groups_at_low_bits():
+    x = torch.randn(1, 4, 256, 64, generator=torch.Generator().manual_seed(1))
+    for bits in (2, 3, 4):  # measured: 0.94, 0.91, 0.90 of the uniform grid's squared error
+        uniform = (dequantize_keys(quantize_keys(x, bits, 32), bits, 32, 64) - x).pow(2).mean()
+        table = level_table("normal", bits, 32)
+        normal = (dequantize_keys(quantize_keys(x, bits, 32, table=table), bits, 32, 64, table) - x).pow(2).mean()
+        assert normal < 0.95 * uniform, (bits, float(normal), float(uniform))
+
+
+def test_normal_levels_refuse_symmetric_scales():
+    with pytest.raises(ValueError, match="non-uniform levels are implemented for asymmetric codes"):
+        quantize_keys(torch.randn(1, 1, 32, 32), 4, 32, scales="e4m3", table=level_table("normal", 4, 32))

@@ -9,7 +9,14 @@ import torch
 
 from contextlab.methods.positions import Rope, rotate
 from contextlab.store import MemoryTracker
-from contextlab.store.codec import dequantize_keys, dequantize_values, quantize_keys, quantize_values, words
+from contextlab.store.codec import (
+    dequantize_keys,
+    dequantize_values,
+    level_table,
+    quantize_keys,
+    quantize_values,
+    words,
+)
 from contextlab.store.quantized import QuantizedStore, QuantSpec
 
 B, H, D = 2, 3, 16
@@ -69,6 +76,33 @@ def test_float8_scales_hold_a_quarter_of_the_metadata_and_read_back_their_codes(
     fp16 = _filled(QuantSpec(bits=bits, group=8, residual=12), 50)[0]
     float8_scales = B * H * (32 // 8 * D + 32 * D // 8)
     assert fp16.used_bytes() - store.used_bytes() == 3 * float8_scales
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_normal_levels_code_and_read_with_the_same_tables_at_the_same_bytes(pre_rope):
+    spec = QuantSpec(bits=3, group=8, residual=12, levels="normal", pre_rope=pre_rope)
+    store = QuantizedStore(spec, rope=_rope())
+    keys, values = _tokens(50)
+    store.reserve(50)
+    store.append(keys, values)
+    store.settle()
+    g = store.groups[0]
+    assert not g.prefix.direct_read  # the fused kernel reads uniform codes only
+    k, v = g.used()
+    table = level_table("normal", 3, 8)
+    at_zero = rotate(keys[:, :, :32], -torch.arange(32).expand(B, H, 32), _rope()) if pre_rope else keys[:, :, :32]
+    expect_k = dequantize_keys(quantize_keys(at_zero, 3, 8, table=table), 3, 8, D, table)
+    if pre_rope:
+        expect_k = rotate(expect_k, torch.arange(32).expand(B, H, 32), _rope())
+    expect_v = dequantize_values(quantize_values(values[:, :, :32], 3, 8, table=table), 3, 8, D, table)
+    assert torch.allclose(k[:, :, :32], expect_k, atol=1e-5) and torch.equal(v[:, :, :32], expect_v)
+    assert torch.equal(k[:, :, 32:], keys[:, :, 32:])
+    uniform = QuantizedStore(QuantSpec(bits=3, group=8, residual=12, pre_rope=pre_rope), rope=_rope())
+    uniform.reserve(50)
+    uniform.append(keys, values)
+    uniform.settle()
+    assert store.used_bytes() == uniform.used_bytes()  # the table is a function of the spec, never stored
+    assert not torch.equal(uniform.groups[0].used()[1][:, :, :32], v[:, :, :32])
 
 
 def test_a_prompt_within_the_residual_is_kept_exactly():
@@ -159,6 +193,9 @@ def test_crop_cannot_reach_quantized_slots():
         (dict(residual=-1), "residual must be an integer >= 0, got -1"),
         (dict(scales="fp8"), "scales must be one of fp16, e4m3, got 'fp8'"),
         (dict(scales="e4m3", outliers=0.01), "scales=e4m3 is implemented for plain per-group codes"),
+        (dict(levels="nf"), "levels must be one of uniform, normal, got 'nf'"),
+        (dict(levels="normal", scales="e4m3"), "levels=normal is implemented for asymmetric codes"),
+        (dict(levels="normal", low_bits=2), "levels=normal is implemented for asymmetric codes"),
     ],
 )
 def test_bad_specs_are_named(kwargs, message):

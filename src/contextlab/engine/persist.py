@@ -38,7 +38,8 @@ from contextlab.hf.rope import native_window
 from contextlab.methods.spec import build_method
 
 MAGIC = b"CONTEXTLAB-KV\x00\x00\x00"
-VERSION = 2  # 2: the weights digest samples every parameter (contextlab.fingerprint)
+VERSION = 3  # 2: the weights digest samples every parameter (contextlab.fingerprint); 3: kvquant reads its
+# codes on non-uniform levels by default (a version-2 "kvquant" cache holds uniform codes)
 PREAMBLE = struct.Struct("<16sIQQ32s")
 SLIDING_ATTRS = ("cumulative_length", "is_initialized")
 CONFIG_FIELDS = ("model_type", "num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size")

@@ -14,6 +14,16 @@ The layout every quantized path shares (store, PyTorch reference, Triton kernel,
   0.25 bits per element (the shared 8-bit block scale of the microscaling formats, Rouhani et al.,
   "Microscaling Data Formats for Deep Learning", arXiv 2310.10537). A group whose ``max |x|`` needs a scale
   beyond E4M3's 448 is refused (``ValueError``).
+- With ``levels="normal"`` (asymmetric codes only) the ``2**bits`` codes of a group stand for non-uniformly
+  spaced levels between its min and max: ``code`` reads back as ``table[code] * scale + zero``, where
+  ``table`` (in code units, ``table[0] = 0`` and ``table[-1] = 2**bits - 1``, denser near the middle) holds
+  the Lloyd-Max levels of a min/max-normalized group of ``n`` Gaussian entries (``n`` = the group's entries:
+  ``group`` tokens for a key channel, the value group's channels for a value). A value takes the nearest
+  level. The table is a function of ``(bits, n)`` only (:func:`normal_table`), computed on first use and
+  never stored with the codes. Non-uniform datatypes are KVQuant's (Hooper et al., arXiv 2401.18079, which
+  calibrates one per layer; a fixed normal-derived grid is the NormalFloat idea of QLoRA, Dettmers et al.,
+  arXiv 2305.14314): activations are bell-shaped, so levels spent near the group's middle cut the error
+  where most entries lie, while the exact endpoints keep the extremes.
 - Codes are packed along the head dimension into int32 words, ``32 // bits`` codes per word (16 at 2 bits,
   10 at 3 bits, 8 at 4 bits, 4 at 8 bits); channel ``d`` lives in word ``d // per_word`` at bit
   ``(d % per_word) * bits``. No code straddles a word, so 3-bit codes waste 2 bits per word.
@@ -26,6 +36,7 @@ KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +46,7 @@ SCALE_DTYPE = torch.float16
 SCALE_FORMATS = ("fp16", "e4m3")  # asymmetric with float16 scale and zero | symmetric with a float8 scale
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+LEVELS = ("uniform", "normal")  # where a group's 2**bits codes sit between its min and max
 
 
 def per_word(bits: int) -> int:
@@ -55,6 +67,52 @@ def check_bits(bits) -> None:
 def check_scales(scales) -> None:
     if scales not in SCALE_FORMATS:
         raise ValueError(f"scales must be one of {', '.join(SCALE_FORMATS)}, got {scales!r}")
+
+
+def check_levels(levels) -> None:
+    if levels not in LEVELS:
+        raise ValueError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
+
+
+@functools.cache
+def _normal_levels(bits: int, n: int) -> tuple[float, ...]:
+    """Lloyd-Max levels (code units) for the entries of min/max-normalized groups of ``n`` i.i.d. standard
+    normal values, the two ends pinned at 0 and ``2**bits - 1`` (every group holds its own min and max).
+
+    The groups are deterministic: ``m`` unscrambled Sobol points in ``n`` dimensions (the all-zero first point
+    dropped) mapped through the normal quantile function, so the table is the same on every machine. Lloyd's
+    iteration (each level the mean of the entries nearest to it) runs until no level moves by 1e-7."""
+    top = (1 << bits) - 1
+    if n < 3:  # every entry is its group's min or max: only the ends are ever used
+        return tuple(float(c) for c in range(top + 1))
+    m = max(256, (1 << 18) // n)
+    points = torch.quasirandom.SobolEngine(n, scramble=False).draw(m + 1, dtype=torch.float64)[1:]
+    x = torch.special.ndtri(points)  # [m, n]
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    t = ((x - low) / (high - low)).flatten() * top
+    t = torch.cat([t, top - t])  # the normal law is symmetric: so are its levels
+    levels = torch.arange(top + 1, dtype=torch.float64)
+    for _ in range(500):
+        nearest = torch.bucketize(t, (levels[1:] + levels[:-1]) / 2)
+        count = torch.bincount(nearest, minlength=top + 1)
+        mean = torch.zeros(top + 1, dtype=torch.float64).index_add_(0, nearest, t) / count.clamp(min=1)
+        new = torch.where(count > 0, mean, levels)
+        new[0], new[-1] = 0.0, float(top)
+        moved = float((new - levels).abs().max())
+        levels = new
+        if moved < 1e-7:
+            break
+    return tuple(levels.tolist())
+
+
+def level_table(levels: str, bits: int, n: int, device=None) -> torch.Tensor | None:
+    """The float32 table ``code -> level`` (code units) of ``levels`` for groups of ``n`` entries; None for
+    uniform levels (a code reads as itself)."""
+    check_levels(levels)
+    check_bits(bits)
+    if levels == "uniform":
+        return None
+    return torch.tensor(_normal_levels(bits, n), dtype=torch.float32, device=device)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -101,10 +159,11 @@ class Codes:
 
 
 def _minmax_codes(
-    x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None
+    x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None, table: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes of ``x`` with min/max taken over ``dim`` (kept as size 1) among ``valid`` entries (a group with
-    none reads back as 0); scale and zero in float16."""
+    none reads back as 0); scale and zero in float16. ``table``: non-uniform levels (code units), each entry
+    taking the nearest."""
     levels = (1 << bits) - 1
     x = x.float()
     if valid is None:
@@ -118,7 +177,11 @@ def _minmax_codes(
     scale = ((high - low) / levels).to(SCALE_DTYPE)
     s, z = scale.float(), zero.float()
     # A constant group (scale 0) gets code 0; dividing by 1 there avoids 0/0.
-    codes = torch.where(s > 0, ((x - z) / torch.where(s > 0, s, 1.0)).round(), 0.0).clamp(0, levels)
+    units = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
+    if table is None:
+        codes = units.round().clamp(0, levels)
+    else:
+        codes = torch.bucketize(units, ((table[1:] + table[:-1]) / 2).to(units.device))
     return codes.to(torch.int32), scale, zero
 
 
@@ -151,12 +214,22 @@ def _absmax_codes(
     return codes.clamp(0, 2 * half - 1).to(torch.int32), scale, None
 
 
-def _codes(x, bits: int, dim: int, valid, scales: str):
-    return (_absmax_codes if scales == "e4m3" else _minmax_codes)(x, bits, dim, valid)
+def _codes(x, bits: int, dim: int, valid, scales: str, table: torch.Tensor | None = None):
+    if scales == "e4m3":
+        if table is not None:
+            raise ValueError("non-uniform levels are implemented for asymmetric codes (scales=fp16)")
+        return _absmax_codes(x, bits, dim, valid)
+    return _minmax_codes(x, bits, dim, valid, table)
+
+
+def _levels_of(packed: torch.Tensor, bits: int, dim: int, table: torch.Tensor | None) -> torch.Tensor:
+    """Unpacked codes as float32 levels in code units (the codes themselves for uniform levels)."""
+    q = unpack(packed, bits, dim)
+    return q.float() if table is None else table.to(packed.device)[q.long()]
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """``q`` (float codes) read back with ``scale``/``zero`` already expanded to its shape."""
+    """``q`` (float levels in code units) read back with ``scale``/``zero`` already expanded to its shape."""
     if zero is None:
         return (q - ((1 << (bits - 1)) - 0.5)) * scale
     return q * scale + zero
@@ -186,12 +259,13 @@ def quantize_keys(
     valid: torch.Tensor | None = None,
     outliers: float = 0.0,
     scales: str = "fp16",
+    table: torch.Tensor | None = None,
 ) -> Codes:
     """Per-channel codes of ``keys [B, H, N, D]`` over groups of ``group`` tokens (``N % group == 0``).
     ``valid [B, 1 | H, N]``: tokens that set each group's range (padding must not widen it). ``outliers``:
     fraction of each group's entries kept apart in float16 (the largest deviations from their channel's mean
-    over the group, in channel standard deviations); they do not widen the range either. ``scales``: see the
-    module docstring."""
+    over the group, in channel standard deviations); they do not widen the range either. ``scales`` and
+    ``table`` (non-uniform levels, :func:`level_table`): see the module docstring."""
     b, h, n, d = keys.shape
     if n % group:
         raise ValueError(f"keys are quantized in groups of {group} tokens; got {n} tokens")
@@ -207,15 +281,22 @@ def quantize_keys(
         inliers = _not_outliers(score.shape, index, keys.device).view(grouped.shape)
         mask = inliers if mask is None else inliers & mask
     # codes [B, H, N/g, g, D]; scale and zero [B, H, N/g, 1, D]
-    codes, scale, zero = _codes(grouped, bits, 3, mask, scales)
+    codes, scale, zero = _codes(grouped, bits, 3, mask, scales, table)
     zero = None if zero is None else zero.squeeze(3)
     return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero, index, value)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float = 0.0, scales: str = "fp16") -> Codes:
+def quantize_values(
+    values: torch.Tensor,
+    bits: int,
+    group: int,
+    outliers: float = 0.0,
+    scales: str = "fp16",
+    table: torch.Tensor | None = None,
+) -> Codes:
     """Per-token codes of ``values [B, H, N, D]`` over groups of ``group`` channels (``D % group == 0``);
     ``outliers``: fraction of each token's entries kept apart in float16 (largest deviations from the token's
-    mean, in standard deviations)."""
+    mean, in standard deviations); ``table``: non-uniform levels (:func:`level_table`)."""
     b, h, n, d = values.shape
     if d % group:
         raise ValueError(f"group size {group} does not divide the head dimension {d}")
@@ -226,14 +307,14 @@ def quantize_values(values: torch.Tensor, bits: int, group: int, outliers: float
         index, value = _outliers(flat, score, count)  # [B, H, N, count]
         mask = _not_outliers(flat.shape, index, values.device).view(b, h, n, d // group, group)
     grouped = flat.reshape(b, h, n, d // group, group)
-    codes, scale, zero = _codes(grouped, bits, 4, mask, scales)  # codes [B, H, N, D/g, g]
+    codes, scale, zero = _codes(grouped, bits, 4, mask, scales, table)  # codes [B, H, N, D/g, g]
     zero = None if zero is None else zero.squeeze(4)
     return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero, index, value)
 
 
-def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tensor:
-    """Float32 keys ``[B, H, N, D]`` from per-channel codes."""
-    q = unpack(codes.packed, bits, dim).float()  # [B, H, N, D]
+def dequantize_keys(codes: Codes, bits: int, group: int, dim: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 keys ``[B, H, N, D]`` from per-channel codes (``table``: the levels they were coded with)."""
+    q = _levels_of(codes.packed, bits, dim, table)  # [B, H, N, D]
     b, h, n, d = q.shape
     scale = codes.scale.float().repeat_interleave(group, dim=2)  # [B, H, N, D]
     zero = None if codes.zero is None else codes.zero.float().repeat_interleave(group, dim=2)
@@ -244,9 +325,9 @@ def dequantize_keys(codes: Codes, bits: int, group: int, dim: int) -> torch.Tens
     return out
 
 
-def dequantize_values(codes: Codes, bits: int, group: int, dim: int) -> torch.Tensor:
-    """Float32 values ``[B, H, N, D]`` from per-token codes."""
-    q = unpack(codes.packed, bits, dim).float()
+def dequantize_values(codes: Codes, bits: int, group: int, dim: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 values ``[B, H, N, D]`` from per-token codes (``table``: the levels they were coded with)."""
+    q = _levels_of(codes.packed, bits, dim, table)
     scale = codes.scale.float().repeat_interleave(group, dim=3)  # [B, H, N, D]
     zero = None if codes.zero is None else codes.zero.float().repeat_interleave(group, dim=3)
     out = _dequantize(q, scale, zero, bits)

@@ -31,9 +31,11 @@ from contextlab.store.codec import (
     E4M3,
     Codes,
     check_bits,
+    check_levels,
     check_scales,
     dequantize_keys,
     dequantize_values,
+    level_table,
     outlier_count,
     quantize_keys,
     quantize_values,
@@ -51,7 +53,8 @@ class QuantSpec:
     back by their position when stored, forward when read; KVQuant), ``scales``: ``"fp16"`` (asymmetric,
     float16 scale and zero point) or ``"e4m3"`` (symmetric, one float8 scale per group; see
     :mod:`contextlab.store.codec`), ``sink``: the first ``sink`` valid slots of each row and head keep exact
-    keys and values and do not widen their key group's range (see :class:`QuantizedPrefix`)."""
+    keys and values and do not widen their key group's range (see :class:`QuantizedPrefix`), ``levels``:
+    ``"uniform"`` or ``"normal"`` (non-uniform levels between a group's min and max; see the codec)."""
 
     bits: int = 4
     group: int = 32
@@ -64,10 +67,17 @@ class QuantSpec:
     tokenwise_keys: bool = False  # mixed precision: ZipCache's channel-separable token-wise keys
     scales: str = "fp16"
     sink: int = 0  # the first ``sink`` valid slots stay exact (attention sinks)
+    levels: str = "uniform"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_scales(self.scales)
+        check_levels(self.levels)
+        if self.levels != "uniform" and (self.scales != "fp16" or self.low_bits is not None):
+            raise ValueError(
+                f"levels={self.levels} is implemented for asymmetric codes of one precision tier (kivi, kvquant "
+                "with scales=fp16), not for e4m3 scales or zipcache's two tiers"
+            )
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"sink must be an integer >= 0, got {self.sink!r}")
         if self.sink and self.low_bits is not None:
@@ -98,12 +108,20 @@ class QuantSpec:
 
     @property
     def direct_read(self) -> bool:
-        """True when attention can read the codes as they are (post-RoPE keys, no outliers)."""
-        return not self.pre_rope and not self.outliers and self.low_bits is None
+        """True when attention can read the codes as they are (post-RoPE keys, no outliers, uniform levels)."""
+        return not self.pre_rope and not self.outliers and self.low_bits is None and self.levels == "uniform"
 
     def channels(self, head_dim: int) -> int:
         """Channels per value scale on a head of ``head_dim``."""
         return self.value_group if self.value_group is not None else min(self.group, head_dim)
+
+    def tables(self, head_dim: int, device=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The key and value level tables (None for uniform levels): a key code stands for one of ``group``
+        tokens of its channel, a value code for one of ``channels(head_dim)`` channels of its token."""
+        return (
+            level_table(self.levels, self.bits, self.group, device),
+            level_table(self.levels, self.bits, self.channels(head_dim), device),
+        )
 
     def check_head_dim(self, head_dim: int) -> None:
         channels = self.channels(head_dim)
@@ -168,6 +186,7 @@ class QuantizedPrefix(BufferPrefix):
         self.units: dict[str, int] = {}
         w, g, device = words(d, spec.bits), spec.group, like.device
         self.channels = c = spec.channels(d)
+        self.key_table, self.value_table = spec.tables(d, like.device)  # a function of the spec: never saved
         key_outliers, value_outliers = outlier_count(spec.outliers, g * d), outlier_count(spec.outliers, d)
         layout = [
             ("key.packed", w, torch.int32, 1),
@@ -229,8 +248,8 @@ class QuantizedPrefix(BufferPrefix):
         before RoPE are rotated to their positions)."""
         keys, values = self.codes()
         spec = self.spec
-        k = dequantize_keys(keys, spec.bits, spec.group, self.dim)
-        v = dequantize_values(values, spec.bits, self.channels, self.dim)
+        k = dequantize_keys(keys, spec.bits, spec.group, self.dim, self.key_table)
+        v = dequantize_values(values, spec.bits, self.channels, self.dim, self.value_table)
         if spec.pre_rope:
             k = rotate(k, self.slot_positions(), self.rope)
         k, v = k.to(dtype), v.to(dtype)
@@ -285,8 +304,8 @@ class QuantizedPrefix(BufferPrefix):
             in_range = self._take_sinks(keys, values, valid, start)
         if spec.pre_rope:
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
-        kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales)
-        vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales)
+        kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales, self.key_table)
+        vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales, self.value_table)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
         for name, t in fresh.items():
             unit = self.units[name]
