@@ -85,7 +85,15 @@ SPARSE = {
 QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=32,residual=16"),  # values: one scale per token
     "kivi float8 scales": ("kivi:scales=e4m3,group=16,residual=512", "kivi:bits=4,group=16,residual=16,scales=e4m3"),
-    "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),
+    "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),  # normal levels
+    "kvquant uniform levels": (
+        "kvquant:group=16,residual=512,levels=uniform",
+        "kvquant:bits=3,group=16,residual=16,levels=uniform",
+    ),
+    "kivi normal levels": (
+        "kivi:group=16,residual=512,levels=normal",
+        "kivi:bits=2,group=16,residual=16,levels=normal",
+    ),
     "zipcache": ("zipcache:group=16,residual=512", "zipcache:group=16,residual=16"),
     "zipcache channel keys": (
         "zipcache:keys=channel,group=16,residual=512",
