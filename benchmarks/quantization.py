@@ -67,6 +67,8 @@ QUICK_STORE = Path(tempfile.gettempdir()) / "contextlab-quantization-quick.json"
 # Group 64, the largest SmolLM2 accepts, is measured instead.
 KIVI4_E4M3_SINK = "kivi:bits=4,scales=e4m3,sink=1"  # float8 scales with the first token kept exact
 KIVI2_E4M3_SINK = "kivi:bits=2,scales=e4m3,sink=1"
+# 2-bit codes in KIVI's layout with the first token exact, normal levels and the Hadamard basis
+KIVI2_ROTATED = "kivi:bits=2,sink=1,levels=normal,rotate=hadamard"
 BYTES_SPECS = [
     "full",
     "kivi:bits=4",
@@ -87,6 +89,8 @@ BYTES_SPECS = [
     KIVI4_E4M3_SINK,
     KIVI2_E4M3_SINK,
     f"snapkv:0.5+{KIVI4_E4M3_SINK}",
+    KIVI2_ROTATED,
+    "kivi:bits=2,scales=e4m3,sink=1,rotate=hadamard",
     "kvquant:bits=3",
     "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3,sink=0,levels=uniform",
@@ -112,6 +116,10 @@ PPL_SPECS = [
     KIVI2_E4M3_SINK,
     "kivi:bits=3,sink=1,levels=normal",
     "kivi:bits=2,sink=1,levels=normal",
+    "kivi:bits=2,sink=1,rotate=hadamard",
+    KIVI2_ROTATED,
+    "kivi:bits=2,scales=e4m3,sink=1,rotate=hadamard",
+    "kivi:bits=4,sink=1,rotate=hadamard",
     "kvquant:bits=4",
     "kvquant:bits=4,levels=uniform",
     "kvquant:bits=4,sink=0,levels=uniform",
@@ -119,6 +127,7 @@ PPL_SPECS = [
     "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3,sink=0,levels=uniform",
     "kvquant:bits=2",
+    "kvquant:bits=2,rotate=hadamard",
     "kvquant:bits=2,levels=uniform",
     "kvquant:bits=2,sink=0,levels=uniform",
     "zipcache",
@@ -138,6 +147,8 @@ NEEDLE_SPECS = [
     "kvquant:bits=3,sink=0,levels=uniform",
     "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3",
+    "kivi:bits=2,sink=1",
+    KIVI2_ROTATED,
     "zipcache",
     "zipcache:keys=channel",
 ]
@@ -666,6 +677,9 @@ def report_perplexity(store: Store, count: int) -> list[str]:
             (KIVI4_E4M3_SINK, 0.1),
             (KIVI2_E4M3_SINK, 0.5),
             ("kivi:bits=2,sink=1,levels=normal", 0.5),
+            ("kivi:bits=2,sink=1,rotate=hadamard", 0.5),
+            (KIVI2_ROTATED, 0.5),
+            ("kivi:bits=2,scales=e4m3,sink=1,rotate=hadamard", 0.5),
             ("kvquant:bits=3", 0.1),
             ("kvquant:bits=3,levels=uniform", 0.1),
             ("kvquant:bits=3,sink=0,levels=uniform", 0.1),

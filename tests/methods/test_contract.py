@@ -90,6 +90,14 @@ QUANTIZATION = {
         "kvquant:group=16,residual=512,levels=uniform",
         "kvquant:bits=3,group=16,residual=16,levels=uniform",
     ),
+    "kivi rotated": (
+        "kivi:group=16,residual=512,sink=1,levels=normal,rotate=hadamard",
+        "kivi:bits=2,group=16,residual=16,sink=1,levels=normal,rotate=hadamard",
+    ),
+    "kvquant rotated": (
+        "kvquant:group=16,residual=512,rotate=hadamard",
+        "kvquant:bits=2,group=16,residual=16,rotate=hadamard",
+    ),
     "kivi normal levels": (
         "kivi:group=16,residual=512,levels=normal",
         "kivi:bits=2,group=16,residual=16,levels=normal",

@@ -14,6 +14,7 @@ from contextlab.store.codec import (
     check_bits,
     dequantize_keys,
     dequantize_values,
+    hadamard,
     level_table,
     pack,
     quantize_keys,
@@ -211,3 +212,17 @@ def test_normal_levels_cut_the_error_of_gaussian_groups_at_low_bits():
 def test_normal_levels_refuse_symmetric_scales():
     with pytest.raises(ValueError, match="non-uniform levels are implemented for asymmetric codes"):
         quantize_keys(torch.randn(1, 1, 32, 32), 4, 32, scales="e4m3", table=level_table("normal", 4, 32))
+
+
+# -- the Hadamard basis -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [1, 2, 16, 64, 128])
+def test_hadamard_is_orthonormal_symmetric_and_its_own_inverse(dim):
+    h = hadamard(dim)
+    assert torch.equal(h, h.T) and torch.allclose(h @ h, torch.eye(dim), atol=1e-6)
+    assert torch.allclose(h.abs(), torch.full((dim, dim), dim**-0.5))  # every channel mixes every other
+
+
+@pytest.mark.parametrize("dim", [0, 3, 80, 96])
+def test_hadamard_refuses_other_dimensions(dim):
+    with pytest.raises(ValueError, match=f"rotate=hadamard needs a power-of-two head dimension, got {dim}"):
+        hadamard(dim)

@@ -12,6 +12,7 @@ from contextlab.store import MemoryTracker
 from contextlab.store.codec import (
     dequantize_keys,
     dequantize_values,
+    hadamard,
     level_table,
     quantize_keys,
     quantize_values,
@@ -105,6 +106,40 @@ def test_normal_levels_code_and_read_with_the_same_tables_at_the_same_bytes(pre_
     assert not torch.equal(uniform.groups[0].used()[1][:, :, :32], v[:, :, :32])
 
 
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_hadamard_rotation_codes_the_rotated_basis_and_reads_back_in_the_models(pre_rope):
+    spec = QuantSpec(bits=2, group=8, residual=12, rotate="hadamard", pre_rope=pre_rope, outliers=0.01 * pre_rope)
+    store = QuantizedStore(spec, rope=_rope())
+    keys, values = _tokens(50)
+    keys[:, :, :, 5] *= 30.0  # an outlier channel, as in real keys
+    store.append(keys, values)
+    store.settle()
+    g = store.groups[0]
+    assert not g.prefix.direct_read
+    k, v = g.used()
+    h, n = hadamard(D), torch.arange(32).expand(B, H, 32)
+    at_zero = rotate(keys[:, :, :32], -n, _rope()) if pre_rope else keys[:, :, :32]
+    expect_k = dequantize_keys(quantize_keys(at_zero @ h, 2, 8, outliers=spec.outliers), 2, 8, D) @ h
+    if pre_rope:
+        expect_k = rotate(expect_k, n, _rope())
+    expect_v = dequantize_values(quantize_values(values[:, :, :32] @ h, 2, 8, outliers=spec.outliers), 2, 8, D) @ h
+    assert torch.allclose(k[:, :, :32], expect_k, atol=1e-4) and torch.allclose(v[:, :, :32], expect_v, atol=1e-5)
+    assert torch.equal(k[:, :, 32:], keys[:, :, 32:]) and torch.equal(v[:, :, 32:], values[:, :, 32:])
+    plain = QuantizedStore(
+        QuantSpec(bits=2, group=8, residual=12, pre_rope=pre_rope, outliers=spec.outliers), rope=_rope()
+    )
+    plain.append(keys, values)
+    plain.settle()
+    assert store.used_bytes() == plain.used_bytes()  # the basis follows from the head dimension: no bytes
+
+
+def test_hadamard_rotation_needs_a_power_of_two_head():
+    store = QuantizedStore(QuantSpec(group=8, rotate="hadamard"))
+    keys = torch.randn(1, 1, 4, 24)
+    with pytest.raises(ValueError, match="rotate=hadamard needs a power-of-two head dimension, got 24"):
+        store.append(keys, keys)
+
+
 def test_a_prompt_within_the_residual_is_kept_exactly():
     store, (keys, values) = _filled(QuantSpec(bits=2, group=8, residual=64), 50)
     k, v = store.groups[0].used()
@@ -196,6 +231,8 @@ def test_crop_cannot_reach_quantized_slots():
         (dict(levels="nf"), "levels must be one of uniform, normal, got 'nf'"),
         (dict(levels="normal", scales="e4m3"), "levels=normal is implemented for asymmetric codes"),
         (dict(levels="normal", low_bits=2), "levels=normal is implemented for asymmetric codes"),
+        (dict(rotate="random"), "rotate must be one of none, hadamard, got 'random'"),
+        (dict(rotate="hadamard", low_bits=2), "rotate=hadamard is implemented for one precision tier"),
     ],
 )
 def test_bad_specs_are_named(kwargs, message):

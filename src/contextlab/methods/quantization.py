@@ -22,6 +22,10 @@ LEVELS_HELP = (
     "min/max-normalized group of Gaussian entries, denser near the middle (KVQuant's non-uniform datatype, "
     "fixed instead of calibrated)"
 )
+ROTATE_HELP = (
+    "'none', or 'hadamard': keys and values quantized in a Hadamard-rotated basis of the head dimension "
+    "(QuaRot), rotated back when read; needs a power-of-two head dimension"
+)
 SINK_HELP = (
     "first valid tokens kept exact, outside their key group's range (attention sinks; IntactKV, arXiv 2403.01241)"
 )
@@ -52,7 +56,10 @@ class KIVI(Method):
     KIVI, so off by default here; ``S * (2 * D * itemsize + 4)`` bytes per head.
 
     ``levels="normal"`` places the codes non-uniformly between each group's min and max (see ``kvquant``);
-    not part of KIVI, and such codes are read through a dequantized copy rather than the fused kernel."""
+    ``rotate="hadamard"`` quantizes keys and values after multiplying them by the orthonormal Hadamard
+    matrix of the head dimension (and multiplies the read-back by it again), which spreads outlier channels
+    over all channels (QuaRot, Ashkboos et al., arXiv 2404.00456). Neither is part of KIVI; codes with
+    either are read through a dequantized copy rather than the fused kernel."""
 
     name = "kivi"
     paper = "https://arxiv.org/abs/2402.02750"
@@ -69,6 +76,7 @@ class KIVI(Method):
     )
     sink: int = param(SINK_HELP, 0)
     levels: str = param(LEVELS_HELP, "uniform")
+    rotate: str = param(ROTATE_HELP, "none")
 
     def __post_init__(self) -> None:
         self.spec()  # validates
@@ -82,6 +90,7 @@ class KIVI(Method):
             scales=self.scales,
             sink=self.sink,
             levels=self.levels,
+            rotate=self.rotate,
         )
 
     def make_store(self, tracker: MemoryTracker, rope: Rope | None = None) -> DenseStore:
@@ -127,6 +136,7 @@ class KVQuant(Method):
     outliers: float = param("fraction of entries per group kept in float16 (dense-and-sparse)", 0.01)
     sink: int = param(SINK_HELP, 1)
     levels: str = param(LEVELS_HELP, "normal")
+    rotate: str = param(ROTATE_HELP, "none")
 
     def __post_init__(self) -> None:
         self.spec()
@@ -141,6 +151,7 @@ class KVQuant(Method):
             value_group=self.value_group,
             sink=self.sink,
             levels=self.levels,
+            rotate=self.rotate,
         )
 
     @property

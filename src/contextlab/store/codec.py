@@ -115,6 +115,27 @@ def level_table(levels: str, bits: int, n: int, device=None) -> torch.Tensor | N
     return torch.tensor(_normal_levels(bits, n), dtype=torch.float32, device=device)
 
 
+ROTATIONS = ("none", "hadamard")  # a basis change of the head dimension before quantization
+
+
+def check_rotate(rotate) -> None:
+    if rotate not in ROTATIONS:
+        raise ValueError(f"rotate must be one of {', '.join(ROTATIONS)}, got {rotate!r}")
+
+
+def hadamard(dim: int, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order ``dim`` (a power of two), float32: symmetric and its
+    own inverse. Multiplying a head's keys or values by it before quantization spreads a channel's outliers
+    over every channel (QuaRot, Ashkboos et al., arXiv 2404.00456), and multiplying the read-back by it again
+    undoes the change of basis exactly (up to float32 rounding)."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"rotate=hadamard needs a power-of-two head dimension, got {dim}")
+    h = torch.ones(1, 1, dtype=torch.float32, device=device)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / dim**0.5
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes [..., D]`` (integers in ``[0, 2**bits)``) as int32 words ``[..., ceil(D / per_word)]``."""
     check_bits(bits)

@@ -32,9 +32,11 @@ from contextlab.store.codec import (
     Codes,
     check_bits,
     check_levels,
+    check_rotate,
     check_scales,
     dequantize_keys,
     dequantize_values,
+    hadamard,
     level_table,
     outlier_count,
     quantize_keys,
@@ -54,7 +56,9 @@ class QuantSpec:
     float16 scale and zero point) or ``"e4m3"`` (symmetric, one float8 scale per group; see
     :mod:`contextlab.store.codec`), ``sink``: the first ``sink`` valid slots of each row and head keep exact
     keys and values and do not widen their key group's range (see :class:`QuantizedPrefix`), ``levels``:
-    ``"uniform"`` or ``"normal"`` (non-uniform levels between a group's min and max; see the codec)."""
+    ``"uniform"`` or ``"normal"`` (non-uniform levels between a group's min and max; see the codec),
+    ``rotate``: ``"none"`` or ``"hadamard"`` (keys and values are quantized in a Hadamard-rotated basis of
+    the head dimension and rotated back when read; see :class:`QuantizedPrefix`)."""
 
     bits: int = 4
     group: int = 32
@@ -68,11 +72,17 @@ class QuantSpec:
     scales: str = "fp16"
     sink: int = 0  # the first ``sink`` valid slots stay exact (attention sinks)
     levels: str = "uniform"
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_scales(self.scales)
         check_levels(self.levels)
+        check_rotate(self.rotate)
+        if self.rotate != "none" and self.low_bits is not None:
+            raise ValueError(
+                f"rotate={self.rotate} is implemented for one precision tier (kivi, kvquant), not zipcache"
+            )
         if self.levels != "uniform" and (self.scales != "fp16" or self.low_bits is not None):
             raise ValueError(
                 f"levels={self.levels} is implemented for asymmetric codes of one precision tier (kivi, kvquant "
@@ -108,8 +118,10 @@ class QuantSpec:
 
     @property
     def direct_read(self) -> bool:
-        """True when attention can read the codes as they are (post-RoPE keys, no outliers, uniform levels)."""
-        return not self.pre_rope and not self.outliers and self.low_bits is None and self.levels == "uniform"
+        """True when attention can read the codes as they are (post-RoPE, unrotated keys, no outliers, uniform
+        levels)."""
+        plain = self.levels == "uniform" and self.rotate == "none"
+        return plain and not self.pre_rope and not self.outliers and self.low_bits is None
 
     def channels(self, head_dim: int) -> int:
         """Channels per value scale on a head of ``head_dim``."""
@@ -123,7 +135,15 @@ class QuantSpec:
             level_table(self.levels, self.bits, self.channels(head_dim), device),
         )
 
+    def basis(self, head_dim: int, device=None) -> torch.Tensor | None:
+        """The rotation keys and values are quantized in (None: the model's own basis)."""
+        return hadamard(head_dim, device) if self.rotate == "hadamard" else None
+
     def check_head_dim(self, head_dim: int) -> None:
+        if self.rotate == "hadamard" and (head_dim < 1 or head_dim & (head_dim - 1)):
+            raise ValueError(
+                f"rotate=hadamard needs a power-of-two head dimension, got {head_dim}; use rotate=none for this model"
+            )
         channels = self.channels(head_dim)
         if head_dim % channels:
             name = "value_group" if self.value_group is not None else "quantization group"
@@ -157,6 +177,13 @@ class QuantizedPrefix(BufferPrefix):
     ``positions [B, Hg, cap]`` mirror the dense group's metadata (absent when it has none). ``units[name]``:
     slots per entry along dim 2 (``group`` for per-group key tensors, 1 otherwise).
 
+    Rotation (``spec.rotate = "hadamard"``): keys (after the pre-RoPE un-rotation, when there is one) and
+    values are multiplied by the orthonormal Hadamard matrix of the head dimension before they are coded,
+    and read-backs by it again (it is its own inverse). A channel whose entries are far larger than the
+    others' (the key outliers KIVI groups per channel for) is spread over all channels, so every group's
+    range is set by typical entries (QuaRot, Ashkboos et al., arXiv 2404.00456, rotates the KV cache this way
+    for 4-bit). The matrix follows from the head dimension: no bytes are stored for it.
+
     Attention sinks (``spec.sink = S > 0``): the first ``S`` valid slots of every row and head, found as
     slots arrive (left padding is skipped), keep their exact keys and values in ``sink_keys`` /
     ``sink_values [B, Hg, S, D]`` (the cache's dtype) with their slot index in ``sink_slots [B, Hg, S]``
@@ -187,6 +214,7 @@ class QuantizedPrefix(BufferPrefix):
         w, g, device = words(d, spec.bits), spec.group, like.device
         self.channels = c = spec.channels(d)
         self.key_table, self.value_table = spec.tables(d, like.device)  # a function of the spec: never saved
+        self.basis = spec.basis(d, like.device)  # likewise
         key_outliers, value_outliers = outlier_count(spec.outliers, g * d), outlier_count(spec.outliers, d)
         layout = [
             ("key.packed", w, torch.int32, 1),
@@ -250,6 +278,8 @@ class QuantizedPrefix(BufferPrefix):
         spec = self.spec
         k = dequantize_keys(keys, spec.bits, spec.group, self.dim, self.key_table)
         v = dequantize_values(values, spec.bits, self.channels, self.dim, self.value_table)
+        if self.basis is not None:  # back from the Hadamard basis (the matrix is its own inverse)
+            k, v = k @ self.basis, v @ self.basis
         if spec.pre_rope:
             k = rotate(k, self.slot_positions(), self.rope)
         k, v = k.to(dtype), v.to(dtype)
@@ -304,6 +334,8 @@ class QuantizedPrefix(BufferPrefix):
             in_range = self._take_sinks(keys, values, valid, start)
         if spec.pre_rope:
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
+        if self.basis is not None:
+            keys, values = keys.float() @ self.basis, values.float() @ self.basis
         kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales, self.key_table)
         vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales, self.value_table)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
