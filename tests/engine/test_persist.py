@@ -38,6 +38,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "snapkv:0.5+kivi:bits=2,group=16,residual=8,scales=e4m3", 2),
         ("qwen2", "pyramidkv:0.5", 2),
         ("phi3", "snapkv:0.5+kvquant:bits=3,group=16,residual=8", 2),
+        ("llama", "kivi:bits=2,group=16,residual=8,sink=1,levels=normal,rotate=hadamard", 2),
         ("qwen3", "zipcache:group=16,residual=16", 2),
         ("llama", "snapkv:0.5+zipcache:keys=channel,group=16,residual=8", 2),
         ("llama", "decode(h2o,budget=48,every=4)+zipcache:group=16,residual=8", 1),
