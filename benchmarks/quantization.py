@@ -91,6 +91,7 @@ BYTES_SPECS = [
     f"snapkv:0.5+{KIVI4_E4M3_SINK}",
     KIVI2_ROTATED,
     "kivi:bits=2,scales=e4m3,sink=1,rotate=hadamard",
+    "kvquant:bits=2,rotate=hadamard",
     "kvquant:bits=3",
     "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3,sink=0,levels=uniform",
@@ -147,8 +148,8 @@ NEEDLE_SPECS = [
     "kvquant:bits=3,sink=0,levels=uniform",
     "kvquant:bits=3,levels=uniform",
     "kvquant:bits=3",
-    "kivi:bits=2,sink=1",
     KIVI2_ROTATED,
+    "kvquant:bits=2,rotate=hadamard",
     "zipcache",
     "zipcache:keys=channel",
 ]
@@ -640,7 +641,11 @@ def report_perplexity(store: Store, count: int) -> list[str]:
         "here is a mid-verse word, not a BOS: the sink forms on whatever token comes first. `levels=normal` (the "
         "default of `kvquant`; `levels=uniform` rows are `kvquant` before that default) puts a group's codes on "
         "non-uniform levels between its min and max, the Lloyd-Max levels of a min/max-normalized group of "
-        "Gaussian entries (`contextlab.store.codec.level_table`); the bytes are those of uniform codes.",
+        "Gaussian entries (`contextlab.store.codec.level_table`); the bytes are those of uniform codes. "
+        "`rotate=hadamard` codes keys and values in the orthonormal Hadamard basis of the head dimension and "
+        "rotates the read-back again (QuaRot's rotation, arXiv 2404.00456): no bytes, and outlier channels no "
+        "longer set their groups' ranges. None of `sink`, `levels=normal` or `rotate` is part of KIVI; a row "
+        "with them is KIVI's layout with those additions.",
         "",
     ]
     base = _ppl(cells["full"]) if "full" in cells else None
@@ -680,6 +685,7 @@ def report_perplexity(store: Store, count: int) -> list[str]:
             ("kivi:bits=2,sink=1,rotate=hadamard", 0.5),
             (KIVI2_ROTATED, 0.5),
             ("kivi:bits=2,scales=e4m3,sink=1,rotate=hadamard", 0.5),
+            ("kvquant:bits=2,rotate=hadamard", 0.5),
             ("kvquant:bits=3", 0.1),
             ("kvquant:bits=3,levels=uniform", 0.1),
             ("kvquant:bits=3,sink=0,levels=uniform", 0.1),
