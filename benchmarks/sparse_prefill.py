@@ -134,7 +134,8 @@ def report(store: dict, threads: int) -> str:
             "in the tables (cells that ran beside other work have inflated seconds; ratios come from cells run "
             "side by side). "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
-            "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults. " + PAIRED_NOTE,
+            "`PYTHONPATH=. python benchmarks/sparse_prefill.py`. Methods at their defaults, except rows whose spec "
+            "names parameters (`duo:window=1024`: `--methods duo:window=1024`). " + PAIRED_NOTE,
             "## Accuracy and KV bytes",
             accuracy_table(store),
             "KV held vs full: the cells here ran when each kept slot's position took 4 bytes (int32); positions "
