@@ -89,11 +89,17 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
     }
 
 
+def _row_order(key: str) -> tuple:
+    """Accuracy rows by task, then length (as a number), then spec."""
+    parts = key.split("|")
+    return (parts[0], parts[1], int(parts[2]) if parts[2].isdigit() else 0, *parts[3:])
+
+
 def accuracy_table(store: dict) -> str:
     head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "vs full, same samples", "KV held vs full"]
     head += ["s per answer", "threads"]
     rows = []
-    for key, r in store.items():
+    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
         section, task, length, spec = key.split("|")
         if section != "accuracy":
             continue
@@ -138,9 +144,10 @@ def report(store: dict, threads: int) -> str:
             "names parameters (`duo:window=1024`: `--methods duo:window=1024`). " + PAIRED_NOTE,
             "## Accuracy and KV bytes",
             accuracy_table(store),
-            "KV held vs full: the cells here ran when each kept slot's position took 4 bytes (int32); positions "
-            "now take 2 (int16) below 32768 tokens, which lowers duo's share a little (one 4K prompt measured "
-            "again: 0.541 where the table says 0.543).",
+            "KV held vs full: the cells of the methods at their defaults ran when each kept slot's position took "
+            "4 bytes (int32); positions now take 2 (int16) below 32768 tokens, which lowers duo's share a little "
+            "(one 4K prompt measured again: 0.541 where the table says 0.543); the `duo:window=...` and "
+            "`duo:calibration=...` rows ran with int16 positions.",
             "## Prefill time (speed-up = full attention's time / the method's, same run)",
             speed_table(store),
             f"Platform: {platform.platform()}",
