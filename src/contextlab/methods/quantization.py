@@ -116,9 +116,9 @@ class KVQuant(Method):
     SmolLM2-135M at 3 bits they take the KJV perplexity delta from +0.134 (uniform) to +0.091, and at 2 bits
     from +1.38 to +1.16 (``benchmarks/quantization.py``, 12 windows); fitting the levels to each layer's own
     prompt keys and values (plain k-means, no sensitivity weights) did worse than this fixed table in a
-    six-window diagnostic (+0.071 against +0.037; uniform +0.082). Not
-    implemented: offline per-channel scales (ranges here are per group of ``group`` tokens, computed online)
-    and Q-Norm. Like ``kivi``, the newest ``residual`` tokens stay in full precision.
+    six-window diagnostic (+0.071 against +0.037; uniform +0.082). Not implemented: offline per-channel
+    scales (ranges here are per group of ``group`` tokens, computed online) and Q-Norm. Like ``kivi``, the
+    newest ``residual`` tokens stay in full precision.
     The first ``sink`` valid tokens (default 1, the attention sink) keep exact keys and values and stay out of
     their group's range (IntactKV, arXiv 2403.01241; the "preserve first N" baseline that KVSink, arXiv
     2508.04257, compares against on KVQuant): on SmolLM2-135M at 3 bits this takes the perplexity delta

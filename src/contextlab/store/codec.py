@@ -19,7 +19,7 @@ The layout every quantized path shares (store, PyTorch reference, Triton kernel,
   ``table`` (in code units, ``table[0] = 0`` and ``table[-1] = 2**bits - 1``, denser near the middle) holds
   the Lloyd-Max levels of a min/max-normalized group of ``n`` Gaussian entries (``n`` = the group's entries:
   ``group`` tokens for a key channel, the value group's channels for a value). A value takes the nearest
-  level. The table is a function of ``(bits, n)`` only (:func:`normal_table`), computed on first use and
+  level. The table is a function of ``(bits, n)`` only (:func:`level_table`), computed on first use and
   never stored with the codes. Non-uniform datatypes are KVQuant's (Hooper et al., arXiv 2401.18079, which
   calibrates one per layer; a fixed normal-derived grid is the NormalFloat idea of QLoRA, Dettmers et al.,
   arXiv 2305.14314): activations are bell-shaped, so levels spent near the group's middle cut the error
@@ -123,13 +123,20 @@ def check_rotate(rotate) -> None:
         raise ValueError(f"rotate must be one of {', '.join(ROTATIONS)}, got {rotate!r}")
 
 
+def check_hadamard_dim(dim: int) -> None:
+    """Refuse a head dimension the Sylvester-Hadamard construction cannot reach (not a power of two)."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(
+            f"rotate=hadamard needs a power-of-two head dimension, got {dim}; use rotate=none for this model"
+        )
+
+
 def hadamard(dim: int, device=None) -> torch.Tensor:
     """The orthonormal Sylvester-Hadamard matrix of order ``dim`` (a power of two), float32: symmetric and its
     own inverse. Multiplying a head's keys or values by it before quantization spreads a channel's outliers
     over every channel (QuaRot, Ashkboos et al., arXiv 2404.00456), and multiplying the read-back by it again
     undoes the change of basis exactly (up to float32 rounding)."""
-    if dim < 1 or dim & (dim - 1):
-        raise ValueError(f"rotate=hadamard needs a power-of-two head dimension, got {dim}")
+    check_hadamard_dim(dim)
     h = torch.ones(1, 1, dtype=torch.float32, device=device)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)

@@ -31,6 +31,7 @@ from contextlab.store.codec import (
     E4M3,
     Codes,
     check_bits,
+    check_hadamard_dim,
     check_levels,
     check_rotate,
     check_scales,
@@ -140,10 +141,8 @@ class QuantSpec:
         return hadamard(head_dim, device) if self.rotate == "hadamard" else None
 
     def check_head_dim(self, head_dim: int) -> None:
-        if self.rotate == "hadamard" and (head_dim < 1 or head_dim & (head_dim - 1)):
-            raise ValueError(
-                f"rotate=hadamard needs a power-of-two head dimension, got {head_dim}; use rotate=none for this model"
-            )
+        if self.rotate == "hadamard":
+            check_hadamard_dim(head_dim)
         channels = self.channels(head_dim)
         if head_dim % channels:
             name = "value_group" if self.value_group is not None else "quantization group"
