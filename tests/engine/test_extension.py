@@ -3,6 +3,8 @@ restored, bad input."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
@@ -219,5 +221,42 @@ def test_a_model_with_sliding_window_layers_extends_its_full_layers_only(tokeniz
     inside = ids(50, 4)  # inside the window Self-Extend is full attention, sliding layers included
     full = cl.prefill(gemma, tokenizer, inside, method="full").last_logits
     torch.testing.assert_close(cl.prefill(gemma, tokenizer, inside, method="selfextend").last_logits, full)
+    whole = cl.prefill(gemma, tokenizer, ids(150, 3), method="selfextend").last_logits
+    chunked = cl.prefill(gemma, tokenizer, ids(150, 3), method="selfextend:prefill_chunk=40").last_logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)  # sliding layers read window + chunk
     out = cl.generate(gemma, tokenizer, ids(150, 3), method="selfextend", max_new_tokens=4)
     assert out.prompt_tokens[0] == 150 and len(out.token_ids[0]) >= 1
+
+
+@contextmanager
+def counted_forwards(model):
+    """The widths of the forwards ``model`` runs inside the block."""
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        yield widths
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("spec", ["selfextend", "string", "lminfinite", "selfextend:group=4,window=16"])
+def test_a_remap_fed_in_chunks_equals_one_forward(model, tokenizer, spec):
+    context = ids(110 if spec == "string" else 200, 8)
+    in_chunks = f"{spec}{',' if ':' in spec else ':'}prefill_chunk=48"
+    whole = cl.generate(model, tokenizer, context, method=spec, max_new_tokens=6)
+    chunked = cl.generate(model, tokenizer, context, method=in_chunks, max_new_tokens=6)
+    assert chunked.token_ids == whole.token_ids
+    a = cl.prefill(model, tokenizer, context, method=spec)
+    with counted_forwards(model) as forwards:
+        b = cl.prefill(model, tokenizer, context, method=in_chunks)
+    assert forwards == [len(context) % 48] + [48] * (len(context) // 48)  # the remainder first
+    torch.testing.assert_close(b.last_logits, a.last_logits, rtol=1e-4, atol=1e-4)
+    assert b.cache.kv_bytes() == a.cache.kv_bytes()
+
+
+def test_two_chunk_sizes_in_one_spec_are_refused():
+    with pytest.raises(ValueError, match="chunks of different sizes"):
+        cl.method("selfextend:prefill_chunk=32+snapkv:0.5,prefill_chunk=64")
+    assert cl.method("selfextend:prefill_chunk=32+snapkv:0.5").prefill_chunk_size() == 32

@@ -47,6 +47,12 @@ class Composite(Method):
                 f"{splitting[0].describe()!r} keeps a different number of tokens per head; compose the reader "
                 "with a method that keeps the same number in every head (snapkv, pyramidkv, streaming, ...)"
             )
+        chunked = [p for p in self.parts if p.prefill_chunk_size() is not None]
+        if len({p.prefill_chunk_size() for p in chunked}) > 1:
+            raise ValueError(
+                f"{chunked[0].describe()!r} and {chunked[1].describe()!r} feed the prompt in chunks of different "
+                "sizes; give prefill_chunk to one of them"
+            )
         for i, first in enumerate(self.parts):
             for second in self.parts[i + 1 :]:
                 shared = first.roles & second.roles

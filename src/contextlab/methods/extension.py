@@ -83,12 +83,32 @@ class RemapPolicy(LayerPolicy):
         return out
 
 
+PREFILL_CHUNK_HELP = (
+    "feed the prompt this many tokens at a time (same result; scores and activations of one chunk at once, "
+    "and a model's sliding-window layers then attend over chunk + window, not the whole prompt); None = all "
+    "at once"
+)
+
+
 @dataclass(frozen=True, eq=False)
 class Remap(Method):
-    """Base of position remaps (see module docstring)."""
+    """Base of position remaps (see module docstring).
+
+    ``prefill_chunk=N`` feeds a long prompt ``N`` tokens at a time. A remap's parameters come from the
+    planned length, known before the first chunk, and every chunk's queries read all keys before them, so
+    the result is the one-forward result (up to float rounding); what changes is the peak memory (one
+    chunk's attention scores and activations) and, on models with sliding-window layers (Gemma 3), their
+    cost: those layers read chunk + window keys per chunk instead of the whole prompt."""
 
     roles: ClassVar[frozenset[str]] = frozenset({POSITIONS})
     remaps_positions: ClassVar[bool] = True
+    prefill_chunk: int | None = param(PREFILL_CHUNK_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_int("prefill_chunk", self.prefill_chunk, 1, allow_none=True)
+
+    def prefill_chunk_size(self) -> int | None:
+        return self.prefill_chunk
 
     def build(self, layer_idx: int, num_layers: int) -> LayerPolicy:
         return RemapPolicy(self)
@@ -135,6 +155,7 @@ class SelfExtend(Remap):
     reach: float = param("with group unset: grouped positions stay below this fraction of the native window", 0.5)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int("group", self.group, 1, allow_none=True)
         check_int("window", self.window, 1, allow_none=True)
         check_number("reach", self.reach, 0.0, 1.0)
@@ -209,6 +230,7 @@ class String(Remap):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_number("shift", self.shift, 0.0, 1.0)
         check_int("offset", self.offset, 1, allow_none=True)
         check_int("local", self.local, 1, allow_none=True)
@@ -262,6 +284,7 @@ class LMInfinite(Remap):
     slack: int = param("tokens decoded between two cuts of the cache back to sink + window", 64)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int("sink", self.sink, 0)
         check_int("window", self.window, 2, allow_none=True)
         check_int("slack", self.slack, 1)
