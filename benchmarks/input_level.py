@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from benchmarks._accuracy import CellStore, markdown, samples, score_columns
-from benchmarks._machine import cpu_name
+from benchmarks._machine import cpu_name, warn_if_slow_bf16
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -218,6 +218,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = CellStore(STORE)
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    warn_if_slow_bf16(next(model.parameters()).device.type)
     for section in args.sections:
         if section in ("retrieval", "xl3m"):
             plan = (plan_retrieval if section == "retrieval" else plan_xl3m)(args.samples, args.few)

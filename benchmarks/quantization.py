@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import transformers
 from benchmarks._accuracy import markdown, score_columns
-from benchmarks._machine import cpu_name
+from benchmarks._machine import cpu_name, warn_if_slow_bf16
 from benchmarks.extension import depth_samples
 
 import contextlab as cl
@@ -296,6 +296,7 @@ def windows(ids: list[int], count: int, span: int) -> list[list[int]]:
 # -- sections ------------------------------------------------------------------------------------------------
 def section_bytes(store: Store, measured: int) -> None:
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    warn_if_slow_bf16(next(model.parameters()).device.type)
     layers, heads, dim = shapes(model)
     ids = heldout_ids(tok)[-measured:]
     for spec in BYTES_SPECS:

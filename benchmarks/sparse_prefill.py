@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from benchmarks._accuracy import PAIRED_NOTE, CellStore, markdown, samples, score_columns, versus_full
-from benchmarks._machine import cpu_name
+from benchmarks._machine import cpu_name, warn_if_slow_bf16
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -182,6 +182,7 @@ def main() -> None:
     cells = CellStore(STORE)
     store = cells.data
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
+    warn_if_slow_bf16(next(model.parameters()).device.type)
     for section in args.sections:
         if section == "accuracy":
             for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
