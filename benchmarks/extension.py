@@ -74,7 +74,8 @@ CONDITIONS = [
     "- SmolLM2 at 32000 tokens (`selfextend` at its defaults: G = 15, W = 2048) and Gemma-3-270M at 64000 "
     "(`selfextend:prefill_chunk=4096`: G = 7, W = 8192; its sliding-window layers read chunk + 512 keys per "
     "chunk) (2026-12-07): one thread each, beside two other single-thread runs and the test suite on 2 cores, "
-    "so their seconds are inflated; about 25 and 22 minutes per needle. Few needles, so wide intervals. Full "
+    "so their seconds are inflated; about 25 and 22 minutes per needle (each cell: 3 needles in a first run, "
+    "the 4th in a second run stopped during its 5th). Few needles, so wide intervals. Full "
     "attention was not run at these lengths (at 16K it already finds none on SmolLM2).",
     "",
 ]
