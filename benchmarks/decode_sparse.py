@@ -339,7 +339,7 @@ def main() -> None:
     cells = CellStore(STORE)
     store = cells.data
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(next(model.parameters()).device.type)
+    warn_if_slow_bf16(model)
     for section in args.sections:
         if section == "accuracy":
             for task in args.tasks:

@@ -218,7 +218,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = CellStore(STORE)
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(next(model.parameters()).device.type)
+    warn_if_slow_bf16(model)
     for section in args.sections:
         if section in ("retrieval", "xl3m"):
             plan = (plan_retrieval if section == "retrieval" else plan_xl3m)(args.samples, args.few)

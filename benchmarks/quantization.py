@@ -296,7 +296,7 @@ def windows(ids: list[int], count: int, span: int) -> list[list[int]]:
 # -- sections ------------------------------------------------------------------------------------------------
 def section_bytes(store: Store, measured: int) -> None:
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(next(model.parameters()).device.type)
+    warn_if_slow_bf16(model)
     layers, heads, dim = shapes(model)
     ids = heldout_ids(tok)[-measured:]
     for spec in BYTES_SPECS:

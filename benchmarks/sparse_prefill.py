@@ -182,7 +182,7 @@ def main() -> None:
     cells = CellStore(STORE)
     store = cells.data
     model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(next(model.parameters()).device.type)
+    warn_if_slow_bf16(model)
     for section in args.sections:
         if section == "accuracy":
             for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
