@@ -6,17 +6,56 @@ results do not depend on padding or batch composition.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
 from contextlab.bench.report import interval, paired
 from contextlab.bench.tasks import TASKS
 from contextlab.bench.tasks.base import Sample
+
+WEIGHTS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights bf16|fp32``: the dtype the model runs in. Cells in fp32 are stored and shown apart from the
+    bf16 ones (their own full-attention cell, their own paired comparison): on a CPU without native bf16
+    instructions PyTorch emulates bf16 many times slower than fp32, and fp32 is the dtype such a machine can
+    run the long cells in."""
+    parser.add_argument(
+        "--weights",
+        choices=list(WEIGHTS),
+        default="bf16",
+        help="the dtype the model runs in; fp32 cells are kept apart from bf16 ones (default: %(default)s)",
+    )
+
+
+def cell_section(section: str, weights: str) -> str:
+    """A cell key's first field: the section, marked ``@fp32`` when the model did not run in bf16."""
+    return section if weights == "bf16" else f"{section}@{weights}"
+
+
+def section_of(field: str) -> tuple[str, str]:
+    """``(section, weights)`` of a cell key's first field (the inverse of :func:`cell_section`)."""
+    section, _, weights = field.partition("@")
+    return section, weights or "bf16"
+
+
+def method_spec(text: str) -> str:
+    """An ``argparse`` type: a method spec the library builds (``duo:calibration=7936``), kept as written (it
+    names the cells)."""
+    try:
+        cl.method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 @dataclass

@@ -30,14 +30,15 @@ def cpu_flags() -> set[str]:
     return set((_cpuinfo("flags") or "").split())
 
 
-def warn_if_slow_bf16(model) -> None:
+def warn_if_slow_bf16(model, remedy: str = "") -> None:
     """Say so when a benchmark runs bfloat16 on a CPU without native bfloat16 instructions: there PyTorch
     emulates it (a matmul measured 56x slower than float32 on an AVX2-only EPYC), so its seconds are not
-    comparable with cells taken on a CPU that has them, and a long run may not finish."""
-    flags = cpu_flags()
-    if next(model.parameters()).device.type == "cpu" and flags and not flags & set(BF16_FLAGS):
+    comparable with cells taken on a CPU that has them, and a long run may not finish. ``remedy``: what the
+    benchmark offers instead, appended to the warning."""
+    flags, weight = cpu_flags(), next(model.parameters())
+    if weight.device.type == "cpu" and str(weight.dtype) == "torch.bfloat16" and flags and not flags & set(BF16_FLAGS):
         print(
             "warning: this CPU has none of " + ", ".join(BF16_FLAGS) + ": bfloat16 runs emulated, many times "
-            "slower than float32; seconds are not comparable with cells from a CPU that has them",
+            "slower than float32; seconds are not comparable with cells from a CPU that has them" + remedy,
             flush=True,
         )

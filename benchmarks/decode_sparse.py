@@ -44,7 +44,19 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from benchmarks._accuracy import PAIRED_NOTE, CellStore, markdown, samples, score_columns, versus_full
+from benchmarks._accuracy import (
+    PAIRED_NOTE,
+    WEIGHTS,
+    CellStore,
+    cell_section,
+    markdown,
+    method_spec,
+    samples,
+    score_columns,
+    section_of,
+    versus_full,
+    weights_argument,
+)
 from benchmarks._machine import cpu_name, warn_if_slow_bf16
 
 import contextlab as cl
@@ -218,12 +230,20 @@ def _timed(model, tok, spec: str, item) -> dict:
     }
 
 
+def _row_order(key: str) -> tuple:
+    """Rows by task, then length (as a number), then weights (bf16 first); methods in the order stored."""
+    field, task, length, _ = key.split("|")
+    section, weights = section_of(field)
+    return (section, task, int(length), weights)
+
+
 def accuracy_table(store: dict, section: str) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "vs full, same samples", "s per answer"]
-    head += ["MiB read per step"]
+    head = ["task", "tokens", "weights", "method", "accuracy", "95% CI", "n", "vs full, same samples"]
+    head += ["s per answer", "MiB read per step"]
     rows = []
-    for key, r in store.items():
-        name, task, length, spec = key.split("|")
+    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
+        field, task, length, spec = key.split("|")
+        name, weights = section_of(field)
         if name != section:
             continue
         extra = f" (turns: {', '.join(f'{x:.2f}' for x in r['by_turn'])})" if "by_turn" in r else ""
@@ -231,6 +251,7 @@ def accuracy_table(store: dict, section: str) -> str:
             [
                 task,
                 length,
+                weights,
                 spec,
                 *score_columns(r["scores"], extra),
                 versus_full(store, key, r["scores"]),
@@ -245,6 +266,7 @@ def speed_table(store: dict) -> str:
     head = [
         "method",
         "tokens",
+        "weights",
         "ms per decode step",
         "vs full",
         "MiB read per step",
@@ -252,17 +274,18 @@ def speed_table(store: dict) -> str:
         "MiB host -> device per step",
         "KV MiB held",
     ]
-    cells = {k.split("|")[3]: (k.split("|")[2], r) for k, r in store.items() if k.startswith("speed|")}
-    full = cells.get("full", (None, {}))[1]
+    cells = [(k.split("|"), r) for k, r in store.items() if section_of(k.split("|")[0])[0] == "speed"]
+    fulls = {(parts[0], parts[2]): r for parts, r in cells if parts[3] == "full"}
     rows = []
-    for spec, (length, r) in cells.items():
-        ms = r["ms_per_step"]
+    for (field, _, length, spec), r in cells:
+        full, ms = fulls.get((field, length), {}), r["ms_per_step"]
         # on a CPU-only machine offloading is forced on: its copies are host -> host, its time not a GPU's
         label = f"{spec} (offload simulated on CPU)" if r.get("simulated_offload") else spec
         rows.append(
             [
                 label,
                 length,
+                section_of(field)[1],
                 f"{ms:.1f}" if ms else "-",
                 f"{ms / full['ms_per_step']:.2f}x" if ms and full.get("ms_per_step") else "-",
                 f"{r['read_bytes'] / 2**20:.2f}",
@@ -275,15 +298,17 @@ def speed_table(store: dict) -> str:
 
 
 def capture_table(store: dict) -> str:
-    head = ["task", "tokens", "method", "answered", "weight read (mean)", "worst layer", "layer steps reading all"]
+    head = ["task", "tokens", "weights", "method", "answered", "weight read (mean)", "worst layer"]
+    head += ["layer steps reading all"]
     rows = []
-    for key, r in store.items():
-        name, task, length, spec = key.split("|")
+    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
+        field, task, length, spec = key.split("|")
+        name, weights = section_of(field)
         if name == "capture":
             layer, share = r["worst_layer"]
             answered = f"{int(sum(r['scores']))}/{len(r['scores'])}"
             shares = [f"{r['capture']:.3f}", f"{layer}: {share:.3f}", f"{r['full_steps']:.2f}"]
-            rows.append([task, length, spec, answered, *shares])
+            rows.append([task, length, weights, spec, answered, *shares])
     return markdown(head, rows)
 
 
@@ -291,7 +316,9 @@ def report(store: dict, threads: int) -> str:
     return "\n\n".join(
         [
             "# Decode-time sparse reads on SmolLM2-135M-Instruct (native window 8192)",
-            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, bf16 weights; batch 1, greedy, "
+            f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}; weights in bf16, or fp32 where the "
+            "`weights` column says so (`--weights fp32`: cells kept apart, each compared with full attention in its "
+            "own dtype); batch 1, greedy, "
             f"{NEW_TOKENS} new tokens. Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
             "`PYTHONPATH=. python benchmarks/decode_sparse.py`. Budgets: 1/8 of the prompt for every reader "
             "(`:0.875` reads 1/8 of the cached tokens per step) and for SnapKV (keeps 1/8). " + PAIRED_NOTE,
@@ -330,37 +357,48 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=None, help="run only these methods (names, e.g. full snapkv tokenselect)"
     )
+    parser.add_argument(
+        "--extra-methods",
+        nargs="+",
+        default=[],
+        type=method_spec,
+        help="method specs run after the default ones (e.g. quest:0.875,page=8), in every section",
+    )
+    weights_argument(parser)
     args = parser.parse_args()
 
     def chosen(specs: list[str]) -> list[str]:
-        return [s for s in specs if args.methods is None or s.split(":")[0] in args.methods]
+        return [s for s in specs if args.methods is None or s.split(":")[0] in args.methods] + args.extra_methods
+
+    def key(section: str, task: str, length: int, spec: str) -> str:
+        return f"{cell_section(section, args.weights)}|{task}|{length}|{spec}"
 
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
     store = cells.data
-    model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(model)
+    model, tok = cl.load("smollm2", dtype=WEIGHTS[args.weights])
+    warn_if_slow_bf16(model, remedy=" (--weights fp32 runs the model in float32, in cells kept apart)")
     for section in args.sections:
         if section == "accuracy":
             for task in args.tasks:
                 for length in args.lengths:
                     items = needle_items(tok, task, length, args.samples)
                     for spec in chosen(methods(length)):
-                        cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, items)
+                        cells.run(key("accuracy", task, length, spec), accuracy_cell, model, tok, spec, items)
         elif section == "shared":
             for length in args.lengths:
                 items = samples(tok, "scbench_kv", length, args.samples, seed=7 + length)
                 for spec in chosen(methods(length)):
-                    cells.run(f"shared|scbench_kv|{length}|{spec}", shared_cell, model, tok, spec, items)
+                    cells.run(key("shared", "scbench_kv", length, spec), shared_cell, model, tok, spec, items)
         elif section == "capture":
             items = needle_items(tok, "niah_single_2", 4096, args.samples)[: args.capture_samples]
             for spec in chosen(methods(4096)[1:-1]):  # the readers
-                cells.run(f"capture|niah_single_2|4096|{spec}", capture_cell, model, tok, spec, items)
+                cells.run(key("capture", "niah_single_2", 4096, spec), capture_cell, model, tok, spec, items)
         elif section == "speed":
             length = args.speed_length
             item = needle_items(tok, "niah_single_2", length, 1)[0]
             for spec in chosen(speed_methods(length)):
-                cells.run(f"speed|niah_single_2|{length}|{spec}", speed_cell, model, tok, spec, item)
+                cells.run(key("speed", "niah_single_2", length, spec), speed_cell, model, tok, spec, item)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "decode_sparse.md"

@@ -31,7 +31,19 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._accuracy import PAIRED_NOTE, CellStore, markdown, samples, score_columns, versus_full
+from benchmarks._accuracy import (
+    PAIRED_NOTE,
+    WEIGHTS,
+    CellStore,
+    cell_section,
+    markdown,
+    method_spec,
+    samples,
+    score_columns,
+    section_of,
+    versus_full,
+    weights_argument,
+)
 from benchmarks._machine import cpu_name, warn_if_slow_bf16
 
 import contextlab as cl
@@ -90,23 +102,26 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
 
 
 def _row_order(key: str) -> tuple:
-    """Accuracy rows by task, then length (as a number), then spec."""
+    """Accuracy rows by task, then length (as a number), then weights (bf16 first), then spec."""
     parts = key.split("|")
-    return (parts[0], parts[1], int(parts[2]) if parts[2].isdigit() else 0, *parts[3:])
+    section, weights = section_of(parts[0])
+    return (section, parts[1], int(parts[2]) if parts[2].isdigit() else 0, weights, *parts[3:])
 
 
 def accuracy_table(store: dict) -> str:
-    head = ["task", "tokens", "method", "accuracy", "95% CI", "n", "vs full, same samples", "KV held vs full"]
-    head += ["s per answer", "threads"]
+    head = ["task", "tokens", "weights", "method", "accuracy", "95% CI", "n", "vs full, same samples"]
+    head += ["KV held vs full", "s per answer", "threads"]
     rows = []
     for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
-        section, task, length, spec = key.split("|")
+        field, task, length, spec = key.split("|")
+        section, weights = section_of(field)
         if section != "accuracy":
             continue
         rows.append(
             [
                 task,
                 length,
+                weights,
                 spec,
                 *score_columns(r["scores"]),
                 versus_full(store, key, r["scores"]),
@@ -119,16 +134,19 @@ def accuracy_table(store: dict) -> str:
 
 
 def speed_table(store: dict) -> str:
-    head = ["tokens", "method", "prefill s (median)", "runs", "vs full", "flex compilation", "threads"]
-    cells = [(k.split("|"), r) for k, r in store.items() if k.startswith("speed|")]
-    full = {parts[2]: r["prefill_s"] for parts, r in cells if parts[3] == "full"}
+    head = ["tokens", "weights", "method", "prefill s (median)", "runs", "vs full", "flex compilation", "threads"]
+    cells = [(k.split("|"), r) for k, r in store.items() if section_of(k.split("|")[0])[0] == "speed"]
+    full = {(parts[0], parts[2]): r["prefill_s"] for parts, r in cells if parts[3] == "full"}
     rows = []
     for parts, r in cells:
-        base = full.get(parts[2])
+        base = full.get((parts[0], parts[2]))
         compiled = {0: "none in the time", 1: "one in the time"}.get(r.get("compiles_in_time", 0), "several")
         speedup = f"{base / r['prefill_s']:.2f}x" if base else "-"
         runs = str(len(r["all_s"]))
-        rows.append([parts[2], parts[3], f"{r['prefill_s']:.1f}", runs, speedup, compiled, str(r.get("threads", "-"))])
+        weights = section_of(parts[0])[1]
+        rows.append(
+            [parts[2], weights, parts[3], f"{r['prefill_s']:.1f}", runs, speedup, compiled, str(r.get("threads", "-"))]
+        )
     return markdown(head, rows)
 
 
@@ -136,7 +154,9 @@ def report(store: dict, threads: int) -> str:
     return "\n\n".join(
         [
             "# Sparse prefill and head-level hybrids on SmolLM2-135M-Instruct (native window 8192)",
-            f"CPU: {cpu_name()}, torch {torch.__version__}, bf16 weights; batch 1, greedy; torch threads per cell "
+            f"CPU: {cpu_name()}, torch {torch.__version__}; weights in bf16, or fp32 where the `weights` column "
+            "says so (`--weights fp32`: cells kept apart, each compared with full attention in its own dtype); "
+            "batch 1, greedy; torch threads per cell "
             "in the tables (cells that ran beside other work have inflated seconds; ratios come from cells run "
             "side by side). "
             "Accuracy: the task's metric, mean with a Wilson 95% interval. Produced by "
@@ -155,15 +175,6 @@ def report(store: dict, threads: int) -> str:
     )
 
 
-def method_spec(text: str) -> str:
-    """A method spec the library builds (``duo:calibration=7936``), kept as written: it names the cells."""
-    try:
-        cl.method(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", default=["accuracy", "speed"])
@@ -177,24 +188,26 @@ def main() -> None:
         "--methods", nargs="+", default=list(METHODS), type=method_spec, help="method specs (default: %(default)s)"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    weights_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
     store = cells.data
-    model, tok = cl.load("smollm2", dtype=torch.bfloat16)
-    warn_if_slow_bf16(model)
+    model, tok = cl.load("smollm2", dtype=WEIGHTS[args.weights])
+    warn_if_slow_bf16(model, remedy=" (--weights fp32 runs the model in float32, in cells kept apart)")
     for section in args.sections:
         if section == "accuracy":
             for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
                 for task in args.tasks:
                     cases = items(tok, task, length, args.samples)
                     for spec in args.methods:
-                        cells.run(f"accuracy|{task}|{length}|{spec}", accuracy_cell, model, tok, spec, task, cases)
+                        key = f"{cell_section('accuracy', args.weights)}|{task}|{length}|{spec}"
+                        cells.run(key, accuracy_cell, model, tok, spec, task, cases)
         elif section == "speed":
             for length in args.speed_lengths:
                 case = items(tok, "niah_single_2", length, 1)[0]
                 for spec in args.methods:
-                    key = f"speed|niah_single_2|{length}|{spec}"
+                    key = f"{cell_section('speed', args.weights)}|niah_single_2|{length}|{spec}"
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
         else:
             raise SystemExit(f"unknown section {section!r}")
