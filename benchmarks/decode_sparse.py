@@ -81,6 +81,7 @@ def methods(length: int) -> list[str]:
         "tokenselect:0.875",
         "recycled:0.875",
         "recycled:0.875,similar=0.8",
+        "recycled:0.875,follow=true",
         f"infllm:budget={eighth},block=64,local={length // 16}",
         f"retrieval:budget={eighth}",
         "snapkv:0.875",

@@ -16,7 +16,15 @@ from contextlab.hf.cache import ContextlabCache
 from contextlab.hf.compat import cache_kwarg
 from contextlab.kernels.sparse_read import page_bounds
 from contextlab.methods.policy import ReadPlan, Step
-from contextlab.methods.sparse import Quest, QuestPolicy, TokenSelect, TokenSelectPolicy, attention_mass, kmeans
+from contextlab.methods.sparse import (
+    Quest,
+    QuestPolicy,
+    TokenSelect,
+    TokenSelectPolicy,
+    _with_successors,
+    attention_mass,
+    kmeans,
+)
 from contextlab.store import DenseStore
 
 CONTEXT = "The archive holds many ledgers; the seventh is bound in green leather and kept apart. " * 6
@@ -130,6 +138,7 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
         "tokenselect:budget=4096",
         "recycled:0.0,every=3",
         "recycled:0.0,similar=0.9",
+        "recycled:0.0,every=3,follow=true",
         "infllm:budget=4096,block=16,local=64",
         "retrieval:budget=4096,local=16",
         "snapkv:0.5+recycled:budget=4096",
@@ -232,7 +241,15 @@ RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
 
 @pytest.mark.parametrize(
     "spec",
-    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", "recycled:budget=32,similar=0.9", INFLLM, RETRIEVAL],
+    [
+        QUEST,
+        "tokenselect:budget=32",
+        "recycled:budget=32,every=4",
+        "recycled:budget=32,similar=0.9",
+        "recycled:budget=32,every=6,follow=true",
+        INFLLM,
+        RETRIEVAL,
+    ],
 )
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
     batch = cl.generate(llama, tokenizer, CONTEXTS, "Which ledger?", method=spec, max_new_tokens=24)
@@ -243,7 +260,7 @@ def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
 
 @pytest.mark.parametrize(
     "reader",
-    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", INFLLM, RETRIEVAL],
+    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", "recycled:budget=32,follow=true", INFLLM, RETRIEVAL],
 )
 def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
     for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
@@ -355,6 +372,37 @@ def test_recycled_reads_everything_again_when_the_query_moves(llama, tokenizer, 
     for layer in cache.compressible:
         assert layer.policy.selections == full_steps  # each full step of a row selects its top tokens
         assert layer.policy.last_read == (n + 10 if similar == 1.0 else 32 + 10)
+
+
+def test_successors_of_a_selection_are_read_once_and_only_where_older_tokens_are():
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 6] = False  # an evicted (or padding) slot is never read
+    store = _store(torch.zeros(2, 1, 12, 2), valid)
+    selected = torch.tensor([[[1, 3, 7]], [[2, 3, 6]]])
+    chosen = torch.tensor([[[True, True, True]], [[True, True, False]]])
+    since = torch.tensor([9, 8])  # selected at store lengths 10 and 9: now (length 12) 2 and 3 steps on
+    columns, ok = _with_successors(store, selected, chosen, since)
+    read = [sorted(int(c) for c, v in zip(columns[b, 0], ok[b, 0], strict=True) if v) for b in range(2)]
+    # row 0: successors 3 (already read), 5, 9 (not older than the selection: it is read as a recent token)
+    # row 1: successors 5, 6 (no token there), and none for the unchosen entry
+    assert read == [[1, 3, 5, 7], [2, 3, 5]]
+    assert int(ok.sum()) == 7  # each column once
+
+
+def test_recycled_follow_reads_half_its_budget_and_their_successors(llama, tokenizer):
+    """follow: the full step keeps budget/2 tokens; k steps on, each head reads those, their k-th successors
+    that are older than the selection (each column once) and the tokens appended since the selection."""
+    cache, _ = _decoded(llama, tokenizer, "recycled:budget=32,every=100,follow=true", 8)
+    for layer in cache.compressible:
+        policy, length = layer.policy, layer.store.length
+        since = int(policy.since[0])
+        k = length - 1 - since
+        assert policy.selected.shape[-1] == 16 and k == 7
+        reads = []
+        for head in policy.selected[0].tolist():
+            kept = set(head)
+            reads.append(len(kept | {c + k for c in kept if c + k < since}) + length - since)
+        assert policy.last_read == max(reads) > 16 + length - since  # some successor was not kept already
 
 
 def test_a_plan_covers_the_columns_its_valid_entries_name_once():

@@ -281,8 +281,9 @@ class SelectionPolicy(LayerPolicy):
     read, with every slot appended since, until that row's next selection. Any move of the store's slots
     (its ``version``) forces a new selection for every row."""
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, follow: bool = False) -> None:
         self.budget = budget
+        self.follow = follow  # a reused selection also reads each selected slot's successor, k steps on
         self.selected: torch.Tensor | None = None
         self.chosen: torch.Tensor | None = None
         self.since: torch.Tensor | None = None
@@ -334,6 +335,7 @@ class SelectionPolicy(LayerPolicy):
         self.chose_bytes += keys.nbytes
         b = keys.shape[0]
         mass = attention_mass(step.queries[:, :, 0], keys, valid, step.scaling)
+        keep = max(keep // 2, 1) if self.follow else keep  # with the successors, the read stays within budget
         top = mass.masked_fill(~valid, float("-inf")).topk(min(keep, older), dim=-1).indices.sort(dim=-1).values
         chosen = valid.gather(-1, top)
         since = torch.full((b,), older, dtype=torch.long, device=keys.device)
@@ -348,12 +350,16 @@ class SelectionPolicy(LayerPolicy):
         self.selections += int(rows.sum())
 
     def _plan(self, store: DenseStore) -> ReadPlan:
-        """Each row's selection plus every slot appended since it was made (this step's token included)."""
+        """Each row's selection plus every slot appended since it was made (this step's token included); with
+        ``follow``, also the slot ``k`` columns after each selected one, ``k`` decode steps after the selection."""
         b, h, _ = self.selected.shape
+        selected, chosen = self.selected, self.chosen
+        if self.follow:
+            selected, chosen = _with_successors(store, selected, chosen, self.since)
         recent = torch.arange(int(self.since.min()), store.length, device=self.selected.device)
         fresh = (recent.view(1, -1) >= self.since.view(-1, 1)).view(b, 1, -1).expand(b, h, -1)
-        indices = torch.cat([self.selected, recent.expand(b, h, -1)], dim=-1)
-        valid = torch.cat([self.chosen, fresh], dim=-1)
+        indices = torch.cat([selected, recent.expand(b, h, -1)], dim=-1)
+        valid = torch.cat([chosen, fresh], dim=-1)
         self.last_read = int(valid.sum(-1).max())
         return ReadPlan(indices, valid)
 
@@ -363,6 +369,29 @@ class SelectionPolicy(LayerPolicy):
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.selected, self.chosen, self.since) if t is not None)
+
+
+def _with_successors(
+    store: DenseStore, selected: torch.Tensor, chosen: torch.Tensor, since: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``selected [B, H, K]`` (valid where ``chosen``) joined with each selected column moved ``k`` columns on,
+    ``k`` being the decode steps since the selection (``store.length - 1 - since [B]``), where that column is
+    older than the selection and holds a token; each column appears once (sorted, duplicates invalid).
+
+    Why: a head that copies (an induction head reading a needle's digits) attends one token further at every
+    step, so a selection made ``k`` steps ago points ``k`` tokens short of what it now needs."""
+    b = selected.shape[0]
+    last = since.view(b, 1, 1)
+    moved = selected + (store.length - 1 - last)
+    inside = chosen & (moved < last)
+    inside = inside & _validity(store, 0, int(since.max())).gather(-1, moved.clamp(max=int(since.max()) - 1))
+    columns = torch.cat([selected, moved], dim=-1)
+    valid = torch.cat([chosen, inside], dim=-1)
+    columns, order = columns.masked_fill(~valid, store.length).sort(dim=-1)  # invalid entries sort last
+    repeat = torch.zeros_like(valid)
+    repeat[..., 1:] = columns[..., 1:] == columns[..., :-1]
+    valid = valid.gather(-1, order) & ~repeat
+    return columns.masked_fill(~valid, 0), valid
 
 
 def _moved(step: Step, then: torch.Tensor, similar: float) -> torch.Tensor:
@@ -449,7 +478,14 @@ class Recycled(SparseReader):
     compares its own query (all query heads, flattened), per row: a row whose query moved reads everything
     while the others read their selection. The full step's attention weights are computed beside the attention
     itself (a fused kernel would return them), so a full step counts the bytes of the full read only. A budget
-    at or above the cache reads everything (exactly full attention)."""
+    at or above the cache reads everything (exactly full attention).
+
+    ``follow=true`` (our addition, not the paper's): a head that copies a span (an induction head reading a
+    needle's digits) attends one token further at every step, so a selection made ``k`` steps ago points ``k``
+    tokens short of what the head now needs; on SmolLM2-135M-Instruct a selection one step old already loses
+    the needle's next digit (``benchmarks/results/decode_sparse.md``). With ``follow`` the full step keeps the
+    top ``budget/2`` tokens and a partial step ``k`` steps later reads each of them and the token ``k`` slots
+    after it."""
 
     name = "recycled"
     paper = "Xu et al., 2024, Recycled Attention, https://arxiv.org/abs/2411.05787"
@@ -462,10 +498,17 @@ class Recycled(SparseReader):
         "also a full step when the query's cosine to the last full step's query is below this; None = fixed schedule",
         None,
     )
+    follow: bool = param(
+        "a partial step k steps after the full step also reads each kept token's k-th successor; the full step "
+        "keeps budget/2 tokens so the read stays within the budget (not in the paper: see the class docstring)",
+        False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("recycled: every", self.every, 1)
+        if not isinstance(self.follow, bool):
+            raise ValueError(f"recycled: follow must be true or false, got {self.follow!r}")
         if self.similar is not None:
             check_number("recycled: similar (cosine)", self.similar, -1.0, 1.0)
 
@@ -475,7 +518,7 @@ class Recycled(SparseReader):
 
 class RecycledPolicy(SelectionPolicy):
     def __init__(self, method: Recycled) -> None:
-        super().__init__(method.budget)
+        super().__init__(method.budget, method.follow)
         self.every, self.similar = method.every, method.similar
         self.steps: torch.Tensor | None = None  # [B] decode steps since each row's last full step
         self.query: torch.Tensor | None = None  # [B, Hq * D] the query of each row's last full step
