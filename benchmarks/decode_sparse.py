@@ -27,7 +27,7 @@ the file to start over).
 
     PYTHONPATH=. python benchmarks/decode_sparse.py [--sections accuracy shared speed] [--samples 40]
         [--lengths 4096 8192] [--tasks niah_single_2 ...] [--methods full snapkv ...] [--speed-length 32768]
-        [--capture-samples 8] [--threads N]
+        [--capture-samples 8] [--threads N] [--extra-methods SPEC ...] [--weights bf16|fp32]
 
 Writes benchmarks/results/decode_sparse.md (and .json).
 """

@@ -17,6 +17,7 @@ is saved to ``benchmarks/results/sparse_prefill.json`` when it finishes and not 
 
     PYTHONPATH=. python benchmarks/sparse_prefill.py [--sections accuracy speed] [--samples 40]
         [--lengths 4096 7936] [--speed-lengths 16384 32768] [--repeats 3] [--no-warmup] [--threads N]
+        [--weights bf16|fp32]
 
 Writes benchmarks/results/sparse_prefill.md (and .json).
 """
