@@ -279,6 +279,7 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("tokenselect:similar=2", "similar \\(cosine\\) must be a number in"),
         ("recycled:every=0", "every must be an integer >= 1"),
         ("recycled:similar=1.5", "similar \\(cosine\\) must be a number in"),
+        ("recycled:follow=3", "follow must be true or false"),
         ("infllm:budget=100,local=1024", "leaves no room for one block"),
         ("infllm:0.5", "budget must be a number of tokens"),
         ("infllm:reps=200", "cannot exceed the block size"),
