@@ -43,6 +43,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["", "/tmp/profiles/minference.json"])
     if field.name in ("bits", "high", "low"):
         return st.sampled_from([2, 3, 4, 8])
+    if kind == "bool":
+        return st.booleans()
     if "float" in kind:
         return st.one_of(st.floats(0.0, 1.0, allow_nan=False), st.floats(1.0, 100.0, allow_nan=False))
     if "int" in kind:
