@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from benchmarks._machine import warn_if_slow_bf16
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -37,15 +38,32 @@ def weights_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cell_section(section: str, weights: str) -> str:
-    """A cell key's first field: the section, marked ``@fp32`` when the model did not run in bf16."""
-    return section if weights == "bf16" else f"{section}@{weights}"
+def cell_key(section: str, weights: str, task: str, length: int, spec: str) -> str:
+    """A cell's key, ``section|task|length|spec``; the section is marked ``@fp32`` when the model did not run
+    in bf16, so such cells are stored and compared apart."""
+    field = section if weights == "bf16" else f"{section}@{weights}"
+    return f"{field}|{task}|{length}|{spec}"
 
 
 def section_of(field: str) -> tuple[str, str]:
-    """``(section, weights)`` of a cell key's first field (the inverse of :func:`cell_section`)."""
+    """``(section, weights)`` of a cell key's first field (as :func:`cell_key` writes it)."""
     section, _, weights = field.partition("@")
     return section, weights or "bf16"
+
+
+def row_order(key: str) -> tuple:
+    """A table's order of cell keys: by section, task, length (as a number), then weights (bf16 first)."""
+    field, task, length, _ = key.split("|")
+    section, weights = section_of(field)
+    return (section, task, int(length) if length.isdigit() else 0, weights)
+
+
+def load_smollm2(weights: str):
+    """SmolLM2-135M-Instruct and its tokenizer in ``weights`` (``bf16`` or ``fp32``), with the warning for a
+    CPU that emulates bf16."""
+    model, tok = cl.load("smollm2", dtype=WEIGHTS[weights])
+    warn_if_slow_bf16(model, remedy=" (--weights fp32 runs the model in float32, in cells kept apart)")
+    return model, tok
 
 
 def method_spec(text: str) -> str:

@@ -46,18 +46,19 @@ from unittest import mock
 import torch
 from benchmarks._accuracy import (
     PAIRED_NOTE,
-    WEIGHTS,
     CellStore,
-    cell_section,
+    cell_key,
+    load_smollm2,
     markdown,
     method_spec,
+    row_order,
     samples,
     score_columns,
     section_of,
     versus_full,
     weights_argument,
 )
-from benchmarks._machine import cpu_name, warn_if_slow_bf16
+from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -231,18 +232,11 @@ def _timed(model, tok, spec: str, item) -> dict:
     }
 
 
-def _row_order(key: str) -> tuple:
-    """Rows by task, then length (as a number), then weights (bf16 first); methods in the order stored."""
-    field, task, length, _ = key.split("|")
-    section, weights = section_of(field)
-    return (section, task, int(length), weights)
-
-
 def accuracy_table(store: dict, section: str) -> str:
     head = ["task", "tokens", "weights", "method", "accuracy", "95% CI", "n", "vs full, same samples"]
     head += ["s per answer", "MiB read per step"]
     rows = []
-    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
+    for key, r in sorted(store.items(), key=lambda kv: row_order(kv[0])):
         field, task, length, spec = key.split("|")
         name, weights = section_of(field)
         if name != section:
@@ -302,7 +296,7 @@ def capture_table(store: dict) -> str:
     head = ["task", "tokens", "weights", "method", "answered", "weight read (mean)", "worst layer"]
     head += ["layer steps reading all"]
     rows = []
-    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
+    for key, r in sorted(store.items(), key=lambda kv: row_order(kv[0])):
         field, task, length, spec = key.split("|")
         name, weights = section_of(field)
         if name == "capture":
@@ -372,13 +366,12 @@ def main() -> None:
         return [s for s in specs if args.methods is None or s.split(":")[0] in args.methods] + args.extra_methods
 
     def key(section: str, task: str, length: int, spec: str) -> str:
-        return f"{cell_section(section, args.weights)}|{task}|{length}|{spec}"
+        return cell_key(section, args.weights, task, length, spec)
 
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
     store = cells.data
-    model, tok = cl.load("smollm2", dtype=WEIGHTS[args.weights])
-    warn_if_slow_bf16(model, remedy=" (--weights fp32 runs the model in float32, in cells kept apart)")
+    model, tok = load_smollm2(args.weights)
     for section in args.sections:
         if section == "accuracy":
             for task in args.tasks:

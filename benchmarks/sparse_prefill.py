@@ -34,18 +34,19 @@ from pathlib import Path
 import torch
 from benchmarks._accuracy import (
     PAIRED_NOTE,
-    WEIGHTS,
     CellStore,
-    cell_section,
+    cell_key,
+    load_smollm2,
     markdown,
     method_spec,
+    row_order,
     samples,
     score_columns,
     section_of,
     versus_full,
     weights_argument,
 )
-from benchmarks._machine import cpu_name, warn_if_slow_bf16
+from benchmarks._machine import cpu_name
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
@@ -102,18 +103,11 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
     }
 
 
-def _row_order(key: str) -> tuple:
-    """Accuracy rows by task, then length (as a number), then weights (bf16 first), then spec."""
-    parts = key.split("|")
-    section, weights = section_of(parts[0])
-    return (section, parts[1], int(parts[2]) if parts[2].isdigit() else 0, weights, *parts[3:])
-
-
 def accuracy_table(store: dict) -> str:
     head = ["task", "tokens", "weights", "method", "accuracy", "95% CI", "n", "vs full, same samples"]
     head += ["KV held vs full", "s per answer", "threads"]
     rows = []
-    for key, r in sorted(store.items(), key=lambda kv: _row_order(kv[0])):
+    for key, r in sorted(store.items(), key=lambda kv: (*row_order(kv[0]), kv[0].split("|")[3])):
         field, task, length, spec = key.split("|")
         section, weights = section_of(field)
         if section != "accuracy":
@@ -194,21 +188,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cells = CellStore(STORE)
     store = cells.data
-    model, tok = cl.load("smollm2", dtype=WEIGHTS[args.weights])
-    warn_if_slow_bf16(model, remedy=" (--weights fp32 runs the model in float32, in cells kept apart)")
+    model, tok = load_smollm2(args.weights)
     for section in args.sections:
         if section == "accuracy":
             for length in args.lengths:  # every task at the shorter length first (the cheaper cells)
                 for task in args.tasks:
                     cases = items(tok, task, length, args.samples)
                     for spec in args.methods:
-                        key = f"{cell_section('accuracy', args.weights)}|{task}|{length}|{spec}"
+                        key = cell_key("accuracy", args.weights, task, length, spec)
                         cells.run(key, accuracy_cell, model, tok, spec, task, cases)
         elif section == "speed":
             for length in args.speed_lengths:
                 case = items(tok, "niah_single_2", length, 1)[0]
                 for spec in args.methods:
-                    key = f"{cell_section('speed', args.weights)}|niah_single_2|{length}|{spec}"
+                    key = cell_key("speed", args.weights, "niah_single_2", length, spec)
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
         else:
             raise SystemExit(f"unknown section {section!r}")
