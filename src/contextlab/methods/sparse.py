@@ -384,7 +384,8 @@ def _with_successors(
     last = since.view(b, 1, 1)
     moved = selected + (store.length - 1 - last)
     inside = chosen & (moved < last)
-    inside = inside & _validity(store, 0, int(since.max())).gather(-1, moved.clamp(max=int(since.max()) - 1))
+    width = int(since.max())  # the columns any row's selection was made from
+    inside = inside & _validity(store, 0, width).gather(-1, moved.clamp(max=width - 1))
     columns = torch.cat([selected, moved], dim=-1)
     valid = torch.cat([chosen, inside], dim=-1)
     columns, order = columns.masked_fill(~valid, store.length).sort(dim=-1)  # invalid entries sort last
