@@ -46,6 +46,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "quest:budget=32,page=8,dense_layers=0", 2),
         ("qwen2", "tokenselect:budget=32", 1),
         ("llama", "retrieval:budget=48,local=16,clusters=4,probe=2", 2),
+        ("llama", "snapkv:0.5+retrieval:budget=48,local=16,clusters=4,probe=1,vote=head,follow=true", 2),
         ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16,offload=cpu", 2),
     ],
 )

@@ -59,6 +59,10 @@ EXTENSION = {
 SPARSE = {
     "infllm": ("infllm:budget=4096,block=16,local=64", "infllm:budget=60,block=8,sink=4,local=32"),
     "retrieval": ("retrieval:budget=4096,local=16", "retrieval:budget=60,local=16,clusters=4"),
+    "retrieval by head": (
+        "retrieval:budget=4096,local=16,vote=head,follow=true",
+        "retrieval:budget=60,local=16,clusters=4,probe=2,vote=head",
+    ),
     "minference": (  # every shape as wide as the prompt: exact; then small shapes on every head
         "minference:min_length=1,local=4096,vertical=4096,slash=4096,blocks=64,recall=0.0,calibration=1024",
         "minference:min_length=1,sink=4,local=16,vertical=8,slash=8,blocks=2,last=16,recall=0.0,calibration=1024",

@@ -141,6 +141,7 @@ def test_metadata_is_rebuilt_after_another_part_evicts():
         "recycled:0.0,every=3,follow=true",
         "infllm:budget=4096,block=16,local=64",
         "retrieval:budget=4096,local=16",
+        "retrieval:budget=4096,local=16,vote=head,follow=true",
         "snapkv:0.5+recycled:budget=4096",
     ],
 )
@@ -237,6 +238,7 @@ def test_a_decode_step_counts_the_slots_it_reads_and_what_choosing_them_read(lla
 QUEST = "quest:budget=32,page=8,dense_layers=0"  # every layer of the tiny models selects
 INFLLM = "infllm:budget=68,block=8,sink=4,local=32"
 RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
+VOTED = "retrieval:budget=48,local=16,clusters=4,probe=1,vote=head,follow=true"
 
 
 @pytest.mark.parametrize(
@@ -249,6 +251,7 @@ RETRIEVAL = "retrieval:budget=48,local=16,clusters=4,probe=2"
         "recycled:budget=32,every=6,follow=true",
         INFLLM,
         RETRIEVAL,
+        VOTED,
     ],
 )
 def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
@@ -260,7 +263,15 @@ def test_a_batch_reads_like_its_rows_one_by_one(llama, tokenizer, spec):
 
 @pytest.mark.parametrize(
     "reader",
-    [QUEST, "tokenselect:budget=32", "recycled:budget=32,every=4", "recycled:budget=32,follow=true", INFLLM, RETRIEVAL],
+    [
+        QUEST,
+        "tokenselect:budget=32",
+        "recycled:budget=32,every=4",
+        "recycled:budget=32,follow=true",
+        INFLLM,
+        RETRIEVAL,
+        VOTED,
+    ],
 )
 def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, reader):
     for spec in (f"snapkv:0.5+{reader}", f"{reader}+kivi:bits=4,group=16,residual=16"):
@@ -288,6 +299,8 @@ def test_sparse_reads_compose_with_eviction_and_quantization(llama, tokenizer, r
         ("infllm:offload=cpu+kivi:bits=4", "storage"),
         ("retrieval:budget=60", "leaves nothing to retrieve"),
         ("retrieval:index=hnsw", "index must be one of"),
+        ("retrieval:vote=layer", "vote must be one of"),
+        ("retrieval:follow=2", "follow must be true or false"),
     ],
 )
 def test_bad_settings_are_refused(spec, message):
@@ -610,6 +623,70 @@ def test_retrieval_ivf_scans_only_the_lists_it_probes():
     assert policy.selection_bytes() == built + b * h * scanned * d * 4 + policy.centroids.nbytes
     policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))  # the index stands: the search alone
     assert policy.selection_bytes() == b * h * scanned * d * 4 + policy.centroids.nbytes
+
+
+def test_retrieval_by_head_probes_each_heads_lists_and_ranks_by_their_summed_softmax():
+    gen = torch.Generator().manual_seed(43)
+    b, h, g, s, d = 2, 2, 3, 150, 8
+    keys = torch.randn(b, h, s, d, generator=gen) * 2
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :9] = False
+    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=7,probe=1,vote=head").build(0, 1)
+    store = _store(keys, valid)
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    plan = policy.before_attend(store, Step(query, 0.5, "decode", None, 0, 1))
+    starts, members = policy.starts.long(), policy.members.long()
+    scanned = 0
+    for row in range(b):
+        columns = [c for c in range(s - 1) if valid[row, c]]
+        for head in range(h):
+            heads = query[row, head * g : (head + 1) * g, 0]  # [G, D]
+            probed = {int((policy.centroids[row, head] @ q).argmax()) for q in heads}  # one list per query head
+            ranks = [
+                int(r) + 4 for c in probed for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]
+            ]
+            scanned = max(scanned, len(ranks))
+            candidate_keys = keys[row, head, [columns[r] for r in ranks]]  # [M, D]
+            mass = (heads @ candidate_keys.T * 0.5).softmax(-1).sum(0)  # each head's softmax, summed
+            best = [ranks[i] for i in mass.topk(min(20, len(ranks))).indices.tolist()]
+            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+            expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
+            assert read == expected, (row, head)
+    assert policy.last_scanned == scanned
+
+
+def test_retrieval_follow_also_ranks_the_successors_of_what_the_last_search_retrieved():
+    gen = torch.Generator().manual_seed(41)
+    b, h, g, s, d = 2, 2, 2, 150, 8
+    keys = torch.randn(b, h, s, d, generator=gen)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :13] = False
+    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=6,probe=1,follow=true").build(0, 1)
+    store = _store(keys, valid)
+    starts, members, retrieved = None, None, []
+    for step in range(2):
+        query = torch.randn(b, h * g, 1, d, generator=gen)
+        plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
+        starts, members = policy.starts.long(), policy.members.long()
+        found = []
+        for row in range(b):
+            columns = [c for c in range(s - 1) if valid[row, c]]
+            end = len(columns) - 16  # ranks [4, end) are indexed
+            for head in range(h):
+                q = query[row, head * g : (head + 1) * g, 0].sum(0)
+                c = int((policy.centroids[row, head] @ q).argmax())
+                ranks = {int(r) + 4 for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]}
+                if step == 1:  # the successors of the first search's keys, where they are indexed
+                    ranks |= {r + 1 for r in retrieved[row * h + head] if r + 1 < end}
+                best = sorted(ranks, key=lambda r, q=q, row=row, head=head: -float(keys[row, head, columns[r]] @ q))
+                found.append(sorted(best[:20]))
+                read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+                assert len(read) == int(plan.valid[row, head].sum())
+                expected = set(columns[:4]) | {columns[r] for r in best[:20]} | set(columns[-16:]) | {s - 1}
+                assert read == expected, (step, row, head)
+                kept = policy.found[row, head]
+                assert sorted(int(r) for r in kept[kept >= 0]) == found[-1]
+        retrieved = found
 
 
 def test_quest_leaves_its_first_layers_dense(llama, tokenizer):

@@ -762,6 +762,7 @@ class InfLLMPolicy(LayerPolicy):
 
 
 INDEXES = ("ivf", "exact")
+SEARCH_VOTES = ("sum", "head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -773,11 +774,23 @@ class Retrieval(SparseReader):
     Liu et al., 2024 (arXiv 2409.10516): approximate nearest-neighbour search over keys kept in CPU memory
     serves "128K tokens in LLMs with 8B parameters" on a 24 GB GPU. ``index=ivf``: an inverted file built
     here per row and KV head (k-means on the keys, ``clusters`` lists, 0 = about the square root of the
-    indexed tokens; a query probes the ``probe`` lists whose centroids score highest, summed over its query
-    heads, and ranks their keys exactly); ``index=exact``: every indexed key is ranked (the search's upper
-    bound). A search reads the centroids, the probed lists and their keys only. Not implemented from the
-    paper: its attention-aware index for out-of-distribution queries, and keeping the index in host memory.
-    A budget at or above the cache reads everything (exactly full attention)."""
+    indexed tokens; a query probes the ``probe`` lists whose centroids score highest and ranks their keys
+    exactly); ``index=exact``: every indexed key is ranked (the search's upper bound). A search reads the
+    centroids, the probed lists and their keys only.
+
+    ``vote=sum`` searches and ranks with the KV head's query heads summed into one query (the sum of their
+    scores). ``vote=head``: each query head probes its own ``probe`` lists (a list probed twice is read
+    once) and the candidates are ranked by the heads' softmax over them, summed (TokenSelect's soft vote,
+    arXiv 2411.02886), so one sharp retrieval head is not outvoted by the raw scores of its neighbours.
+    ``follow=true`` (our addition, not the paper's; the reason is Recycled's ``follow``): each search also
+    ranks the successor of every indexed key the previous search retrieved, since a head copying a span
+    wants the token after the one it read last.
+
+    Not implemented from the paper: its attention-aware graph index for out-of-distribution queries, and
+    keeping the index in host memory. (An inverted file whose lists were built from sampled prompt queries
+    and their top keys, tried as a stand-in, read less of full attention's weight than ``ivf`` and found
+    fewer needles on SmolLM2: ``benchmarks/results/decode_sparse.md``.) A budget at or above the cache reads
+    everything (exactly full attention)."""
 
     name = "retrieval"
     tokens_only = True
@@ -791,11 +804,21 @@ class Retrieval(SparseReader):
     sink: int = param("first tokens always read", 4)
     local: int = param("newest prompt tokens left out of the index (always read)", 64)
     iterations: int = param("k-means iterations when the index is built", 10)
+    vote: str = param(
+        "sum (search and rank with the KV head's query heads summed) | head (each query head probes its own "
+        "lists; candidates ranked by the heads' softmax over them, summed)",
+        "sum",
+    )
+    follow: bool = param("also rank the successor of every key the previous search retrieved (ivf)", False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.index not in INDEXES:
             raise ValueError(f"retrieval: index must be one of {INDEXES}, got {self.index!r}")
+        if self.vote not in SEARCH_VOTES:
+            raise ValueError(f"retrieval: vote must be one of {SEARCH_VOTES}, got {self.vote!r}")
+        if not isinstance(self.follow, bool):
+            raise ValueError(f"retrieval: follow must be true or false, got {self.follow!r}")
         for name, low in (("clusters", 0), ("probe", 1), ("sink", 0), ("local", 1), ("iterations", 1)):
             check_int(f"retrieval: {name}", getattr(self, name), low)
         if self.budget.tokens <= self.sink + self.local:
@@ -824,6 +847,7 @@ class RetrievalPolicy(LayerPolicy):
         self.centroids: torch.Tensor | None = None
         self.members: torch.Tensor | None = None
         self.starts: torch.Tensor | None = None
+        self.found: torch.Tensor | None = None  # [B, H, K] ranks the last search retrieved (follow), -1 = none
         self.last_read = 0
         self.last_scanned = 0  # indexed keys ranked exactly by the last search (per row and head, at most)
         self.chose_bytes = 0
@@ -847,12 +871,12 @@ class RetrievalPolicy(LayerPolicy):
 
     def map_batch(self, fn) -> None:
         self.ranks.map_batch(fn)
-        for name in ("indexed", "centroids", "members", "starts"):
+        for name in ("indexed", "centroids", "members", "starts", "found"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 
     def nbytes(self) -> int:
-        state = (self.indexed, self.centroids, self.members, self.starts)
+        state = (self.indexed, self.centroids, self.members, self.starts, self.found)
         return self.ranks.nbytes() + sum(t.nbytes for t in state if t is not None)
 
     # -- the index --------------------------------------------------------------------------------------------
@@ -861,6 +885,7 @@ class RetrievalPolicy(LayerPolicy):
         m = self.method
         self.ranks.sync(store, upto)
         self.indexed = (self.ranks.counts - m.local).clamp(min=m.sink)
+        self.found = None  # ranks numbered before are no anchors for successors now
         if m.index == "exact":
             return
         width = max(int(self.indexed.max()) - m.sink, 0)
@@ -886,12 +911,15 @@ class RetrievalPolicy(LayerPolicy):
         return keys, ok
 
     def _probed(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ranks ``[B, H, T]`` in the ``probe`` lists whose centroids score highest for ``query [B, H, D]``
-        (read from the inverted lists only), and which of them exist (lists differ in size)."""
-        near = torch.einsum("bhd,bhcd->bhc", query, self.centroids)
-        probed = near.topk(min(self.method.probe, near.shape[-1]), dim=-1).indices  # [B, H, P]
+        """Ranks ``[B, H, T]`` in the lists probed for ``query [B, H, G, D]`` (each of the ``G`` queries
+        probes the ``probe`` lists whose centroids score highest for it; a list probed twice is read once),
+        read from the inverted lists only, and which of them exist (lists differ in size)."""
+        near = torch.einsum("bhgd,bhcd->bhgc", query, self.centroids)
+        top = near.topk(min(self.method.probe, near.shape[-1]), dim=-1).indices  # [B, H, G, P]
+        chosen = torch.zeros_like(near[:, :, 0], dtype=torch.bool).scatter_(-1, top.flatten(2), True)  # [B, H, C]
+        probed = (~chosen).long().argsort(dim=-1, stable=True)[..., : int(chosen.sum(-1).max())]
         first = self.starts[..., :-1].long().gather(-1, probed)
-        sizes = self.starts[..., 1:].long().gather(-1, probed) - first  # [B, H, P]
+        sizes = (self.starts[..., 1:].long().gather(-1, probed) - first) * chosen.gather(-1, probed)  # [B, H, P]
         ends = sizes.cumsum(-1)
         total = int(ends[..., -1].max())
         t = torch.arange(total, device=query.device)
@@ -905,9 +933,13 @@ class RetrievalPolicy(LayerPolicy):
         m = self.method
         b, h = self.indexed.shape
         d = store.groups[0].keys.shape[-1]
-        query = step.queries[:, :, 0].float().view(b, h, -1, d).sum(2)  # [B, H, D]: the heads' summed query
-        if m.index == "ivf" and self.centroids is not None:
-            candidates, exists = self._probed(query)
+        heads = step.queries[:, :, 0].float().view(b, h, -1, d)  # [B, H, G, D]
+        query = heads.sum(2)  # [B, H, D]: the heads' summed query
+        if m.index != "exact" and self.centroids is not None:
+            candidates, exists = self._probed(heads if m.vote == "head" else query.unsqueeze(2))
+            if self.found is not None:  # follow: the successors of what the last search retrieved, each once
+                candidates = torch.cat([candidates, self.found + 1], dim=-1)
+                candidates, exists = _once(candidates, torch.cat([exists, self.found >= 0], dim=-1))
         else:
             width = max(int(self.indexed.max()) - m.sink, 0)
             candidates = m.sink + torch.arange(width, device=query.device).expand(b, h, -1)
@@ -916,10 +948,15 @@ class RetrievalPolicy(LayerPolicy):
         ok = ok & exists
         self.last_scanned = int(ok.sum(-1).max())
         self.chose_bytes += keys.nbytes + (0 if self.centroids is None else self.centroids.nbytes)
-        scores = torch.einsum("bhd,bhmd->bhm", query, keys.float()).masked_fill(~ok, float("-inf"))
+        if m.vote == "head":  # each query head's softmax over the candidates, summed (TokenSelect's soft vote)
+            scores = attention_mass(heads.flatten(1, 2), keys, ok, step.scaling).masked_fill(~ok, float("-inf"))
+        else:
+            scores = torch.einsum("bhd,bhmd->bhm", query, keys.float()).masked_fill(~ok, float("-inf"))
         found = scores.topk(min(m.retrieved, scores.shape[-1]), dim=-1).indices
         found_ok = ok.gather(-1, found)
         found = candidates.gather(-1, found)
+        if m.follow and m.index != "exact":
+            self.found = torch.where(found_ok, found, -1)
         found = torch.where(found_ok, found, torch.iinfo(found.dtype).max).sort(dim=-1).values  # context order
         found_ok = found < torch.iinfo(found.dtype).max
         extra = int((self.ranks.counts - self.indexed).max())  # ranks past the index: local window, answer
@@ -928,6 +965,15 @@ class RetrievalPolicy(LayerPolicy):
         slots, exist = self.ranks.columns(torch.cat([sinks, found.clamp(max=2**31 - 1), tail], dim=-1))
         chosen = torch.cat([exist.new_ones(sinks.shape), found_ok, exist.new_ones(tail.shape)], dim=-1)
         return _with_newest(self, slots, exist & chosen, store.length - 1)
+
+
+def _once(ranks: torch.Tensor, exists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ranks [B, H, T]`` sorted, each existing rank once (its repeats, and what did not exist, flagged off)."""
+    last = torch.iinfo(ranks.dtype).max
+    ranks = torch.where(exists, ranks, last).sort(dim=-1).values
+    repeat = torch.zeros_like(exists)
+    repeat[..., 1:] = ranks[..., 1:] == ranks[..., :-1]
+    return ranks.clamp(max=2**31 - 1), (ranks < last) & ~repeat
 
 
 def kmeans(
