@@ -789,7 +789,7 @@ class Retrieval(SparseReader):
     Not implemented from the paper: its attention-aware graph index for out-of-distribution queries, and
     keeping the index in host memory. (An inverted file whose lists were built from sampled prompt queries
     and their top keys, tried as a stand-in, read less of full attention's weight than ``ivf`` and found
-    fewer needles on SmolLM2: ``benchmarks/results/decode_sparse.md``.) A budget at or above the cache reads
+    fewer needles on SmolLM2; see the README's notes on sparse reads.) A budget at or above the cache reads
     everything (exactly full attention)."""
 
     name = "retrieval"
