@@ -591,31 +591,41 @@ def test_retrieval_reads_sinks_the_best_keys_and_everything_past_the_index(index
             assert read == set(columns[:4]) | set(best) | set(columns[-16:]) | {s - 1}, (row, head)
 
 
-def test_retrieval_ivf_scans_only_the_lists_it_probes():
-    gen = torch.Generator().manual_seed(29)
-    b, h, g, s, d = 2, 2, 2, 150, 8
-    keys = torch.randn(b, h, s, d, generator=gen)
-    valid = torch.ones(b, s, dtype=torch.bool)
-    valid[0, :11] = False
-    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=6,probe=2").build(0, 1)
-    store = _store(keys, valid)
-    query = torch.randn(b, h * g, 1, d, generator=gen)
-    plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
+def _retrieval_case(seed: int, spec: str, padded: tuple[int, int] = (0, 11), scale: float = 1.0):
+    """Random keys ``[2, 2, 150, 8]`` (row ``padded[0]`` left-padded by ``padded[1]`` slots) in a store, a
+    retrieval policy of ``spec`` (sink 4, local 16, budget 40 in these tests) and the generator."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 2, 150, 8, generator=gen) * scale
+    valid = torch.ones(2, 150, dtype=torch.bool)
+    valid[padded[0], : padded[1]] = False
+    return gen, keys, valid, cl.method(spec).build(0, 1), _store(keys, valid)
+
+
+def _listed(policy, row: int, head: int, lists) -> list[int]:
+    """The indexed ranks filed in ``lists`` of one row and head's inverted file (sink 4 before them)."""
     starts, members = policy.starts.long(), policy.members.long()
+    return [int(r) + 4 for c in lists for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]]
+
+
+def _read(plan: ReadPlan, row: int, head: int) -> set[int]:
+    return {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
+
+
+def test_retrieval_ivf_scans_only_the_lists_it_probes():
+    gen, keys, valid, policy, store = _retrieval_case(29, "retrieval:budget=40,sink=4,local=16,clusters=6,probe=2")
+    b, h, s, d = keys.shape
+    query = torch.randn(b, h * 2, 1, d, generator=gen)
+    plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
     scanned = 0
     for row in range(b):
         columns = [c for c in range(s - 1) if valid[row, c]]
         for head in range(h):
-            q = query[row, head * g : (head + 1) * g, 0].sum(0)
-            probed = (policy.centroids[row, head] @ q).topk(2).indices.tolist()
-            ranks = [
-                int(r) + 4 for c in probed for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]
-            ]
+            q = query[row, head * 2 : (head + 1) * 2, 0].sum(0)
+            ranks = _listed(policy, row, head, (policy.centroids[row, head] @ q).topk(2).indices.tolist())
             scanned = max(scanned, len(ranks))
             best = sorted(ranks, key=lambda r, q=q, row=row, head=head: -float(keys[row, head, columns[r]] @ q))[:20]
-            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
             expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
-            assert read == expected, (row, head)
+            assert _read(plan, row, head) == expected, (row, head)
     indexed = len(range(4, 150 - 16))
     assert policy.last_scanned == scanned < indexed  # two lists of six, not the whole index
     # this first step also built the index: every indexed key read once per Lloyd iteration (10 by default)
@@ -626,62 +636,48 @@ def test_retrieval_ivf_scans_only_the_lists_it_probes():
 
 
 def test_retrieval_by_head_probes_each_heads_lists_and_ranks_by_their_summed_softmax():
-    gen = torch.Generator().manual_seed(43)
-    b, h, g, s, d = 2, 2, 3, 150, 8
-    keys = torch.randn(b, h, s, d, generator=gen) * 2
-    valid = torch.ones(b, s, dtype=torch.bool)
-    valid[0, :9] = False
-    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=7,probe=1,vote=head").build(0, 1)
-    store = _store(keys, valid)
-    query = torch.randn(b, h * g, 1, d, generator=gen)
+    spec = "retrieval:budget=40,sink=4,local=16,clusters=7,probe=1,vote=head"
+    gen, keys, valid, policy, store = _retrieval_case(43, spec, padded=(0, 9), scale=2.0)
+    b, h, s, d = keys.shape
+    query = torch.randn(b, h * 3, 1, d, generator=gen)
     plan = policy.before_attend(store, Step(query, 0.5, "decode", None, 0, 1))
-    starts, members = policy.starts.long(), policy.members.long()
     scanned = 0
     for row in range(b):
         columns = [c for c in range(s - 1) if valid[row, c]]
         for head in range(h):
-            heads = query[row, head * g : (head + 1) * g, 0]  # [G, D]
+            heads = query[row, head * 3 : (head + 1) * 3, 0]  # [G, D]
             probed = {int((policy.centroids[row, head] @ q).argmax()) for q in heads}  # one list per query head
-            ranks = [
-                int(r) + 4 for c in probed for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]
-            ]
+            ranks = _listed(policy, row, head, probed)
             scanned = max(scanned, len(ranks))
             candidate_keys = keys[row, head, [columns[r] for r in ranks]]  # [M, D]
             mass = (heads @ candidate_keys.T * 0.5).softmax(-1).sum(0)  # each head's softmax, summed
             best = [ranks[i] for i in mass.topk(min(20, len(ranks))).indices.tolist()]
-            read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
             expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
-            assert read == expected, (row, head)
+            assert _read(plan, row, head) == expected, (row, head)
     assert policy.last_scanned == scanned
 
 
 def test_retrieval_follow_also_ranks_the_successors_of_what_the_last_search_retrieved():
-    gen = torch.Generator().manual_seed(41)
-    b, h, g, s, d = 2, 2, 2, 150, 8
-    keys = torch.randn(b, h, s, d, generator=gen)
-    valid = torch.ones(b, s, dtype=torch.bool)
-    valid[1, :13] = False
-    policy = cl.method("retrieval:budget=40,sink=4,local=16,clusters=6,probe=1,follow=true").build(0, 1)
-    store = _store(keys, valid)
-    starts, members, retrieved = None, None, []
+    spec = "retrieval:budget=40,sink=4,local=16,clusters=6,probe=1,follow=true"
+    gen, keys, valid, policy, store = _retrieval_case(41, spec, padded=(1, 13))
+    b, h, s, d = keys.shape
+    retrieved = []
     for step in range(2):
-        query = torch.randn(b, h * g, 1, d, generator=gen)
+        query = torch.randn(b, h * 2, 1, d, generator=gen)
         plan = policy.before_attend(store, Step(query, 1.0, "decode", None, 0, 1))
-        starts, members = policy.starts.long(), policy.members.long()
         found = []
         for row in range(b):
             columns = [c for c in range(s - 1) if valid[row, c]]
             end = len(columns) - 16  # ranks [4, end) are indexed
             for head in range(h):
-                q = query[row, head * g : (head + 1) * g, 0].sum(0)
-                c = int((policy.centroids[row, head] @ q).argmax())
-                ranks = {int(r) + 4 for r in members[row, head, starts[row, head, c] : starts[row, head, c + 1]]}
+                q = query[row, head * 2 : (head + 1) * 2, 0].sum(0)
+                ranks = set(_listed(policy, row, head, [int((policy.centroids[row, head] @ q).argmax())]))
                 if step == 1:  # the successors of the first search's keys, where they are indexed
                     ranks |= {r + 1 for r in retrieved[row * h + head] if r + 1 < end}
                 best = sorted(ranks, key=lambda r, q=q, row=row, head=head: -float(keys[row, head, columns[r]] @ q))
                 found.append(sorted(best[:20]))
-                read = {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
-                assert len(read) == int(plan.valid[row, head].sum())
+                read = _read(plan, row, head)
+                assert len(read) == int(plan.valid[row, head].sum())  # no slot named twice
                 expected = set(columns[:4]) | {columns[r] for r in best[:20]} | set(columns[-16:]) | {s - 1}
                 assert read == expected, (step, row, head)
                 kept = policy.found[row, head]
