@@ -611,6 +611,12 @@ def _read(plan: ReadPlan, row: int, head: int) -> set[int]:
     return {int(i) for i, ok in zip(plan.indices[row, head], plan.valid[row, head], strict=True) if ok}
 
 
+def _expected(columns: list[int], best) -> set[int]:
+    """What a retrieval step of these tests reads: the 4 sinks, the ``best`` indexed ranks, the 16 local
+    slots and the newest slot (column 149)."""
+    return set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {149}
+
+
 def test_retrieval_ivf_scans_only_the_lists_it_probes():
     gen, keys, valid, policy, store = _retrieval_case(29, "retrieval:budget=40,sink=4,local=16,clusters=6,probe=2")
     b, h, s, d = keys.shape
@@ -624,8 +630,7 @@ def test_retrieval_ivf_scans_only_the_lists_it_probes():
             ranks = _listed(policy, row, head, (policy.centroids[row, head] @ q).topk(2).indices.tolist())
             scanned = max(scanned, len(ranks))
             best = sorted(ranks, key=lambda r, q=q, row=row, head=head: -float(keys[row, head, columns[r]] @ q))[:20]
-            expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
-            assert _read(plan, row, head) == expected, (row, head)
+            assert _read(plan, row, head) == _expected(columns, best), (row, head)
     indexed = len(range(4, 150 - 16))
     assert policy.last_scanned == scanned < indexed  # two lists of six, not the whole index
     # this first step also built the index: every indexed key read once per Lloyd iteration (10 by default)
@@ -652,8 +657,7 @@ def test_retrieval_by_head_probes_each_heads_lists_and_ranks_by_their_summed_sof
             candidate_keys = keys[row, head, [columns[r] for r in ranks]]  # [M, D]
             mass = (heads @ candidate_keys.T * 0.5).softmax(-1).sum(0)  # each head's softmax, summed
             best = [ranks[i] for i in mass.topk(min(20, len(ranks))).indices.tolist()]
-            expected = set(columns[:4]) | {columns[r] for r in best} | set(columns[-16:]) | {s - 1}
-            assert _read(plan, row, head) == expected, (row, head)
+            assert _read(plan, row, head) == _expected(columns, best), (row, head)
     assert policy.last_scanned == scanned
 
 
@@ -678,8 +682,7 @@ def test_retrieval_follow_also_ranks_the_successors_of_what_the_last_search_retr
                 found.append(sorted(best[:20]))
                 read = _read(plan, row, head)
                 assert len(read) == int(plan.valid[row, head].sum())  # no slot named twice
-                expected = set(columns[:4]) | {columns[r] for r in best[:20]} | set(columns[-16:]) | {s - 1}
-                assert read == expected, (step, row, head)
+                assert read == _expected(columns, best[:20]), (step, row, head)
                 kept = policy.found[row, head]
                 assert sorted(int(r) for r in kept[kept >= 0]) == found[-1]
         retrieved = found

@@ -386,12 +386,7 @@ def _with_successors(
     inside = chosen & (moved < last)
     width = int(since.max())  # the columns any row's selection was made from
     inside = inside & _validity(store, 0, width).gather(-1, moved.clamp(max=width - 1))
-    columns = torch.cat([selected, moved], dim=-1)
-    valid = torch.cat([chosen, inside], dim=-1)
-    columns, order = columns.masked_fill(~valid, store.length).sort(dim=-1)  # invalid entries sort last
-    repeat = torch.zeros_like(valid)
-    repeat[..., 1:] = columns[..., 1:] == columns[..., :-1]
-    valid = valid.gather(-1, order) & ~repeat
+    columns, valid = _once(torch.cat([selected, moved], dim=-1), torch.cat([chosen, inside], dim=-1))
     return columns.masked_fill(~valid, 0), valid
 
 
