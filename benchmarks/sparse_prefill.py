@@ -11,13 +11,18 @@ against full attention, prefill time against SDPA in the same run, and KV bytes.
    answer), prefilled by each method; seconds of prefill (median of ``--repeats``) and the ratio to full
    attention measured in the same run. Profiles are loaded (or measured) before timing, and one untimed call
    compiles flex attention for the length (``--no-warmup``: the first timed call includes it, ~5 s).
+3. ``heads``: which KV heads ``duo`` keeps whole, set beside the copy heads of the Retrieval Head paper (Wu
+   et al., 2024, arXiv 2404.15574) on the first ``--head-samples`` 4K multi-key prompts: with the answer
+   forced after the question, a query head copies an answer token when its strongest attention lands on the
+   same token inside a needle; its retrieval score is the share of answer tokens it copies (a KV head: the
+   most of its query heads). A check of duo's profile (which scores heads by output change, not by copying).
 
 Profiles go to the profile folder (``$CONTEXTLAB_PROFILES`` or ``~/.cache/contextlab/profiles``); each cell
 is saved to ``benchmarks/results/sparse_prefill.json`` when it finishes and not run again.
 
-    PYTHONPATH=. python benchmarks/sparse_prefill.py [--sections accuracy speed] [--samples 40]
+    PYTHONPATH=. python benchmarks/sparse_prefill.py [--sections accuracy speed heads] [--samples 40]
         [--lengths 4096 7936] [--speed-lengths 16384 32768] [--repeats 3] [--no-warmup] [--threads N]
-        [--weights bf16|fp32]
+        [--weights bf16|fp32] [--head-samples 8]
 
 Writes benchmarks/results/sparse_prefill.md (and .json).
 """
@@ -47,10 +52,13 @@ from benchmarks._accuracy import (
     weights_argument,
 )
 from benchmarks._machine import cpu_name
+from transformers import DynamicCache
 
 import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
+from contextlab.hf.compat import attn_implementation, cache_kwarg
 from contextlab.kernels.sparse_prefill import flex_compilations
+from contextlab.methods.sparse_prefill import _bound_profile, score_heads
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "sparse_prefill.json"
@@ -101,6 +109,73 @@ def speed_cell(model, tok, spec: str, case, repeats: int, warmup: bool) -> dict:
         "compiles_in_time": flex_compilations() - before,  # flex attention compilations inside the timed calls
         "threads": torch.get_num_threads(),
     }
+
+
+def copy_scores(model, tok, cases) -> torch.Tensor:
+    """``[layers, query heads]``: the share of answer tokens each query head copies (section 3 of the module
+    docstring). The prompt goes in with SDPA; the forced answer with eager attention, whose weights are
+    returned (only ``answer x prompt`` of them per layer)."""
+    cfg = model.config
+    hits, total = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads), 0
+    before = attn_implementation(model)
+    try:
+        for s in cases:
+            ids = s.context_ids + s.question_ids
+            answer = tok(s.target, add_special_tokens=False)["input_ids"]
+            tokens = torch.tensor(ids + answer)
+            in_needle = torch.zeros(len(tokens), dtype=torch.bool)
+            for start, end in s.needle_spans:
+                in_needle[start:end] = True
+            with torch.inference_mode():
+                model.set_attn_implementation("sdpa")
+                cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+                model(input_ids=torch.tensor([ids[:-1]]), use_cache=True, **cache)
+                model.set_attn_implementation("eager")
+                forced = torch.tensor([[ids[-1], *answer[:-1]]])  # row i predicts answer token i
+                out = model(input_ids=forced, use_cache=True, output_attentions=True, **cache)
+            want = torch.tensor(answer)
+            for layer, weights in enumerate(out.attentions):  # [1, Hq, answer, prompt + answer]
+                top = weights[0].argmax(-1)  # [Hq, answer]
+                hits[layer] += (in_needle[top] & (tokens[top] == want)).float().sum(-1)
+            total += len(answer)
+    finally:
+        model.set_attn_implementation(before)
+    return hits / total
+
+
+def heads_cell(model, tok, cases) -> dict:
+    """Per KV head: its copy score (the most of its query heads'), duo's score and whether duo streams it."""
+    method = cl.method("duo")
+    duo = _bound_profile(method, model, tok, score_heads, "scores")
+    streaming = method.with_scores(duo).streaming
+    copy = copy_scores(model, tok, cases)
+    kv = copy.view(len(duo), len(duo[0]), -1).amax(-1)
+    return {"copy": kv.tolist(), "duo": duo, "streaming": [list(x) for x in streaming], "prompts": len(cases)}
+
+
+def heads_table(store: dict) -> str:
+    parts = []
+    for key, r in sorted(store.items()):
+        field, task, length, _ = key.split("|")
+        section, weights = section_of(field)
+        if section != "heads":
+            continue
+        flagged = [
+            (layer, head, c, r["duo"][layer][head], r["streaming"][layer][head])
+            for layer, row in enumerate(r["copy"])
+            for head, c in enumerate(row)
+            if c > 0
+        ]
+        streamed = [f for f in flagged if f[4]]
+        rows = [[f"{ly}.{h}", f"{c:.2f}", f"{d:.3f}", "streaming" if st else "whole"] for ly, h, c, d, st in flagged]
+        parts.append(
+            f"{task}, {length} tokens, {weights}, {r['prompts']} prompts: {len(flagged)} of "
+            f"{len(r['copy']) * len(r['copy'][0])} KV heads copy at least once; duo (retrieval=0.5) keeps "
+            f"{len(flagged) - len(streamed)} of them whole and streams {len(streamed)} "
+            f"(copy scores {', '.join(f'{f[2]:.2f}' for f in streamed) or '-'}).\n\n"
+            + markdown(["layer.KV head", "copy score", "duo score", "duo keeps"], rows)
+        )
+    return "\n\n".join(parts)
 
 
 def accuracy_table(store: dict) -> str:
@@ -165,6 +240,8 @@ def report(store: dict, threads: int) -> str:
             "`duo:calibration=...` rows ran with int16 positions.",
             "## Prefill time (speed-up = full attention's time / the method's, same run)",
             speed_table(store),
+            "## Duo's whole heads and the copy heads (`--sections heads`)",
+            heads_table(store) or "(not run)",
             f"Platform: {platform.platform()}",
         ]
     )
@@ -182,6 +259,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), type=method_spec, help="method specs (default: %(default)s)"
     )
+    parser.add_argument("--head-samples", type=int, default=8, help="multi-key prompts of the heads section")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     weights_argument(parser)
     args = parser.parse_args()
@@ -203,6 +281,10 @@ def main() -> None:
                 for spec in args.methods:
                     key = cell_key("speed", args.weights, "niah_single_2", length, spec)
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
+        elif section == "heads":
+            cases = items(tok, "niah_multikey_1", 4096, args.head_samples)
+            key = cell_key("heads", args.weights, "niah_multikey_1", 4096, f"copy:{args.head_samples}")
+            cells.run(key, heads_cell, model, tok, cases)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "sparse_prefill.md"
