@@ -80,6 +80,12 @@ CONDITIONS = [
     "- SmolLM2 `selfextend:group=4,window=4096` at 16000 (2026-12-07, one thread beside the test suite): "
     "stopped after 5 needles, 3 found, where the defaults found all 5; a probe run outside this table on the "
     "9 needles of the same pool the defaults missed found 5 of them. Run again to extend it to 30.",
+    "- SmolLM2 `infiniretri` with 32 answer tokens (2026-12-07, the 16000 and 32000 cells side by side, one "
+    "thread each; the 12-token cell of 2026-11-25 measured again): 16000 n = 30 (on the `selfextend` cell's "
+    "needles: 15 found by both, 27 by either); 32000 stopped after 8 needles to free a core for probes, "
+    "extended later. Probe outside this table (same 32000 pool, first 12 needles, `cl.generate` as here): "
+    "`infiniretri:share=all,sink=4` found 5; the 3072 token ids it held at the last segment, fed to plain "
+    "attention, found 9 (+5 / -1): re-encoding kept ids, as InfiniRetri does, is the next step at 32K.",
     "",
 ]
 

@@ -89,7 +89,17 @@ def test_remaps_never_attend_beyond_the_trained_distances(model, tokenizer, spec
 
 
 @pytest.mark.parametrize(
-    "spec", ["selfextend", "string", "lminfinite", "selfextend+snapkv:0.5", "yarn:factor=2", "ntk:factor=2", RETRIEVAL]
+    "spec",
+    [
+        "selfextend",
+        "string",
+        "lminfinite",
+        "selfextend+snapkv:0.5",
+        "yarn:factor=2",
+        "ntk:factor=2",
+        RETRIEVAL,
+        RETRIEVAL + ",share=all",
+    ],
 )
 def test_a_batch_of_different_lengths_equals_one_by_one(model, tokenizer, spec):
     # remaps derive their parameters per row (Self-Extend's group: 2 for 110 tokens, 4 for 118 + 5)
@@ -144,6 +154,8 @@ def test_ntk_grows_the_base_as_the_papers_formula_says(model):
         ("string", {}, "124 positions string serves"),
         ("infiniretri:budget=32,chunk=32", {}, "budget \\+ chunk = 64 tokens at once, which must stay below"),
         ("infiniretri:0.5", {}, "infiniretri needs a token budget"),
+        ("infiniretri:share=some", {}, "share must be one of none, all, got 'some'"),
+        ("infiniretri:budget=8,sink=8,chunk=16", {}, "sink \\(8\\) must be smaller than its budget \\(8 tokens\\)"),
     ],
 )
 def test_bad_input_is_named(model, tokenizer, spec, kwargs, error):
@@ -260,3 +272,20 @@ def test_two_chunk_sizes_in_one_spec_are_refused():
     with pytest.raises(ValueError, match="chunks of different sizes"):
         cl.method("selfextend:prefill_chunk=32+snapkv:0.5,prefill_chunk=64")
     assert cl.method("selfextend:prefill_chunk=32+snapkv:0.5").prefill_chunk_size() == 32
+
+
+def test_infiniretri_share_all_keeps_one_set_for_every_layer_and_head(model, tokenizer):
+    context, question = ids(200, 11), ids(6, 12)
+    # a window below the budget and no pooling: token votes, not protected or pooled neighbours, decide
+    spec = RETRIEVAL + ",window=4,kernel=1,sink=4"
+    own = cl.generate(model, tokenizer, context, question, method=spec, max_new_tokens=3)
+    shared = cl.generate(model, tokenizer, context, question, method=spec + ",share=all", max_new_tokens=3)
+    assert shared.kv_bytes == own.kv_bytes  # the same budget per layer and head
+    first = shared.kept_positions[0]
+    assert bool((first == first[:, :1]).all())
+    assert all(torch.equal(kept, first) for kept in shared.kept_positions)
+    assert bool((first[..., -4:] == torch.arange(202, 206)).all())  # the observation window, kept
+    for kept in [*own.kept_positions, *shared.kept_positions]:
+        assert bool((kept[..., :4] == torch.arange(4)).all())  # the attention sinks (sink=4), kept at the start
+    # per-head votes differ between heads and layers, so sharing changes what is kept
+    assert any(not bool((k == k[:, :1]).all()) for k in own.kept_positions)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import contextlab as cl
-from contextlab.methods.extension import LMInfinite, SelfExtend, String
+from contextlab.methods.base import PROTECTED
+from contextlab.methods.extension import SHARED_VOTES, LMInfinite, SelfExtend, String, add_votes
+from contextlab.methods.policy import Step
 from contextlab.methods.positions import Far, Near
 
 
@@ -94,3 +97,27 @@ def test_composition_takes_the_extenders_window():
     assert cl.method("selfextend:group=2,window=1024+snapkv:0.5").window_for(4096) == (4096 - 1024 + 512) * 2
     assert cl.method("snapkv:0.5").window_for(4096) == 4096
     assert cl.method("yarn:factor=4").window_for(4096) == 16384
+
+
+def _step(layer: int, shared: dict) -> Step:
+    return Step(torch.zeros(1, 2, 1, 4), 1.0, "prefill", [6], layer, 2, shared=shared)
+
+
+def test_infiniretri_share_all_adds_the_normalised_votes_of_every_layer_by_position():
+    shared: dict = {}
+    valid = torch.ones(1, 2, 4, dtype=torch.bool)
+    # layer 0 holds positions 0-3; both heads vote for position 1, at different scales
+    low = torch.tensor([[[1.0, 3.0, 0.0, 0.0], [0.0, 6.0, 2.0, 0.0]]], dtype=torch.float64)
+    add_votes(low, torch.arange(4).view(1, 1, 4).expand(1, 2, 4), valid, _step(0, shared))
+    # normalised per head (1/4, 3/4, 0, 0) and (0, 3/4, 1/4, 0), averaged over the two heads
+    expect = torch.tensor([[0.125, 0.75, 0.125, 0.0]], dtype=torch.float64)
+    assert torch.allclose(shared[SHARED_VOTES], expect)
+    # layer 1 holds positions 0, 2, 4, 5 (5 protected, slot 2 invalid): its vote goes to position 2
+    high = torch.tensor([[[0.0, 5.0, 9.0, PROTECTED + 5], [0.0, 5.0, 9.0, PROTECTED + 5]]], dtype=torch.float64)
+    valid1 = torch.tensor([[[True, True, False, True]]]).expand(1, 2, 4)
+    add_votes(high, torch.tensor([0, 2, 4, 5]).view(1, 1, 4).expand(1, 2, 4), valid1, _step(1, shared))
+    expect = torch.tensor([[0.125, 0.75, 1.125, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(shared[SHARED_VOTES], expect)
+    # the next forward starts again at layer 0: the votes of the last one are gone
+    add_votes(low, torch.arange(4).view(1, 1, 4).expand(1, 2, 4), valid, _step(0, shared))
+    assert torch.allclose(shared[SHARED_VOTES], torch.tensor([[0.125, 0.75, 0.125, 0.0]], dtype=torch.float64))

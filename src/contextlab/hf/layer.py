@@ -43,6 +43,9 @@ class CacheState:
     native: int | None = None  # the model's trained positions
 
     transient: int = 0  # trailing tokens of the next forward that are not context (see InfiniRetri)
+    # Scratch space the layers of this cache share within one forward (layers run in order; a policy that
+    # reads what lower layers left must reset its own entry at layer 0). Never saved: it lives one forward.
+    shared: dict = field(default_factory=dict)
 
     @property
     def planned(self) -> list[int] | None:
@@ -173,6 +176,7 @@ class ContextlabLayer(DynamicLayer):
             self.state.native,
             self.state.planned,
             self.state.transient,
+            self.state.shared,
         )
         plan = self.policy.before_attend(self.store, step)
         if plan is not None:

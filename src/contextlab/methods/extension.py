@@ -421,6 +421,11 @@ class All(Region):
         return 0, qmax
 
 
+SHARES = ("none", "all")
+SHARED_VOTES = "infiniretri.votes"  # Step.shared: this forward's votes by position (share=all)
+PENDING = "infiniretri.pending"  # Step.shared: the layers that voted and wait for the last one to evict
+
+
 @dataclass(frozen=True, eq=False)
 class InfiniRetri(Method):
     """Read a long input segment by segment inside the native window, keep what the question attends to,
@@ -436,6 +441,16 @@ class InfiniRetri(Method):
     Differs from the paper: InfiniRetri keeps token ids (selected from one layer's attention) and re-encodes
     them with the next segment; here each layer keeps its own KV entries (as LongCache selects cache entries),
     so nothing is encoded twice and the cost is one pass over the input plus the repeated questions.
+
+    ``share``: ``none`` (each layer's heads keep what they vote for) or ``all``: every layer keeps, for all
+    its heads, the tokens with the most votes summed over every layer of the forward (each layer's votes
+    normalised to one per row first; the last layer evicts them all), nearer the paper's one selection for
+    every layer. ``sink``: the first tokens always stay (StreamingLLM's attention sinks). Measured on
+    SmolLM2 at 32K (benchmarks/results/extension.md): with ``share=none`` the question's attention in layers
+    0-6 and 25-28 never lands on the needle, so those layers drop it, and layers 0-11 drop the first tokens;
+    ``share=all,sink=4`` keeps both in every layer and found 5 of 12 needles, while the token ids it kept,
+    re-encoded with plain attention (the paper's way), found 9 of the 12: what costs accuracy there is
+    reusing KV entries computed in their own segment more than the selection.
     """
 
     name = "infiniretri"
@@ -450,8 +465,14 @@ class InfiniRetri(Method):
     chunk: int = param("prompt tokens per segment", 2048)
     window: int = param("observation window: the last queries (the question) whose attention scores tokens", 32)
     kernel: int = param("pooling kernel over neighbouring tokens (phrase-level selection; odd)", 31)
+    sink: int = param("first tokens always kept (attention sinks, StreamingLLM)", 0)
+    share: str = param(
+        "none: every layer's heads keep what they vote for; all: every layer keeps the most voted", "none"
+    )
 
     def __post_init__(self) -> None:
+        if self.share not in SHARES:
+            raise ValueError(f"infiniretri share must be one of {', '.join(SHARES)}, got {self.share!r}")
         if not isinstance(self.budget, Budget) or self.budget.tokens is None:
             raise ValueError(
                 f"infiniretri needs a token budget (budget=N; the input has no fixed length), got {self.budget!r}"
@@ -459,6 +480,9 @@ class InfiniRetri(Method):
         check_int("chunk", self.chunk, 1)
         check_int("window", self.window, 1)
         check_int("kernel", self.kernel, 1)
+        check_int("sink", self.sink, 0)
+        if self.sink >= self.keep:
+            raise ValueError(f"infiniretri sink ({self.sink}) must be smaller than its budget ({self.keep} tokens)")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
 
@@ -541,14 +565,60 @@ class InfiniRetriPolicy(LayerPolicy):
         inputs.queries = rotate(step.queries, (ranks[:, 0, -tq:] - view.positions[:, 0, -tq:])[:, None, :], step.rope)
         inputs.keys = rotate(view.keys, (ranks - view.positions).expand(b, h, -1), step.rope)
         scores = self.scorer.score(inputs)  # [B, H, S]
+        # The first tokens stay (StreamingLLM's attention sinks): without them attention has nowhere to rest.
+        scores = torch.where(view.positions < self.method.sink, PROTECTED + view.positions.double(), scores)
         valid = view.valid.expand(b, h, -1).clone()
         if transient:
             valid[:, :, -transient:] = False  # the question copy scored this segment; it is not context
+        more = step.phase == "prefill"
+        room = self.method.chunk + transient if more else step.answer_room
+        if self.method.share == "none":
+            self.evict(store, scores, valid, keep, room, more)
+            return
+        # share=all: vote now, evict once every layer has voted (the last layer evicts them all)
+        add_votes(scores, view.positions.expand(b, h, -1), valid, step)
+        pending = step.shared.setdefault(PENDING, [])
+        pending.append((self, store, scores, view.positions.expand(b, h, -1), valid, keep, room, more))
+        if step.layer_idx < step.num_layers - 1:
+            return
+        votes = step.shared.pop(SHARED_VOTES)
+        for policy, layer_store, own, positions, layer_valid, layer_keep, layer_room, layer_more in pending:
+            common = votes.gather(1, positions.clamp(min=0).flatten(1)).view_as(own)
+            policy.evict(
+                layer_store, torch.where(own >= PROTECTED, own, common), layer_valid, layer_keep, layer_room, layer_more
+            )
+        pending.clear()
+
+    def evict(self, store, scores, valid, keep, room: int, more: bool) -> None:
+        """Keep the ``keep [B]`` best-scored valid slots of every head of this layer."""
+        b, h = scores.shape[:2]
         counts = torch.minimum(keep.view(b, 1).expand(b, h), valid.sum(-1))
         indices, kept = select_tokens(scores, counts, valid)
-        more = step.phase == "prefill"
-        store.keep(indices, kept, self.method.chunk + transient if more else step.answer_room, shrink=not more)
+        store.keep(indices, kept, room, shrink=not more)
         self.reranked = True
 
     def capacity_hint(self, columns: int) -> int:
         return min(columns, self.method.keep + self.method.chunk)
+
+
+def add_votes(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, step: Step) -> None:
+    """InfiniRetri's ``share=all``: add this layer's votes ``[B, H, S]`` (float64, PROTECTED scores
+    included) to the votes of this forward in ``step.shared``, keyed by token position (layer 0 starts
+    afresh). Each head's votes over its valid unprotected slots are normalised to sum to one and averaged
+    over heads, so every layer adds one unit of vote per row whatever its attention's scale; protected slots
+    (the recent tokens SnapKV always keeps) and invalid ones add nothing.
+    """
+    if step.shared is None:
+        raise RuntimeError("infiniretri share=all needs the cache's shared scratch space (Step.shared)")
+    b, h, _ = scores.shape
+    own = scores.masked_fill((scores >= PROTECTED) | ~valid, 0.0)
+    own = own / own.sum(-1, keepdim=True).clamp(min=1e-30) / h
+    slots = positions.clamp(min=0)
+    width = int(slots.max()) + 1
+    votes = step.shared.get(SHARED_VOTES)
+    if step.layer_idx == 0 or votes is None:
+        votes = torch.zeros(b, width, dtype=torch.float64, device=scores.device)
+        step.shared[PENDING] = []
+    elif votes.shape[1] < width:
+        votes = torch.nn.functional.pad(votes, (0, width - votes.shape[1]))
+    step.shared[SHARED_VOTES] = votes.scatter_add(1, slots.reshape(b, -1), own.reshape(b, -1))

@@ -41,6 +41,8 @@ class Step:
     ``answer_room``: free slots to keep after the prompt's eviction for the tokens that will follow.
     ``rope``: the layer's rotary frequencies (for position remaps; None when no part of the method remaps);
     ``native``: the model's trained positions; ``planned``: each row's prompt + tokens to follow.
+    ``shared``: scratch space of the cache, common to its layers within one forward (layers run in order, so
+    a layer sees what the layers below it left there this forward; see InfiniRetri's ``share=below``).
     """
 
     queries: torch.Tensor
@@ -54,6 +56,7 @@ class Step:
     native: int | None = None
     planned: list[int] | None = None
     transient: int = 0  # trailing tokens of this forward that are not context (a repeated question)
+    shared: dict | None = None
 
     @property
     def tokens(self) -> int:
