@@ -42,7 +42,7 @@ class Step:
     ``rope``: the layer's rotary frequencies (for position remaps; None when no part of the method remaps);
     ``native``: the model's trained positions; ``planned``: each row's prompt + tokens to follow.
     ``shared``: scratch space of the cache, common to its layers within one forward (layers run in order, so
-    a layer sees what the layers below it left there this forward; see InfiniRetri's ``share=below``).
+    a layer sees what the layers below it left there this forward; see InfiniRetri's ``share=all``).
     """
 
     queries: torch.Tensor
