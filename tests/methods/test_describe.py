@@ -33,6 +33,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["none", "cpu"])
     if field.name == "vote":
         return st.sampled_from(["layer", "head"])
+    if field.name == "share":
+        return st.sampled_from(["none", "all"])
     if field.name == "scales":
         return st.sampled_from(["fp16", "e4m3"])
     if field.name == "levels":
