@@ -66,7 +66,8 @@ CONDITIONS = [
     "32-token cells (2026-12-06): `selfextend` on one thread beside other single-thread runs (its prefill "
     "seconds are one thread's; its first 8 needles in one run, the next 22 appended by a later run over the "
     "same sample list), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
-    "chunk 2048): peak KV 209 MiB vs 704 MiB and prefill 51 s vs 92 s for full attention.",
+    "chunk 2048), 12-token cell (since replaced, see below): peak KV 209 MiB vs 704 MiB and prefill 51 s "
+    "vs 92 s for full attention.",
     "- SmolLM2 `selfextend:group=16,window=1024` (2026-12-06, the reference model's best setting, fixed before "
     "this run): stopped after 5 needles, 2 found, where the default (here G = 7, W = 2048) found all 5 of the "
     "same needles; on this model the wider exact window or the smaller group matters more than keeping "
@@ -83,7 +84,8 @@ CONDITIONS = [
     "- SmolLM2 `infiniretri` with 32 answer tokens (2026-12-07, the 16000 and 32000 cells side by side, one "
     "thread each; the 12-token cell of 2026-11-25 measured again): 16000 n = 30 (on the `selfextend` cell's "
     "needles: 15 found by both, 27 by either); 32000 stopped after 8 needles to free a core for probes, "
-    "extended later. Probe outside this table (same 32000 pool, first 12 needles, `cl.generate` as here): "
+    "extended to 18 by a second run beside the test suite (its prefill seconds inflated). Probe outside "
+    "this table (same 32000 pool, first 12 needles, `cl.generate` as here): "
     "`infiniretri:share=all,sink=4` found 5; the 3072 token ids it held at the last segment, fed to plain "
     "attention, found 9 (+5 / -1): re-encoding kept ids, as InfiniRetri does, is the next step at 32K.",
     "",
