@@ -575,19 +575,19 @@ class InfiniRetriPolicy(LayerPolicy):
         if self.method.share == "none":
             self.evict(store, scores, valid, keep, room, more)
             return
-        # share=all: vote now, evict once every layer has voted (the last layer evicts them all)
-        add_votes(scores, view.positions.expand(b, h, -1), valid, step)
-        pending = step.shared.setdefault(PENDING, [])
-        pending.append((self, store, scores, view.positions.expand(b, h, -1), valid, keep, room, more))
+        # share=all: vote now, evict once every layer has voted (the last layer evicts them all; keep, room
+        # and phase are the same for every layer of one forward)
+        positions = view.positions.expand(b, h, -1)
+        if step.layer_idx == 0:
+            step.shared[PENDING] = []
+        add_votes(scores, positions, valid, step)
+        step.shared[PENDING].append((self, store, scores, positions, valid))
         if step.layer_idx < step.num_layers - 1:
             return
         votes = step.shared.pop(SHARED_VOTES)
-        for policy, layer_store, own, positions, layer_valid, layer_keep, layer_room, layer_more in pending:
-            common = votes.gather(1, positions.clamp(min=0).flatten(1)).view_as(own)
-            policy.evict(
-                layer_store, torch.where(own >= PROTECTED, own, common), layer_valid, layer_keep, layer_room, layer_more
-            )
-        pending.clear()
+        for policy, layer_store, own, layer_positions, layer_valid in step.shared.pop(PENDING):
+            common = votes.gather(1, layer_positions.clamp(min=0).flatten(1)).view_as(own)
+            policy.evict(layer_store, torch.where(own >= PROTECTED, own, common), layer_valid, keep, room, more)
 
     def evict(self, store, scores, valid, keep, room: int, more: bool) -> None:
         """Keep the ``keep [B]`` best-scored valid slots of every head of this layer."""
@@ -618,7 +618,6 @@ def add_votes(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
     votes = step.shared.get(SHARED_VOTES)
     if step.layer_idx == 0 or votes is None:
         votes = torch.zeros(b, width, dtype=torch.float64, device=scores.device)
-        step.shared[PENDING] = []
     elif votes.shape[1] < width:
         votes = torch.nn.functional.pad(votes, (0, width - votes.shape[1]))
     step.shared[SHARED_VOTES] = votes.scatter_add(1, slots.reshape(b, -1), own.reshape(b, -1))
