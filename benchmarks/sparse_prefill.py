@@ -58,7 +58,7 @@ import contextlab as cl
 from contextlab.bench.metrics import METRIC_FUNCTIONS
 from contextlab.hf.compat import attn_implementation, cache_kwarg
 from contextlab.kernels.sparse_prefill import flex_compilations
-from contextlab.methods.sparse_prefill import _bound_profile, score_heads
+from contextlab.methods.sparse_prefill import bound_profile, score_heads
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "sparse_prefill.json"
@@ -146,7 +146,7 @@ def copy_scores(model, tok, cases) -> torch.Tensor:
 def heads_cell(model, tok, cases) -> dict:
     """Per KV head: its copy score (the most of its query heads'), duo's score and whether duo streams it."""
     method = cl.method("duo")
-    duo = _bound_profile(method, model, tok, score_heads, "scores")
+    duo = bound_profile(method, model, tok, score_heads, "scores")
     streaming = method.with_scores(duo).streaming
     copy = copy_scores(model, tok, cases)
     kv = copy.view(len(duo), len(duo[0]), -1).amax(-1)

@@ -101,7 +101,7 @@ class MInference(Method):
         searched now (and saved there)."""
         if self.shapes is not None:
             return self
-        return self.with_shapes(_bound_profile(self, model, tokenizer, search_patterns, "shapes"))
+        return self.with_shapes(bound_profile(self, model, tokenizer, search_patterns, "shapes"))
 
     def with_shapes(self, shapes) -> MInference:
         """A copy holding the head shapes of each full-attention layer, in order."""
@@ -269,7 +269,7 @@ class DuoAttention(Method):
     def bind(self, model, tokenizer) -> DuoAttention:
         if self.streaming is not None:
             return self
-        return self.with_scores(_bound_profile(self, model, tokenizer, score_heads, "scores"))
+        return self.with_scores(bound_profile(self, model, tokenizer, score_heads, "scores"))
 
     def with_scores(self, scores) -> DuoAttention:
         """A copy whose streaming heads are the ``1 - retrieval`` share of KV heads scoring lowest."""
@@ -292,7 +292,7 @@ class DuoAttention(Method):
         return DuoPolicy(self, None if self.streaming is None else self.streaming[layer_idx])
 
 
-def _bound_profile(method, model, tokenizer, measure, field: str) -> list[list]:
+def bound_profile(method, model, tokenizer, measure, field: str) -> list[list]:
     """The per-layer ``field`` of ``method``'s profile on ``model``: from ``profile=``, from the profile
     folder, or measured now by ``measure(model, tokenizer, method)`` and saved there."""
     digest = model_digest(model)
