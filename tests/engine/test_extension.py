@@ -99,6 +99,7 @@ def test_remaps_never_attend_beyond_the_trained_distances(model, tokenizer, spec
         "ntk:factor=2",
         RETRIEVAL,
         RETRIEVAL + ",share=all",
+        RETRIEVAL + ",share=all,sink=4,window=4,reencode=true",
     ],
 )
 def test_a_batch_of_different_lengths_equals_one_by_one(model, tokenizer, spec):
@@ -156,6 +157,7 @@ def test_ntk_grows_the_base_as_the_papers_formula_says(model):
         ("infiniretri:0.5", {}, "infiniretri needs a token budget"),
         ("infiniretri:share=some", {}, "share must be one of none, all, got 'some'"),
         ("infiniretri:budget=8,sink=8,chunk=16", {}, "sink \\(8\\) must be smaller than its budget \\(8 tokens\\)"),
+        ("infiniretri:reencode=true", {}, "reencode=true keeps one set of token ids .* it needs share=all"),
     ],
 )
 def test_bad_input_is_named(model, tokenizer, spec, kwargs, error):
@@ -289,3 +291,75 @@ def test_infiniretri_share_all_keeps_one_set_for_every_layer_and_head(model, tok
         assert bool((kept[..., :4] == torch.arange(4)).all())  # the attention sinks (sink=4), kept at the start
     # per-head votes differ between heads and layers, so sharing changes what is kept
     assert any(not bool((k == k[:, :1]).all()) for k in own.kept_positions)
+
+
+# a window below the budget: SnapKV protects its observation window, which would otherwise fill the budget
+REENCODE = RETRIEVAL + ",share=all,sink=4,window=4,reencode=true"
+
+
+def test_infiniretri_reencode_feeds_the_kept_ids_again_in_a_fresh_cache(model, tokenizer):
+    """The paper's way: each segment is read, in a cache of its own, after the token ids the previous
+    forward kept; the last cache (kept + last segment + question) is plain attention over those ids."""
+    context, question = ids(200, 11), ids(6, 12)
+    with counted_forwards(model) as forwards:
+        done = cl.generate(model, tokenizer, context, question, method=REENCODE, max_new_tokens=1)
+    # 206 prompt tokens in chunks of 24 counted from the end (14 first); the kept ids (the first chunk's 14,
+    # then the budget of 16) before every later chunk, the question copy after every chunk but the last
+    assert forwards == [14 + 6, 14 + 24 + 6] + [16 + 24 + 6] * 6 + [16 + 24]
+    assert done.tokens_processed == 206 + (14 + 7 * 16) + 8 * 6 + len(done.token_ids[0])
+    n_kept = 16 + 24
+    layers = model.config.num_hidden_layers
+    per_slot = 2 * model.config.head_dim * 4 * model.config.num_key_value_heads
+    assert done.kv_bytes == layers * n_kept * per_slot  # a plain cache of the last forward (no positions stored)
+    assert done.kv_bytes_full == layers * 206 * per_slot
+    first = done.kept_positions[0]
+    assert all(torch.equal(kept, first) for kept in done.kept_positions)  # one set of ids for every layer
+    assert bool((first[..., :4] == torch.arange(4)).all())  # the sinks
+    assert bool((first[..., -24:] == torch.arange(182, 206)).all())  # the last chunk, question included
+    assert bool((first.diff(dim=-1) > 0).all())
+    prompt = context + question
+    pre = cl.prefill(model, tokenizer, prompt, method=REENCODE)
+    assert pre.input_ids[0].tolist() == [prompt[p] for p in pre.origins[0].tolist()]  # the ids at their origins
+    plain = cl.prefill(model, tokenizer, pre.input_ids[0].tolist(), method="full")
+    torch.testing.assert_close(pre.last_logits, plain.last_logits, rtol=1e-5, atol=1e-5)
+    assert pre.columns == 206 and pre.cache.kv_bytes() == done.kv_bytes
+
+
+def test_infiniretri_reencode_keeps_the_most_voted_ids_of_the_first_segment(model, tokenizer):
+    """The ids carried after a segment are the sinks and the 12 most voted of the other 20, summed over the
+    layers of that segment's forward (recomputed here from SnapKV's scores of every layer)."""
+    from contextlab.methods.eviction import SnapKV
+    from contextlab.methods.prefill import score_inputs
+
+    context, question = ids(200, 11), ids(6, 12)
+    method = cl.method(REENCODE + ",kernel=1")
+    # a segment of 24 prompt tokens, then the question copy (transient)
+    fed = torch.tensor([context[:24] + question])
+    cache = ContextlabCache(model.config, method)
+    cache.begin_prompt(30, [30], 0)
+    cache.state.transient, cache.state.segment = 6, True
+    captured = []
+
+    def keep_step(policy):
+        original = policy.after_forward
+
+        def after(store, step):
+            view = store.view()
+            inputs = score_inputs(view, step, torch.tensor([16]), torch.tensor([30]))
+            captured.append(SnapKV(budget=method.budget, window=4, kernel=1).score(inputs)[0, :, :24])
+            return original(store, step)
+
+        policy.after_forward = after
+
+    for layer in cache.compressible:
+        keep_step(layer.policy)
+    with torch.inference_mode(), cl.attention_enabled(model):
+        forward(model, cache, fed, torch.ones_like(fed))
+    chosen = cache.state.shared["selected"][0].tolist()
+    votes = torch.zeros(24, dtype=torch.float64)
+    for scores in captured:  # [H, 24]: each head's votes over the context, normalised, averaged over heads
+        votes += (scores.double() / scores.double().sum(-1, keepdim=True)).mean(0)
+    rest = (votes[4:].argsort(descending=True, stable=True)[:12] + 4).sort().values.tolist()
+    assert chosen == [0, 1, 2, 3, *rest]
+    last = (captured[-1].double() / captured[-1].double().sum(-1, keepdim=True)).mean(0)
+    assert rest != (last[4:].argsort(descending=True)[:12] + 4).sort().values.tolist()  # the other layers count

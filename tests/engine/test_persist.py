@@ -48,6 +48,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "retrieval:budget=48,local=16,clusters=4,probe=2", 2),
         ("llama", "snapkv:0.5+retrieval:budget=48,local=16,clusters=4,probe=1,vote=head,follow=true", 2),
         ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16,offload=cpu", 2),
+        ("llama", "infiniretri:budget=16,chunk=24,share=all,sink=4,window=4,reencode=true", 2),  # a re-encoded prompt
     ],
 )
 @pytest.mark.usefixtures("offload_on_cpu")
@@ -59,6 +60,9 @@ def test_a_loaded_cache_answers_as_the_one_in_memory(tmp_path, tokenizer, arch, 
     loaded = cl.load_cache(path, model, tokenizer=tokenizer)
     assert loaded.cache.kv_bytes() == done.cache.kv_bytes()
     assert torch.equal(loaded.attention_mask, done.attention_mask)
+    assert loaded.columns == done.columns and loaded.refed == done.refed
+    assert (loaded.origins is None) == (done.origins is None)
+    assert done.origins is None or torch.equal(loaded.origins, done.origins)
     # The file holds used slots only: about what the cache holds, plus ids, mask, logits and the header.
     extra = done.last_logits.nbytes + done.input_ids.nbytes * 2 + 64 * 1024
     assert path.stat().st_size < done.cache.kv_bytes() + extra

@@ -61,7 +61,7 @@ def generate(
     with torch.inference_mode(), contextlab_attention_enabled(model), scaled_rope(model, method, needed):
         done = run_prefill(model, tokenizer, plan, method, max_new_tokens)
         kv_bytes = done.cache.kv_bytes()
-        kept = kept_positions(done.cache, done.attention_mask)
+        kept = kept_positions(done.cache, done.attention_mask, done.origins)
         start = time.perf_counter()
         decoded = greedy(
             model,
@@ -92,8 +92,8 @@ def generate(
         decode_seconds=decode_seconds,
         kept_positions=kept,
         prompt_tokens=plan.total_tokens,
-        # question copies fed between chunks (InfiniRetri) count at the batch's widest question
-        tokens_processed=sum(plan.total_tokens) + done.copies * len(tokens) + sum(len(t) for t in tokens),
+        # question copies fed between chunks and tokens fed again by a re-encoding prefill (InfiniRetri)
+        tokens_processed=sum(plan.total_tokens) + done.refed + sum(len(t) for t in tokens),
     )
 
 

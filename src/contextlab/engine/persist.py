@@ -69,7 +69,12 @@ def save_cache(source, path, *, model=None, tokenizer=None) -> Path:
         "tokenizer": None if tokenizer is None else tokenizer_digest(tokenizer),
         "dtype": str(prefilled.last_logits.dtype if not cache.compressible else _cache_dtype(cache)),
         "state": _state_meta(cache),
-        "prefilled": {"seconds": prefilled.seconds, "copies": prefilled.copies},
+        "prefilled": {
+            "seconds": prefilled.seconds,
+            "copies": prefilled.copies,
+            "dropped": prefilled.dropped,
+            "refed": prefilled.refed,
+        },
         "layers": [],
     }
     tensors = {
@@ -77,6 +82,8 @@ def save_cache(source, path, *, model=None, tokenizer=None) -> Path:
         "attention_mask": prefilled.attention_mask,
         "last_logits": prefilled.last_logits,
     }
+    if prefilled.origins is not None:
+        tensors["origins"] = prefilled.origins
     for i, layer in enumerate(cache.layers):
         meta, own = _export_layer(layer)
         header["layers"].append(meta)
@@ -113,7 +120,15 @@ def load_cache(path, model, *, tokenizer=None, room: int = 256) -> Prefilled:
         _restore_layer(layer, meta, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, room)
     info = header["prefilled"]
     return Prefilled(
-        cache, tensors["input_ids"], tensors["attention_mask"], tensors["last_logits"], info["seconds"], info["copies"]
+        cache,
+        tensors["input_ids"],
+        tensors["attention_mask"],
+        tensors["last_logits"],
+        info["seconds"],
+        info["copies"],
+        info.get("dropped", 0),  # files written before re-encoding prefills lack these
+        info.get("refed", 0),
+        tensors.get("origins"),
     )
 
 

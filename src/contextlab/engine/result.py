@@ -80,8 +80,12 @@ def full_cache_bytes(model, batch: int, length: int) -> int:
     return total
 
 
-def kept_positions(cache: ContextlabCache, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer ``[B, H, slots]`` positions held after the prompt (see :class:`GenerationResult`)."""
+def kept_positions(
+    cache: ContextlabCache, mask: torch.Tensor, origins: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per layer ``[B, H, slots]`` positions held after the prompt (see :class:`GenerationResult`).
+    ``origins [B, S]``: the prompt position of each row's n-th fed token, when the cache was fed a selection
+    of the prompt (a re-encoding prefill); the positions are mapped through it."""
     out = []
     for layer in cache.layers:
         if isinstance(layer, ContextlabLayer):
@@ -94,7 +98,17 @@ def kept_positions(cache: ContextlabCache, mask: torch.Tensor) -> list[torch.Ten
             held = layer.keys.shape[2] if layer.keys is not None else layer.get_seq_length()
             heads = layer.keys.shape[1]
             out.append(positions[:, positions.shape[1] - held :].unsqueeze(1).expand(-1, heads, -1).cpu())
-    return out
+    if origins is None:
+        return out
+    table = origins.cpu()
+    return [_through(held, table) for held in out]
+
+
+def _through(held: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
+    """``held [B, H, S]`` positions (-1 = none) replaced by ``origins [B, P]`` at them."""
+    b, h, s = held.shape
+    mapped = origins.gather(1, held.clamp(min=0).reshape(b, -1)).view(b, h, s)
+    return torch.where(held >= 0, mapped, -1)
 
 
 def _valid_first(held: torch.Tensor) -> torch.Tensor:

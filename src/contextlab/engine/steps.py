@@ -17,6 +17,7 @@ from contextlab.hf.compat import cache_kwarg
 from contextlab.hf.rope import native_window
 from contextlab.hf.support import check_supported
 from contextlab.methods.base import POSITIONS, Method
+from contextlab.methods.policy import SELECTED
 from contextlab.methods.spec import build_method
 
 SYNC_EVERY = 8  # decoding checks "has every row finished?" (a host sync) once per this many tokens
@@ -47,11 +48,15 @@ class Prefilled:
     last_logits: torch.Tensor  # [B, V] fp32
     seconds: float
     copies: int = 0  # columns of question copies fed between prompt chunks (see Method.repeats_question)
+    dropped: int = 0  # prompt columns a re-encoding prefill left out of input_ids (see Method.reencodes)
+    refed: int = 0  # real tokens fed more than once (question copies, re-encoded tokens), all rows
+    # re-encoding prefill: [B, S] prompt position of each row's n-th real token of input_ids (-1 past the row)
+    origins: torch.Tensor | None = None
 
     @property
     def columns(self) -> int:
         """Columns of real input (prompt, question, answer so far): what a full cache would hold per row."""
-        return self.attention_mask.shape[1] - self.copies
+        return self.attention_mask.shape[1] - self.copies + self.dropped
 
 
 @dataclass
@@ -160,6 +165,8 @@ def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if method.reencodes() and len(bounds) > 1:
+        return _prefill_reencoding(model, cache, method, plan, prompt, bounds, repeat, pad_id, after_width + new_tokens)
     sync(device)
     start = time.perf_counter()
     id_parts, mask_parts = [], []
@@ -185,7 +192,70 @@ def run_prefill(model, tokenizer, plan: Plan, method: Method, new_tokens: int = 
         ids, mask = torch.cat([ids, after.ids], dim=1), torch.cat([mask, after.mask], dim=1)
         logits = forward(model, cache, after.ids, mask)
     sync(device)
-    return Prefilled(cache, ids, mask, logits, time.perf_counter() - start, copies * q_width)
+    return Prefilled(cache, ids, mask, logits, time.perf_counter() - start, copies * q_width, refed=sum(extra))
+
+
+def _prefill_reencoding(
+    model, cache, method: Method, plan: Plan, prompt: Block, bounds, repeat: Block | None, pad_id: int, room: int
+) -> Prefilled:
+    """Prefill for a method that keeps token ids (:meth:`Method.reencodes`; InfiniRetri as in its paper):
+    every chunk is fed in a fresh cache after the tokens the previous forward chose, with contiguous
+    positions from 0 (and the question copy after it when ``repeat``); the method leaves the positions it
+    keeps in ``shared[SELECTED]``. The last chunk's cache (kept tokens + last chunk, the question with it)
+    is the one returned, and ``input_ids`` are what it was fed. One segment cache lives at a time: the peak
+    reported is the largest of theirs."""
+    device = prompt.ids.device
+    ids, real = prompt.ids.tolist(), prompt.mask.bool().tolist()
+    kept: list[list[int]] = [[] for _ in ids]  # token ids carried to the next segment
+    origin: list[list[int]] = [[] for _ in ids]  # their positions in the prompt
+    seen = [0] * len(ids)  # real prompt tokens of each row before the current chunk
+    refed, peak = 0, 0
+    sync(device)
+    start = time.perf_counter()
+    for i, (first, stop) in enumerate(bounds):
+        last = i == len(bounds) - 1
+        segment, where = [], []
+        for r, (row, ok) in enumerate(zip(ids, real, strict=True)):
+            fresh = [t for t, m in zip(row[first:stop], ok[first:stop], strict=True) if m]
+            segment.append(kept[r] + fresh)
+            where.append(origin[r] + list(range(seen[r], seen[r] + len(fresh))))
+            seen[r] += len(fresh)
+            refed += len(kept[r])
+        block = left_pad(segment, pad_id, device)
+        fed, mask = block.ids, block.mask
+        if i:
+            cache = ContextlabCache(model.config, method)  # the previous segment's cache is dropped
+        copy = repeat is not None and not last
+        lengths = [len(s) + (len(q) if copy else 0) for s, q in zip(segment, plan.questions or segment, strict=True)]
+        if copy:
+            fed, mask = torch.cat([fed, repeat.ids], dim=1), torch.cat([mask, repeat.mask], dim=1)
+            refed += sum(len(q) for q in plan.questions)
+        cache.begin_prompt(fed.shape[1], lengths, room if last else 0)
+        cache.state.transient = repeat.ids.shape[1] if copy else 0
+        cache.state.segment = not last
+        logits = forward(model, cache, fed, mask)
+        cache.state.transient, cache.state.segment = 0, False
+        peak = max(peak, cache.tracker.peak)
+        if not last:
+            chosen = cache.state.shared.pop(SELECTED).tolist()
+            kept = [[s[p] for p in c if p >= 0] for s, c in zip(segment, chosen, strict=True)]
+            origin = [[w[p] for p in c if p >= 0] for w, c in zip(where, chosen, strict=True)]
+    cache.tracker.peak = peak
+    ids_out, mask_out = block.ids, block.mask
+    if plan.after is not None:
+        after = left_pad(plan.after, pad_id, device)
+        ids_out, mask_out = torch.cat([ids_out, after.ids], dim=1), torch.cat([mask_out, after.mask], dim=1)
+        logits = forward(model, cache, after.ids, mask_out)
+        where = [
+            w + list(range(seen[r], seen[r] + len(a))) for r, (w, a) in enumerate(zip(where, plan.after, strict=True))
+        ]
+    sync(device)
+    origins = torch.full((len(where), max(len(w) for w in where)), -1, dtype=torch.long)
+    for r, w in enumerate(where):
+        origins[r, : len(w)] = torch.tensor(w, dtype=torch.long)
+    dropped = prompt.ids.shape[1] - block.ids.shape[1]  # prompt columns a full cache would hold and this does not
+    seconds = time.perf_counter() - start
+    return Prefilled(cache, ids_out, mask_out, logits, seconds, 0, dropped, refed, origins.to(device))
 
 
 def _repeats_question(method: Method, plan: Plan, chunks: int) -> bool:

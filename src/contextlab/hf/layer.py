@@ -43,6 +43,7 @@ class CacheState:
     native: int | None = None  # the model's trained positions
 
     transient: int = 0  # trailing tokens of the next forward that are not context (see InfiniRetri)
+    segment: bool = False  # the next forward is a segment of a re-encoding prefill (see Step.segment)
     # Scratch space the layers of this cache share within one forward (layers run in order; a policy that
     # reads what lower layers left must reset its own entry at layer 0). Never saved: it lives one forward.
     shared: dict = field(default_factory=dict)
@@ -177,6 +178,7 @@ class ContextlabLayer(DynamicLayer):
             self.state.planned,
             self.state.transient,
             self.state.shared,
+            self.state.segment,
         )
         plan = self.policy.before_attend(self.store, step)
         if plan is not None:

@@ -130,6 +130,12 @@ class Method:
         """True when the question is appended to every prompt chunk (question-aware, chunked prefill only)."""
         return False
 
+    def reencodes(self) -> bool:
+        """True when a chunked prefill keeps token ids, not cache entries: every chunk is fed in a fresh
+        cache after the tokens the previous chunk's forward chose (``Step.segment``, ``SELECTED``), and the
+        last chunk's cache is the one kept."""
+        return False
+
     def window_for(self, native: int) -> int | None:
         """Longest sequence (prompt + generated tokens) the method serves on a model trained on ``native``
         positions (None = no limit). Methods that do not touch positions serve the native window; ValueError

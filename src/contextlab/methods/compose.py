@@ -83,6 +83,9 @@ class Composite(Method):
     def repeats_question(self) -> bool:
         return any(p.repeats_question() for p in self.parts)
 
+    def reencodes(self) -> bool:
+        return any(p.reencodes() for p in self.parts)
+
     def window_for(self, native: int) -> int | None:
         extenders = [p for p in self.parts if POSITIONS in p.roles]
         return extenders[0].window_for(native) if extenders else native

@@ -35,7 +35,7 @@ from contextlab.methods.base import (
     param,
     select_tokens,
 )
-from contextlab.methods.policy import LayerPolicy, Step
+from contextlab.methods.policy import SELECTED, LayerPolicy, Step
 from contextlab.methods.positions import Branch, Far, Near, Region, remapped_attention, rotate
 from contextlab.store import DenseStore
 
@@ -469,10 +469,18 @@ class InfiniRetri(Method):
     share: str = param(
         "none: every layer's heads keep what they vote for; all: every layer keeps the most voted", "none"
     )
+    reencode: bool = param(
+        "keep token ids (one set, share=all) and encode them again with the next segment (the paper's way)", False
+    )
 
     def __post_init__(self) -> None:
         if self.share not in SHARES:
             raise ValueError(f"infiniretri share must be one of {', '.join(SHARES)}, got {self.share!r}")
+        if self.reencode and self.share != "all":
+            raise ValueError(
+                "infiniretri reencode=true keeps one set of token ids for the whole model, chosen by the votes of "
+                "every layer: it needs share=all"
+            )
         if not isinstance(self.budget, Budget) or self.budget.tokens is None:
             raise ValueError(
                 f"infiniretri needs a token budget (budget=N; the input has no fixed length), got {self.budget!r}"
@@ -496,12 +504,16 @@ class InfiniRetri(Method):
     def repeats_question(self) -> bool:
         return True
 
+    def reencodes(self) -> bool:
+        return self.reencode
+
     @property
     def keep(self) -> int:
         return self.budget.tokens
 
     def prompt_keep(self, length: int) -> int | None:
-        return min(length, self.keep)
+        # reencode: the last segment is read whole, after the tokens kept from the ones before it
+        return min(length, self.keep + self.chunk) if self.reencode else min(length, self.keep)
 
     def window_for(self, native: int) -> int | None:
         if self.keep + self.chunk >= native:
@@ -548,9 +560,11 @@ class InfiniRetriPolicy(LayerPolicy):
     def after_forward(self, store: DenseStore, step: Step) -> None:
         if step.phase == "decode" or step.prompt_lengths is None:
             return
+        if self.method.reencode and not step.segment:
+            return  # the last segment (or the only one) is read whole: nothing is dropped
         transient = step.transient
-        if store.length - transient <= self.method.keep and not transient:
-            return
+        if store.length - transient <= self.method.keep and not transient and not step.segment:
+            return  # nothing to drop (a segment of reencode always names what it keeps)
         from contextlab.methods.prefill import score_inputs
 
         view = store.view()
@@ -578,9 +592,13 @@ class InfiniRetriPolicy(LayerPolicy):
         # share=all: vote now, evict once every layer has voted (the last layer evicts them all; keep, room
         # and phase are the same for every layer of one forward)
         positions = view.positions.expand(b, h, -1)
+        add_votes(scores, positions, valid, step)
+        if self.method.reencode:
+            if step.layer_idx == step.num_layers - 1:
+                step.shared[SELECTED] = select_positions(step.shared.pop(SHARED_VOTES), scores, positions, valid, keep)
+            return
         if step.layer_idx == 0:
             step.shared[PENDING] = []
-        add_votes(scores, positions, valid, step)
         step.shared[PENDING].append((self, store, scores, positions, valid))
         if step.layer_idx < step.num_layers - 1:
             return
@@ -598,7 +616,23 @@ class InfiniRetriPolicy(LayerPolicy):
         self.reranked = True
 
     def capacity_hint(self, columns: int) -> int:
-        return min(columns, self.method.keep + self.method.chunk)
+        # reencode: every forward starts a cache of its own and evicts nothing
+        return columns if self.method.reencode else min(columns, self.method.keep + self.method.chunk)
+
+
+def select_positions(
+    votes: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``reencode``: the ``keep [B]`` positions ``[B, K]`` (ascending, -1 past a row's count) with the most
+    ``votes [B, P]`` (summed over every layer by :func:`add_votes`) among one layer's valid slots; slots
+    that layer's ``scores [B, H, S]`` protect (sinks, SnapKV's recent window) come first. Every head of a
+    segment's fresh cache holds the same slots, so head 0 stands for them."""
+    own, where, ok = scores[:, :1], positions[:, :1], valid[:, :1]
+    common = votes.gather(1, where.clamp(min=0).flatten(1)).view_as(own)
+    ranked = torch.where(own >= PROTECTED, own, common)
+    counts = torch.minimum(keep.view(-1, 1), ok.sum(-1))
+    indices, kept = select_tokens(ranked, counts, ok)
+    return where.gather(-1, indices).masked_fill(~kept, -1)[:, 0].long()
 
 
 def add_votes(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, step: Step) -> None:

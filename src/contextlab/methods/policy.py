@@ -28,6 +28,7 @@ from contextlab.methods.positions import Rope
 from contextlab.store import DenseStore
 
 Phase = Literal["prefill", "prompt_end", "decode"]
+SELECTED = "selected"  # Step.shared: positions [B, K] a re-encoding method keeps after a segment (-1 = none)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Step:
     ``native``: the model's trained positions; ``planned``: each row's prompt + tokens to follow.
     ``shared``: scratch space of the cache, common to its layers within one forward (layers run in order, so
     a layer sees what the layers below it left there this forward; see InfiniRetri's ``share=all``).
+    ``segment``: this forward is a segment of a re-encoding prefill (:meth:`Method.reencodes`) that more
+    segments follow: the method leaves in ``shared[SELECTED]`` the positions whose tokens the engine feeds
+    again, in a fresh cache, before the next segment.
     """
 
     queries: torch.Tensor
@@ -57,6 +61,7 @@ class Step:
     planned: list[int] | None = None
     transient: int = 0  # trailing tokens of this forward that are not context (a repeated question)
     shared: dict | None = None
+    segment: bool = False
 
     @property
     def tokens(self) -> int:
