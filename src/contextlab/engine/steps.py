@@ -250,12 +250,17 @@ def _prefill_reencoding(
             w + list(range(seen[r], seen[r] + len(a))) for r, (w, a) in enumerate(zip(where, plan.after, strict=True))
         ]
     sync(device)
-    origins = torch.full((len(where), max(len(w) for w in where)), -1, dtype=torch.long)
-    for r, w in enumerate(where):
-        origins[r, : len(w)] = torch.tensor(w, dtype=torch.long)
-    dropped = prompt.ids.shape[1] - block.ids.shape[1]  # prompt columns a full cache would hold and this does not
     seconds = time.perf_counter() - start
-    return Prefilled(cache, ids_out, mask_out, logits, seconds, 0, dropped, refed, origins.to(device))
+    dropped = prompt.ids.shape[1] - block.ids.shape[1]  # prompt columns a full cache would hold and this does not
+    return Prefilled(cache, ids_out, mask_out, logits, seconds, 0, dropped, refed, _right_padded(where, device))
+
+
+def _right_padded(rows: list[list[int]], device) -> torch.Tensor:
+    """``rows`` as one ``[B, longest]`` long tensor, -1 after each row's end."""
+    out = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
 
 
 def _repeats_question(method: Method, plan: Plan, chunks: int) -> bool:

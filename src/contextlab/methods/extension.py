@@ -438,9 +438,15 @@ class InfiniRetri(Method):
     last chunk. Every forward attends at *ranks*: a kept token's position is its index in the cache, so
     distances never exceed budget + chunk + question + answer, which must fit the native window.
 
-    Differs from the paper: InfiniRetri keeps token ids (selected from one layer's attention) and re-encodes
-    them with the next segment; here each layer keeps its own KV entries (as LongCache selects cache entries),
-    so nothing is encoded twice and the cost is one pass over the input plus the repeated questions.
+    By default this differs from the paper: InfiniRetri keeps token ids (one selection) and re-encodes them
+    with the next segment; here each layer keeps its own KV entries (as LongCache selects cache entries), so
+    nothing is encoded twice and the cost is one pass over the input plus the repeated questions.
+    ``reencode=true`` (with ``share=all``) is the paper's way: after every segment but the last the votes of
+    all layers pick one set of token ids (sinks first), and the engine feeds those ids, then the next
+    segment, then the question copy, into a fresh cache at contiguous positions (:meth:`Method.reencodes`);
+    the last segment's cache (kept ids + last segment with the question, nothing evicted) is the one
+    decoding reads, plain attention. Each kept token is encoded once per later segment (``budget`` extra
+    tokens per segment) and the cache kept holds up to budget + chunk + question tokens.
 
     ``share``: ``none`` (each layer's heads keep what they vote for) or ``all``: every layer keeps, for all
     its heads, the tokens with the most votes summed over every layer of the forward (each layer's votes
