@@ -301,8 +301,17 @@ def test_infiniretri_reencode_feeds_the_kept_ids_again_in_a_fresh_cache(model, t
     """The paper's way: each segment is read, in a cache of its own, after the token ids the previous
     forward kept; the last cache (kept + last segment + question) is plain attention over those ids."""
     context, question = ids(200, 11), ids(6, 12)
-    with counted_forwards(model) as forwards:
-        done = cl.generate(model, tokenizer, context, question, method=REENCODE, max_new_tokens=1)
+    positions: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: positions.append(int(kwargs["position_ids"].max())), with_kwargs=True
+    )
+    try:
+        with counted_forwards(model) as forwards:
+            done = cl.generate(model, tokenizer, context, question, method=REENCODE, max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert max(positions) == 16 + 24 + len(done.token_ids[0]) - 2 < NATIVE  # every forward inside the window
+    forwards = forwards[: -(len(done.token_ids[0]) - 1) or None]  # the prefill's forwards
     # 206 prompt tokens in chunks of 24 counted from the end (14 first); the kept ids (the first chunk's 14,
     # then the budget of 16) before every later chunk, the question copy after every chunk but the last
     assert forwards == [14 + 6, 14 + 24 + 6] + [16 + 24 + 6] * 6 + [16 + 24]
