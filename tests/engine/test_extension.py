@@ -365,10 +365,44 @@ def test_infiniretri_reencode_keeps_the_most_voted_ids_of_the_first_segment(mode
     with torch.inference_mode(), cl.attention_enabled(model):
         forward(model, cache, fed, torch.ones_like(fed))
     chosen = cache.state.shared["selected"][0].tolist()
-    votes = torch.zeros(24, dtype=torch.float64)
-    for scores in captured:  # [H, 24]: each head's votes over the context, normalised, averaged over heads
-        votes += (scores.double() / scores.double().sum(-1, keepdim=True)).mean(0)
-    rest = (votes[4:].argsort(descending=True, stable=True)[:12] + 4).sort().values.tolist()
+    votes = torch.zeros(20, dtype=torch.float64)
+    for scores in captured:  # [H, 24]: each head's votes over the unprotected context (not the sinks),
+        own = scores[:, 4:].double()  # normalised to one per head, averaged over heads
+        votes += (own / own.sum(-1, keepdim=True)).mean(0)
+    rest = (votes.argsort(descending=True, stable=True)[:12] + 4).sort().values.tolist()
     assert chosen == [0, 1, 2, 3, *rest]
-    last = (captured[-1].double() / captured[-1].double().sum(-1, keepdim=True)).mean(0)
-    assert rest != (last[4:].argsort(descending=True)[:12] + 4).sort().values.tolist()  # the other layers count
+    last = captured[-1][:, 4:].double()
+    last = (last / last.sum(-1, keepdim=True)).mean(0)
+    assert rest != (last.argsort(descending=True)[:12] + 4).sort().values.tolist()  # the other layers count
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_infiniretri_reencode_batch_with_questions_equals_one_by_one(model, tokenizer, aware):
+    """Rows of different lengths with questions of different lengths: the same answers and the same kept
+    prompt positions in a batch as alone (question copies, empty early segments, questions fed after)."""
+    contexts = [ids(n, 30 + n) for n in (110, 70, 118)]
+    questions = [ids(n, 40 + n) for n in (6, 3, 8)]
+    batch = cl.generate(model, tokenizer, contexts, questions, method=REENCODE, max_new_tokens=4, question_aware=aware)
+    for i, (c, q) in enumerate(zip(contexts, questions, strict=True)):
+        alone = cl.generate(model, tokenizer, c, q, method=REENCODE, max_new_tokens=4, question_aware=aware)
+        assert batch.token_ids[i] == alone.token_ids[0], i
+        for mine, theirs in zip(batch.kept_positions, alone.kept_positions, strict=True):
+            row = mine[i][mine[i] >= 0].view(mine.shape[1], -1)
+            assert torch.equal(row, theirs[0][theirs[0] >= 0].view(theirs.shape[1], -1)), i
+
+
+def test_infiniretri_reencode_reports_the_largest_segment_cache_as_its_peak(model, tokenizer):
+    context, question = ids(200, 11), ids(6, 12)
+    done = cl.generate(model, tokenizer, context, question, method=REENCODE, max_new_tokens=1)
+    per_token = 2 * model.config.head_dim * 4 * model.config.num_key_value_heads * model.config.num_hidden_layers
+    # segments of 16 kept + 24 + the question copy (46 tokens) hold more than the last cache (40 + 1)
+    assert done.peak_memory_bytes == 46 * per_token
+
+
+def test_positions_past_the_origins_table_continue_after_its_end():
+    from contextlab.engine.result import _through
+
+    origins = torch.tensor([[0, 3, 7, -1], [2, 5, 6, 9]])
+    held = torch.tensor([[[0, 2, 3, 4, -1]], [[1, 3, 4, 5, -1]]])
+    expected = torch.tensor([[[0, 7, 8, 9, -1]], [[5, 9, 10, 11, -1]]])
+    assert torch.equal(_through(held, origins), expected)

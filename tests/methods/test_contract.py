@@ -58,7 +58,7 @@ EXTENSION = {
 # InfiniRetri as in its paper: token ids kept and fed again with the next segment; the last cache is plain
 REENCODE = {
     "infiniretri reencode": (
-        "infiniretri:budget=1000,chunk=1000,share=all,reencode=true",
+        "infiniretri:budget=1000,chunk=64,share=all,reencode=true",  # re-encodes every token: exact
         "infiniretri:budget=40,chunk=64,share=all,sink=4,reencode=true",
     )
 }

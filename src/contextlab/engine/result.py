@@ -105,9 +105,14 @@ def kept_positions(
 
 
 def _through(held: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
-    """``held [B, H, S]`` positions (-1 = none) replaced by ``origins [B, P]`` at them."""
+    """``held [B, H, S]`` positions (-1 = none) replaced by ``origins [B, P]`` (right-padded with -1) at
+    them; a position past a row's table (a token fed after the prefill) continues after its last origin."""
     b, h, s = held.shape
-    mapped = origins.gather(1, held.clamp(min=0).reshape(b, -1)).view(b, h, s)
+    count = (origins >= 0).sum(-1).view(b, 1, 1)  # [B, 1, 1] tokens each row's table maps
+    last = origins.gather(1, (count.view(b, 1) - 1).clamp(min=0)).view(b, 1, 1)
+    inside = held.clamp(min=0).minimum(count - 1).clamp(min=0)
+    mapped = origins.gather(1, inside.reshape(b, -1)).view(b, h, s)
+    mapped = torch.where(held < count, mapped, last + 1 + held - count)
     return torch.where(held >= 0, mapped, -1)
 
 

@@ -50,7 +50,8 @@ class Prefilled:
     copies: int = 0  # columns of question copies fed between prompt chunks (see Method.repeats_question)
     dropped: int = 0  # prompt columns a re-encoding prefill left out of input_ids (see Method.reencodes)
     refed: int = 0  # real tokens fed more than once (question copies, re-encoded tokens), all rows
-    # re-encoding prefill: [B, S] prompt position of each row's n-th real token of input_ids (-1 past the row)
+    # re-encoding prefill: [B, N] prompt position of each row's n-th real token of input_ids, right-padded
+    # with -1 (indexed by a token's rank in its row, not by column); tokens fed later continue after the last
     origins: torch.Tensor | None = None
 
     @property

@@ -239,6 +239,8 @@ class ContextlabLayer(DynamicLayer):
         end = self.state.prompt_columns
         if end is None or self.seen > end:
             return "decode"
+        if self.state.segment:  # a re-encoding prefill's segment: its cache is dropped, the prompt goes on
+            return "prefill"
         return "prompt_end" if self.seen == end else "prefill"
 
     def _advance_rows(self, valid: torch.Tensor | None, tq: int, batch: int, device) -> torch.Tensor | None:

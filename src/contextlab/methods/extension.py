@@ -546,6 +546,8 @@ class InfiniRetriPolicy(LayerPolicy):
         self.reranked = False  # True once an eviction made ranks differ from positions
 
     def attend(self, store: DenseStore, step: Step) -> torch.Tensor | None:
+        if not store.keeps_positions and store.length <= (step.native or 1 << 62):
+            return None  # nothing evicted (a first segment, reencode's caches): positions are ranks, no host sync
         view = store.view()
         valid = view.valid
         ranks = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, Hv, S]: index among the kept slots
