@@ -20,7 +20,8 @@ from tests.conftest import COMMON
 NATIVE = 64
 REMAPS = ["selfextend", "string", "lminfinite"]
 SCALINGS = ["ntk", "yarn", "linear"]
-RETRIEVAL = "infiniretri:budget=16,chunk=24"
+RETRIEVAL = "infiniretri:budget=16,chunk=24"  # its defaults: token ids kept and re-encoded (share=all, sink=4)
+KV_REUSE = "infiniretri:budget=16,chunk=24,share=none,sink=0,reencode=false"  # each layer keeps KV entries
 EXTENDERS = [*REMAPS, *SCALINGS, RETRIEVAL]
 
 
@@ -98,8 +99,9 @@ def test_remaps_never_attend_beyond_the_trained_distances(model, tokenizer, spec
         "yarn:factor=2",
         "ntk:factor=2",
         RETRIEVAL,
-        RETRIEVAL + ",share=all",
-        RETRIEVAL + ",share=all,sink=4,window=4,reencode=true",
+        KV_REUSE,
+        "infiniretri:budget=16,chunk=24,share=all,reencode=false",
+        RETRIEVAL + ",window=4",
     ],
 )
 def test_a_batch_of_different_lengths_equals_one_by_one(model, tokenizer, spec):
@@ -157,7 +159,8 @@ def test_ntk_grows_the_base_as_the_papers_formula_says(model):
         ("infiniretri:0.5", {}, "infiniretri needs a token budget"),
         ("infiniretri:share=some", {}, "share must be one of none, all, got 'some'"),
         ("infiniretri:budget=8,sink=8,chunk=16", {}, "sink \\(8\\) must be smaller than its budget \\(8 tokens\\)"),
-        ("infiniretri:reencode=true", {}, "reencode=true keeps one set of token ids .* it needs share=all"),
+        ("infiniretri:share=none", {}, "reencode=true keeps one set of token ids .* it needs share=all"),
+        ("infiniretri:budget=4", {}, "sink \\(4\\) must be smaller than its budget \\(4 tokens\\)"),
     ],
 )
 def test_bad_input_is_named(model, tokenizer, spec, kwargs, error):
@@ -192,7 +195,7 @@ def test_a_session_keeps_one_extension_across_turns(model, tokenizer, spec):
 
 def test_infiniretri_reads_segments_keeps_its_budget_and_drops_the_question_copies(model, tokenizer):
     context, question = ids(200, 11), ids(6, 12)
-    out = cl.generate(model, tokenizer, context, question, method=RETRIEVAL, max_new_tokens=3)
+    out = cl.generate(model, tokenizer, context, question, method=KV_REUSE, max_new_tokens=3)
     layers = model.config.num_hidden_layers
     meta = 2 * model.config.num_key_value_heads  # int16 positions
     per_slot = 2 * model.config.head_dim * 4 * model.config.num_key_value_heads
@@ -279,8 +282,8 @@ def test_two_chunk_sizes_in_one_spec_are_refused():
 def test_infiniretri_share_all_keeps_one_set_for_every_layer_and_head(model, tokenizer):
     context, question = ids(200, 11), ids(6, 12)
     # a window below the budget and no pooling: token votes, not protected or pooled neighbours, decide
-    spec = RETRIEVAL + ",window=4,kernel=1,sink=4"
-    own = cl.generate(model, tokenizer, context, question, method=spec, max_new_tokens=3)
+    spec = "infiniretri:budget=16,chunk=24,window=4,kernel=1,sink=4,reencode=false"
+    own = cl.generate(model, tokenizer, context, question, method=spec + ",share=none", max_new_tokens=3)
     shared = cl.generate(model, tokenizer, context, question, method=spec + ",share=all", max_new_tokens=3)
     assert shared.kv_bytes == own.kv_bytes  # the same budget per layer and head
     first = shared.kept_positions[0]
@@ -294,7 +297,7 @@ def test_infiniretri_share_all_keeps_one_set_for_every_layer_and_head(model, tok
 
 
 # a window below the budget: SnapKV protects its observation window, which would otherwise fill the budget
-REENCODE = RETRIEVAL + ",share=all,sink=4,window=4,reencode=true"
+REENCODE = RETRIEVAL + ",window=4"  # the defaults: share=all, sink=4, reencode=true
 
 
 def test_infiniretri_reencode_feeds_the_kept_ids_again_in_a_fresh_cache(model, tokenizer):

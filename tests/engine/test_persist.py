@@ -48,7 +48,7 @@ def _answers(model, tokenizer, prefilled, mode: str = "turns") -> list[list[list
         ("llama", "retrieval:budget=48,local=16,clusters=4,probe=2", 2),
         ("llama", "snapkv:0.5+retrieval:budget=48,local=16,clusters=4,probe=1,vote=head,follow=true", 2),
         ("llama", "snapkv:0.5+infllm:budget=48,block=8,sink=4,local=16,offload=cpu", 2),
-        ("llama", "infiniretri:budget=16,chunk=24,share=all,sink=4,window=4,reencode=true", 2),  # a re-encoded prompt
+        ("llama", "infiniretri:budget=16,chunk=24,window=4", 2),  # a re-encoded prompt
     ],
 )
 @pytest.mark.usefixtures("offload_on_cpu")

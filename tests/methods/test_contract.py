@@ -53,13 +53,15 @@ EXTENSION = {
     "ntk": ("ntk", "ntk:factor=2"),
     "yarn": ("yarn", "yarn:factor=2"),
     "linear": ("linear", "linear:factor=2"),
-    "infiniretri": ("infiniretri:budget=1000,chunk=1000", "infiniretri:budget=40,chunk=64"),
+    # token ids kept and fed again with the next segment (its default): a budget above the prompt re-encodes
+    # every token, exact
+    "infiniretri": ("infiniretri:budget=1000,chunk=64", "infiniretri:budget=40,chunk=64"),
 }
-# InfiniRetri as in its paper: token ids kept and fed again with the next segment; the last cache is plain
-REENCODE = {
-    "infiniretri reencode": (
-        "infiniretri:budget=1000,chunk=64,share=all,reencode=true",  # re-encodes every token: exact
-        "infiniretri:budget=40,chunk=64,share=all,sink=4,reencode=true",
+# InfiniRetri keeping KV entries between segments, attending at ranks
+KV_REUSE = {
+    "infiniretri kv reuse": (
+        "infiniretri:budget=1000,chunk=1000,share=none,sink=0,reencode=false",
+        "infiniretri:budget=40,chunk=64,share=none,sink=0,reencode=false",
     )
 }
 # Decode-time sparse reads whose budget is no ratio: InfLLM reads sink + local + whole blocks.
@@ -131,7 +133,7 @@ QUANTIZATION = {
         "decode(h2o,budget=24,every=8)+kivi:bits=3,group=16,residual=8",
     ),
 }
-SPECIAL = {**EXTENSION, **QUANTIZATION, **SPARSE, **REENCODE}
+SPECIAL = {**EXTENSION, **QUANTIZATION, **SPARSE, **KV_REUSE}
 
 
 def _lossless(name: str) -> str:
@@ -157,7 +159,7 @@ CASES = [
     *cl.METHODS.names(),
     *COMPOSITES,
     *CHUNKED,
-    *(q for q in {**QUANTIZATION, **SPARSE, **REENCODE} if q not in cl.METHODS),
+    *(q for q in {**QUANTIZATION, **SPARSE, **KV_REUSE} if q not in cl.METHODS),
 ]
 
 

@@ -432,31 +432,30 @@ class InfiniRetri(Method):
     and re-number what is kept contiguously (InfiniRetri, Ye et al., 2025; LongCache, Liu et al., 2024).
 
     The prompt is fed ``chunk`` tokens at a time and the question is appended to every chunk (InfiniRetri's
-    per-segment question), so each layer scores its cache with the question's own attention (SnapKV's
-    observation-window votes, pooled over neighbouring tokens as InfiniRetri's phrase-level pooling) and
-    keeps ``budget`` tokens; the question copies are dropped, the real question stays at the end of the
-    last chunk. Every forward attends at *ranks*: a kept token's position is its index in the cache, so
-    distances never exceed budget + chunk + question + answer, which must fit the native window.
+    per-segment question); the question's attention scores the tokens (SnapKV's observation-window votes,
+    pooled over neighbouring tokens as InfiniRetri's phrase-level pooling) and ``budget`` tokens are kept;
+    the question copies are dropped, the real question stays at the end of the last chunk.
 
-    By default this differs from the paper: InfiniRetri keeps token ids (one selection) and re-encodes them
-    with the next segment; here each layer keeps its own KV entries (as LongCache selects cache entries), so
-    nothing is encoded twice and the cost is one pass over the input plus the repeated questions.
-    ``reencode=true`` (with ``share=all``) is the paper's way: after every segment but the last the votes of
-    all layers pick one set of token ids (sinks first), and the engine feeds those ids, then the next
-    segment, then the question copy, into a fresh cache at contiguous positions (:meth:`Method.reencodes`);
-    the last segment's cache (kept ids + last segment with the question, nothing evicted) is the one
-    decoding reads, plain attention. Each kept token is encoded once per later segment (``budget`` extra
-    tokens per segment) and the cache kept holds up to budget + chunk + question tokens.
+    Default (``reencode=true``, ``share=all``), the paper's way: after every segment but the last, the votes
+    of all layers (each layer's normalised to one per row, summed by position) pick one set of token ids,
+    the first ``sink`` tokens first (StreamingLLM's attention sinks); the engine feeds those ids, the next
+    segment and the question copy into a fresh cache at contiguous positions (:meth:`Method.reencodes`).
+    The last segment's cache (kept ids + last segment with the question, nothing evicted) is the one
+    decoding reads, with plain attention. Each kept token is encoded again with every later segment
+    (``budget`` extra tokens per segment); the cache kept holds up to budget + chunk + question tokens.
 
-    ``share``: ``none`` (each layer's heads keep what they vote for) or ``all``: every layer keeps, for all
-    its heads, the tokens with the most votes summed over every layer of the forward (each layer's votes
-    normalised to one per row first; the last layer evicts them all), nearer the paper's one selection for
-    every layer. ``sink``: the first tokens always stay (StreamingLLM's attention sinks). Measured on
-    SmolLM2 at 32K (benchmarks/results/extension.md): with ``share=none`` the question's attention in layers
-    0-6 and 25-28 never lands on the needle, so those layers drop it, and layers 0-11 drop the first tokens;
-    ``share=all,sink=4`` keeps both in every layer and found 5 of 12 needles, while the token ids it kept,
-    re-encoded with plain attention (the paper's way), found 9 of the 12: what costs accuracy there is
-    reusing KV entries computed in their own segment more than the selection.
+    ``reencode=false`` keeps KV entries instead (as LongCache selects cache entries): nothing is encoded
+    twice, each layer evicts down to ``budget`` after every segment (``share=none``: each layer's heads keep
+    what they vote for; ``share=all``: one set for every layer and head, the last layer evicting them all),
+    and every forward attends at *ranks* (a kept token's position is its index in the cache), so budget +
+    chunk + question + answer must fit the native window.
+
+    Why the default (benchmarks/results/extension.md, SmolLM2-135M-Instruct, single needle, same needles):
+    at 16K re-encoding found 29 of 30 against 21 for KV reuse (``share=none,sink=0``), at 32K 12 of 15
+    against 5 of the same 15 (probes: ``share=none`` drops the needle in the layers whose question
+    attention misses it, 0-6 and 25-28, and the first tokens in layers 0-11; ``share=all,sink=4`` keeps both
+    yet found 5 of 12, its kept ids re-encoded 9 of 12): KV entries computed inside their own segment, then
+    re-rotated to new ranks, lose what the same ids read together still answer.
     """
 
     name = "infiniretri"
@@ -467,16 +466,18 @@ class InfiniRetri(Method):
     )
     roles: ClassVar[frozenset[str]] = frozenset({POSITIONS, PREFILL_EVICTION})
     remaps_positions: ClassVar[bool] = True
-    budget: Budget = param("tokens each layer keeps between segments (budget=N)", Budget(tokens=1024))  # noqa: RUF009
+    budget: Budget = param("tokens kept between segments (budget=N)", Budget(tokens=1024))  # noqa: RUF009
     chunk: int = param("prompt tokens per segment", 2048)
     window: int = param("observation window: the last queries (the question) whose attention scores tokens", 32)
     kernel: int = param("pooling kernel over neighbouring tokens (phrase-level selection; odd)", 31)
-    sink: int = param("first tokens always kept (attention sinks, StreamingLLM)", 0)
+    sink: int = param("first tokens always kept (attention sinks, StreamingLLM)", 4)
     share: str = param(
-        "none: every layer's heads keep what they vote for; all: every layer keeps the most voted", "none"
+        "none: every layer's heads keep what they vote for; all: every layer keeps the most voted", "all"
     )
     reencode: bool = param(
-        "keep token ids (one set, share=all) and encode them again with the next segment (the paper's way)", False
+        "keep token ids (one set, share=all) and encode them again with the next segment (the paper's way); "
+        "false: keep KV entries, attend at ranks",
+        True,
     )
 
     def __post_init__(self) -> None:
@@ -485,7 +486,7 @@ class InfiniRetri(Method):
         if self.reencode and self.share != "all":
             raise ValueError(
                 "infiniretri reencode=true keeps one set of token ids for the whole model, chosen by the votes of "
-                "every layer: it needs share=all"
+                "every layer: it needs share=all (reencode=false keeps each layer's KV entries, share=none allowed)"
             )
         if not isinstance(self.budget, Budget) or self.budget.tokens is None:
             raise ValueError(
