@@ -65,8 +65,9 @@ CONDITIONS = [
     "the question before the number, so some of their misses are cut-off answers, not lost needles. The "
     "32-token cells (2026-12-06): `selfextend` on one thread beside other single-thread runs (its prefill "
     "seconds are one thread's; its first 8 needles in one run, the next 22 appended by a later run over the "
-    "same sample list), `full` on two threads alone. `infiniretri` at its defaults (budget 1024, "
-    "chunk 2048), 12-token cell (since replaced, see below): peak KV 209 MiB vs 704 MiB and prefill 51 s "
+    "same sample list), `full` on two threads alone. `infiniretri` keeping KV entries (then its "
+    "defaults, now `share=none,sink=0,reencode=false`; budget 1024, chunk 2048), 12-token cell (since "
+    "replaced, see below): peak KV 209 MiB vs 704 MiB and prefill 51 s "
     "vs 92 s for full attention.",
     "- SmolLM2 `selfextend:group=16,window=1024` (2026-12-06, the reference model's best setting, fixed before "
     "this run): stopped after 5 needles, 2 found, where the default (here G = 7, W = 2048) found all 5 of the "
@@ -81,13 +82,24 @@ CONDITIONS = [
     "- SmolLM2 `selfextend:group=4,window=4096` at 16000 (2026-12-07, one thread beside the test suite): "
     "stopped after 5 needles, 3 found, where the defaults found all 5; a probe run outside this table on the "
     "9 needles of the same pool the defaults missed found 5 of them. Run again to extend it to 30.",
-    "- SmolLM2 `infiniretri` with 32 answer tokens (2026-12-07, the 16000 and 32000 cells side by side, one "
+    "- SmolLM2 `infiniretri:share=none,sink=0,reencode=false` (the method's defaults until 2026-12-07; its "
+    "cells were stored as `infiniretri` and renamed when the defaults changed) with 32 answer tokens "
+    "(2026-12-07, the 16000 and 32000 cells side by side, one "
     "thread each; the 12-token cell of 2026-11-25 measured again): 16000 n = 30 (on the `selfextend` cell's "
     "needles: 15 found by both, 27 by either); 32000 stopped after 8 needles to free a core for probes, "
     "extended to 18 by a second run beside the test suite (its prefill seconds inflated). Probe outside "
     "this table (same 32000 pool, first 12 needles, `cl.generate` as here): "
-    "`infiniretri:share=all,sink=4` found 5; the 3072 token ids it held at the last segment, fed to plain "
+    "`infiniretri:share=all,sink=4,reencode=false` found 5; the 3072 token ids it held at the last segment, "
+    "fed to plain "
     "attention, found 9 (+5 / -1): re-encoding kept ids, as InfiniRetri does, is the next step at 32K.",
+    "- SmolLM2 `infiniretri:share=all,sink=4,reencode=true` (re-encoding; the method's defaults since "
+    "2026-12-07 evening) with 32 answer tokens: the 16000 and 32000 cells side by side, one thread each, on "
+    "the pool of the cells above (same needles); the 32000 cell ran beside the test suite for part of its "
+    "needles (its prefill seconds slightly inflated).",
+    "- SmolLM2 `ntk`, `linear`, `yarn`, `lminfinite`, `string` at 16000 with 32 answer tokens (2026-12-07 "
+    "evening; `yarn`'s 12-token cell of 2026-11-25, 0/5, measured again): a few needles each (the first of "
+    "the same pool), one thread beside the test suite and the 32000 cell, so their seconds are inflated; "
+    "cells with fewer than 3 needles were stopped at the session's end.",
     "",
 ]
 

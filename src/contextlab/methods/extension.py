@@ -451,8 +451,8 @@ class InfiniRetri(Method):
     chunk + question + answer must fit the native window.
 
     Why the default (benchmarks/results/extension.md, SmolLM2-135M-Instruct, single needle, same needles):
-    at 16K re-encoding found 29 of 30 against 21 for KV reuse (``share=none,sink=0``), at 32K 12 of 15
-    against 5 of the same 15 (probes: ``share=none`` drops the needle in the layers whose question
+    at 16K re-encoding found 29 of 30 against 21 for KV reuse (``share=none,sink=0``), at 32K 26 of 30, and
+    15 of the 18 needles on which KV reuse found 7 (probes: ``share=none`` drops the needle in the layers whose question
     attention misses it, 0-6 and 25-28, and the first tokens in layers 0-11; ``share=all,sink=4`` keeps both
     yet found 5 of 12, its kept ids re-encoded 9 of 12): KV entries computed inside their own segment, then
     re-rotated to new ranks, lose what the same ids read together still answer.
