@@ -206,30 +206,30 @@ def _prefill_reencoding(
     is the one returned, and ``input_ids`` are what it was fed. One segment cache lives at a time: the peak
     reported is the largest of theirs."""
     device = prompt.ids.device
-    ids, real = prompt.ids.tolist(), prompt.mask.bool().tolist()
-    kept: list[list[int]] = [[] for _ in ids]  # token ids carried to the next segment
-    origin: list[list[int]] = [[] for _ in ids]  # their positions in the prompt
-    seen = [0] * len(ids)  # real prompt tokens of each row before the current chunk
+    tokens = plan.prompt  # each row's real tokens: a prompt position indexes them
+    kept: list[list[int]] = [[] for _ in tokens]  # prompt positions carried to the next segment
+    seen = [0] * len(tokens)  # real prompt tokens of each row before the current chunk
     refed, peak = 0, 0
     sync(device)
     start = time.perf_counter()
     for i, (first, stop) in enumerate(bounds):
         last = i == len(bounds) - 1
-        segment, where = [], []
-        for r, (row, ok) in enumerate(zip(ids, real, strict=True)):
-            fresh = [t for t, m in zip(row[first:stop], ok[first:stop], strict=True) if m]
-            segment.append(kept[r] + fresh)
-            where.append(origin[r] + list(range(seen[r], seen[r] + len(fresh))))
-            seen[r] += len(fresh)
+        where = []  # prompt positions fed in this segment, per row
+        for r, row in enumerate(tokens):
+            fresh = min(stop - first, max(0, len(row) - (prompt.ids.shape[1] - stop)))  # row r's tokens in the chunk
+            where.append(kept[r] + list(range(seen[r], seen[r] + fresh)))
+            seen[r] += fresh
             refed += len(kept[r])
+        segment = [[row[p] for p in w] for row, w in zip(tokens, where, strict=True)]
         block = left_pad(segment, pad_id, device)
         fed, mask = block.ids, block.mask
         if i:
             cache = ContextlabCache(model.config, method)  # the previous segment's cache is dropped
         copy = repeat is not None and not last
-        lengths = [len(s) + (len(q) if copy else 0) for s, q in zip(segment, plan.questions or segment, strict=True)]
+        lengths = [len(s) for s in segment]
         if copy:
             fed, mask = torch.cat([fed, repeat.ids], dim=1), torch.cat([mask, repeat.mask], dim=1)
+            lengths = [n + len(q) for n, q in zip(lengths, plan.questions, strict=True)]
             refed += sum(len(q) for q in plan.questions)
         cache.begin_prompt(fed.shape[1], lengths, room if last else 0)
         cache.state.transient = repeat.ids.shape[1] if copy else 0
@@ -238,9 +238,8 @@ def _prefill_reencoding(
         cache.state.transient, cache.state.segment = 0, False
         peak = max(peak, cache.tracker.peak)
         if not last:
-            chosen = cache.state.shared.pop(SELECTED).tolist()
-            kept = [[s[p] for p in c if p >= 0] for s, c in zip(segment, chosen, strict=True)]
-            origin = [[w[p] for p in c if p >= 0] for w, c in zip(where, chosen, strict=True)]
+            chosen = cache.state.shared.pop(SELECTED).tolist()  # positions within each row's segment
+            kept = [[w[p] for p in c if p >= 0] for w, c in zip(where, chosen, strict=True)]
     cache.tracker.peak = peak
     ids_out, mask_out = block.ids, block.mask
     if plan.after is not None:

@@ -452,10 +452,11 @@ class InfiniRetri(Method):
 
     Why the default (benchmarks/results/extension.md, SmolLM2-135M-Instruct, single needle, same needles):
     at 16K re-encoding found 29 of 30 against 21 for KV reuse (``share=none,sink=0``), at 32K 26 of 30, and
-    15 of the 18 needles on which KV reuse found 7 (probes: ``share=none`` drops the needle in the layers whose question
-    attention misses it, 0-6 and 25-28, and the first tokens in layers 0-11; ``share=all,sink=4`` keeps both
-    yet found 5 of 12, its kept ids re-encoded 9 of 12): KV entries computed inside their own segment, then
-    re-rotated to new ranks, lose what the same ids read together still answer.
+    15 of the 18 needles on which KV reuse found 7 (probes: ``share=none`` drops the needle in the layers
+    whose question attention misses it, 0-6 and 25-28, and the first tokens in layers 0-11;
+    ``share=all,sink=4`` keeps both yet found 5 of 12, its kept ids re-encoded 9 of 12): KV entries computed
+    inside their own segment, then re-rotated to new ranks, lose what the same ids read together still
+    answer.
     """
 
     name = "infiniretri"
@@ -582,11 +583,13 @@ class InfiniRetriPolicy(LayerPolicy):
         keep = torch.full((b,), self.method.keep, device=device)
         lengths = torch.tensor(step.prompt_lengths, device=device)
         inputs = score_inputs(view, step, keep, lengths)
-        # Score at ranks too: the question's attention at true distances would leave the trained range.
-        ranks = (view.valid.long().cumsum(-1) - 1).clamp(min=0)
-        tq = step.tokens
-        inputs.queries = rotate(step.queries, (ranks[:, 0, -tq:] - view.positions[:, 0, -tq:])[:, None, :], step.rope)
-        inputs.keys = rotate(view.keys, (ranks - view.positions).expand(b, h, -1), step.rope)
+        if store.keeps_positions:  # else nothing was evicted yet: ranks are the positions, no rotation needed
+            # Score at ranks too: the question's attention at true distances would leave the trained range.
+            ranks = (view.valid.long().cumsum(-1) - 1).clamp(min=0)
+            tq = step.tokens
+            q_shift = (ranks[:, 0, -tq:] - view.positions[:, 0, -tq:])[:, None, :]
+            inputs.queries = rotate(step.queries, q_shift, step.rope)
+            inputs.keys = rotate(view.keys, (ranks - view.positions).expand(b, h, -1), step.rope)
         scores = self.scorer.score(inputs)  # [B, H, S]
         # The first tokens stay (StreamingLLM's attention sinks): without them attention has nowhere to rest.
         scores = torch.where(view.positions < self.method.sink, PROTECTED + view.positions.double(), scores)
@@ -613,8 +616,7 @@ class InfiniRetriPolicy(LayerPolicy):
             return
         votes = step.shared.pop(SHARED_VOTES)
         for policy, layer_store, own, layer_positions, layer_valid in step.shared.pop(PENDING):
-            common = votes.gather(1, layer_positions.clamp(min=0).flatten(1)).view_as(own)
-            policy.evict(layer_store, torch.where(own >= PROTECTED, own, common), layer_valid, keep, room, more)
+            policy.evict(layer_store, voted(votes, own, layer_positions), layer_valid, keep, room, more)
 
     def evict(self, store, scores, valid, keep, room: int, more: bool) -> None:
         """Keep the ``keep [B]`` best-scored valid slots of every head of this layer."""
@@ -636,12 +638,17 @@ def select_positions(
     ``votes [B, P]`` (summed over every layer by :func:`add_votes`) among one layer's valid slots; slots
     that layer's ``scores [B, H, S]`` protect (sinks, SnapKV's recent window) come first. Every head of a
     segment's fresh cache holds the same slots, so head 0 stands for them."""
-    own, where, ok = scores[:, :1], positions[:, :1], valid[:, :1]
-    common = votes.gather(1, where.clamp(min=0).flatten(1)).view_as(own)
-    ranked = torch.where(own >= PROTECTED, own, common)
+    where, ok = positions[:, :1], valid[:, :1]
     counts = torch.minimum(keep.view(-1, 1), ok.sum(-1))
-    indices, kept = select_tokens(ranked, counts, ok)
+    indices, kept = select_tokens(voted(votes, scores[:, :1], where), counts, ok)
     return where.gather(-1, indices).masked_fill(~kept, -1)[:, 0].long()
+
+
+def voted(votes: torch.Tensor, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``share=all``: each slot's score ``[B, H, S]`` is the summed ``votes [B, P]`` at its position, except
+    the slots this layer's own scores protect (sinks, SnapKV's recent window), which keep them."""
+    common = votes.gather(1, positions.clamp(min=0).flatten(1)).view_as(own)
+    return torch.where(own >= PROTECTED, own, common)
 
 
 def add_votes(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, step: Step) -> None:
