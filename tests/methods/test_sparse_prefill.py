@@ -11,7 +11,8 @@ import torch
 
 import contextlab as cl
 from contextlab.hf.cache import ContextlabCache
-from contextlab.hf.compat import cache_kwarg
+from contextlab.hf.compat import cache_kwarg, layer_types
+from contextlab.hf.support import output_projections
 from contextlab.kernels.sparse_prefill import PrefillPattern, reference_prefill
 from contextlab.methods import sparse_prefill
 from contextlab.methods.profiles import ProfileError, model_digest, profile_path, save_profile
@@ -187,9 +188,58 @@ def test_a_head_reading_far_back_scores_higher_than_a_local_one():
     queries = torch.zeros(1, 4, s, d)
     queries[:, 0:2] = keys[:, 0, 150] * 20  # KV head 0's query heads look for a token far back
     queries[:, 2:4] = keys[:, 1] * 20  # KV head 1's look at their own position
-    method = cl.method("duo:sink=4,window=32,last=16")
+    method = cl.method("duo:sink=4,window=32,last=16,score=relative")
     scores = sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5)
     assert scores[0] > 0.5 and scores[1] < 0.1
+    projection = torch.eye(4 * d)  # every head writes its own channels, unscaled
+    moved = sparse_prefill.head_deviation(
+        cl.method("duo:sink=4,window=32,last=16"), queries, keys, values, d**-0.5, projection
+    )
+    assert moved[0] > 1.0 and moved[1] < 0.1 * moved[0]
+
+
+def test_the_output_score_is_each_heads_change_through_its_slice_of_the_output_projection():
+    """Known answer, computed by hand per query head: the mean over the last queries of |W_h (full_h - cut_h)|,
+    summed over the query heads of a KV head; a head whose slice of the projection is zero scores zero
+    however much its attention moves, and scaling a slice scales its head's score."""
+    gen = torch.Generator().manual_seed(5)
+    s, d, hq, hkv, hidden, last = 96, 8, 4, 2, 12, 6
+    queries = torch.randn(1, hq, s, d, generator=gen) * 3
+    keys, values = torch.randn(1, hkv, s, d, generator=gen), torch.randn(1, hkv, s, d, generator=gen)
+    projection = torch.randn(hidden, hq * d, generator=gen)
+    projection[:, 1 * d : 2 * d] = 0  # query head 1 (KV head 0) writes nothing
+    projection[:, 3 * d : 4 * d] *= 2.5
+    method = cl.method(f"duo:sink=2,window=10,last={last}")
+    got = sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5, projection)
+    expected = torch.zeros(hkv)
+    for head in range(hq):
+        kv = head // (hq // hkv)
+        moved = 0.0
+        for row in range(s - last, s):
+            scores = (queries[0, head, row] @ keys[0, kv, : row + 1].T) * d**-0.5
+            full = scores.softmax(-1) @ values[0, kv, : row + 1]
+            near = torch.tensor([j < 2 or j > row - 10 for j in range(row + 1)])
+            cut = scores.masked_fill(~near, float("-inf")).softmax(-1) @ values[0, kv, : row + 1]
+            moved += float((projection[:, head * d : (head + 1) * d] @ (full - cut)).norm()) / last
+        expected[kv] += moved
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    lone = projection.clone()
+    lone[:, 0:d] = 0  # KV head 0 now has no query head that writes anything
+    assert float(sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5, lone)[0]) == 0.0
+    with pytest.raises(ValueError, match="needs the layer's output projection"):
+        sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5)
+
+
+def test_output_projections_cover_the_full_attention_layers(arch_model):
+    arch, model = arch_model
+    weights = output_projections(model)
+    full = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
+    assert len(weights) == len(full) == (2 if arch == "gemma3" else 3)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for index, weight in zip(full, weights, strict=True):
+        assert weight is model.get_decoder().layers[index].self_attn.o_proj.weight
+        assert tuple(weight.shape) == (cfg.hidden_size, cfg.num_attention_heads * head_dim)
 
 
 def test_the_lowest_scoring_share_of_heads_streams():
@@ -240,6 +290,7 @@ def test_duo_composes_with_quantization_and_batches(llama, tokenizer):
         ("duo:retrieval=-0.5", "retrieval must be a number in"),
         ("duo:window=0", "window must be an integer >= 1"),
         ("duo:calibration=100", "calibration must be an integer >= 1024"),
+        ("duo:score=attention", "score must be one of"),
     ],
 )
 def test_bad_duo_settings_are_refused(spec, message):

@@ -7,8 +7,10 @@ of keys, and linear-attention or state-space layers keep no per-token keys at al
 
 from __future__ import annotations
 
+import torch
+
 from contextlab.errors import ContextlabError
-from contextlab.hf.compat import text_config
+from contextlab.hf.compat import layer_types, text_config
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "Llama",
@@ -43,3 +45,24 @@ def check_supported(config) -> None:
     reason = unsupported_reason(config)
     if reason:
         raise UnsupportedModelError(f"contextlab cannot run this model: {reason}")
+
+
+def output_projections(model) -> list[torch.Tensor]:
+    """The attention output projection's weight ``[hidden, Hq * D]`` of each full-attention decoder layer, in
+    order (the layers a contextlab cache compresses). Every supported architecture names it
+    ``self_attn.o_proj``."""
+    decoder = model.get_decoder()
+    types = layer_types(model.config)
+    if len(decoder.layers) != len(types):
+        raise UnsupportedModelError(
+            f"the decoder has {len(decoder.layers)} layers but its config lists {len(types)} layer types"
+        )
+    weights = []
+    for index, (layer, kind) in enumerate(zip(decoder.layers, types, strict=True)):
+        if kind != "full_attention":
+            continue
+        projection = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        if projection is None:
+            raise UnsupportedModelError(f"decoder layer {index} has no self_attn.o_proj (attention output projection)")
+        weights.append(projection.weight)
+    return weights

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from contextlab.hf.support import output_projections
 from contextlab.kernels.sparse_prefill import (
     PrefillPattern,
     estimate_blocks,
@@ -222,19 +223,28 @@ def head_shapes(method: MInference, queries: torch.Tensor, keys: torch.Tensor, s
 
 
 # -- DuoAttention ---------------------------------------------------------------------------------------------
+DUO_SCORES = ("output", "relative")
+
+
 @dataclass(frozen=True, eq=False)
 class DuoAttention(Method):
     """DuoAttention: only retrieval heads keep the whole context; streaming heads keep ``sink`` first tokens
     and the newest ``window`` (Xiao et al., 2024, arXiv 2410.10819; memory "up to 2.55x (MHA) / 1.67x (GQA)"
     smaller, "minimal accuracy loss"; the Retrieval Head paper finds "less than 5%" of heads retrieve).
 
-    The paper learns a gate per KV head on synthetic passkey data; here each KV head is scored on the
-    model itself without training: on a synthetic retrieval prompt, how far the attention output of the
-    last ``last`` queries (the question) moves when the head reads only its sinks and window (relative L2
-    distance, averaged over the query heads that share it). The ``retrieval`` share of KV heads with the
-    highest scores, over the whole model, keep everything; the rest are streaming heads: their prompt
-    attention reads sink + window (sparse prefill), and their cache is cut to sink + window when the prompt
-    is in and again every ``every`` generated tokens, so their memory really drops (per-head storage)."""
+    The paper learns a gate per KV head on synthetic passkey data, with the distance between the last
+    hidden states of full and mixed attention as its loss; here each KV head is scored on the model itself
+    without training: on a synthetic retrieval prompt, how far the last ``last`` queries' (the question's)
+    output moves when the head reads only its sinks and window. ``score=output`` (default) measures what
+    the head adds to the residual stream, its attention output through its slice of the layer's output
+    projection (L2 distance, summed over the query heads that share the KV head): the head's direct share
+    of the paper's hidden-state distance, comparable across layers. ``score=relative`` measures the head's
+    attention output alone (relative L2 distance, averaged over the query heads): it ranks a head by how much
+    its own output moves, however little that output weighs in the residual stream. The ``retrieval`` share
+    of KV heads with the highest scores, over the whole model, keep everything; the rest are streaming
+    heads: their prompt attention reads sink + window (sparse prefill), and their cache is cut to sink +
+    window when the prompt is in and again every ``every`` generated tokens, so their memory really drops
+    (per-head storage)."""
 
     name = "duo"
     paper = "Xiao et al., 2024, DuoAttention, https://arxiv.org/abs/2410.10819"
@@ -245,11 +255,17 @@ class DuoAttention(Method):
     every: int = param("generated tokens between two cuts of the streaming heads' caches", 64)
     last: int = param("last prompt queries whose outputs score a head", 64)
     calibration: int = param("tokens of the synthetic retrieval prompt heads are scored on", 4096)
+    score: str = param(
+        "output (a head's change through the output projection) | relative (of its attention output alone)",
+        "output",
+    )
     profile: str = param("profile file to use (empty: found in, or made into, the profile folder)", "")
     streaming: tuple[tuple[bool, ...], ...] | None = bound()  # per layer, which KV heads stream
 
     def __post_init__(self) -> None:
         check_number("duo: retrieval", self.retrieval, 0.0, 1.0)
+        if self.score not in DUO_SCORES:
+            raise ValueError(f"duo: score must be one of {DUO_SCORES}, got {self.score!r}")
         for name, low in (("sink", 0), ("window", 1), ("every", 1), ("last", 1)):
             check_int(f"duo: {name}", getattr(self, name), low)
         check_int("duo: calibration", self.calibration, 1024)
@@ -264,7 +280,7 @@ class DuoAttention(Method):
 
     def settings(self) -> dict:
         """What the head scores depend on (the retrieval share only reads them)."""
-        return {k: getattr(self, k) for k in ("sink", "window", "last", "calibration")}
+        return {k: getattr(self, k) for k in ("sink", "window", "last", "calibration", "score")}
 
     def bind(self, model, tokenizer) -> DuoAttention:
         if self.streaming is not None:
@@ -414,23 +430,40 @@ def score_heads(model, tokenizer, method: DuoAttention, seed: int = 0) -> dict:
     """Per full-attention layer, each KV head's retrieval score (class docstring)."""
     native = getattr(model.config, "max_position_embeddings", None) or method.calibration + 64
     captured = capture_prompt(model, tokenizer, min(method.calibration, native - 64), seed)
+    projections = output_projections(model) if method.score == "output" else [None] * len(captured)
+    if len(projections) != len(captured):
+        raise ValueError(f"duo: {len(projections)} output projections for {len(captured)} full-attention layers")
     scores = []
     for rank in tqdm(range(len(captured)), desc="duo: scoring heads", leave=False):
         q, k, v = captured[rank]
-        scores.append([round(x, 6) for x in head_deviation(method, q, k, v, q.shape[-1] ** -0.5).tolist()])
+        deviation = head_deviation(method, q, k, v, q.shape[-1] ** -0.5, projections[rank])
+        scores.append([round(x, 6) for x in deviation.tolist()])
     return {"tokens": int(captured[0][0].shape[2]), "scores": scores}
 
 
 def head_deviation(
-    method: DuoAttention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    method: DuoAttention,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    projection: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[Hkv]``: relative L2 change of the last ``last`` queries' attention outputs when each head reads only
-    its sink + window, averaged over the query heads sharing the KV head."""
-    hq, hkv = queries.shape[1], keys.shape[1]
+    """``[Hkv]``: how far the last ``last`` queries' outputs move when each head reads only its sink + window
+    (``method.score``, class docstring). ``projection``: the layer's output projection ``[hidden, Hq * D]``,
+    needed by ``score=output``."""
+    hq, hkv, d = queries.shape[1], keys.shape[1], queries.shape[-1]
     q = queries[:, :, -method.last :]
     dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
-    full = reference_prefill(q.float(), keys.float(), values.float(), dense, scaling)
+    full = reference_prefill(q.float(), keys.float(), values.float(), dense, scaling)[0]  # [Hq, L, D]
     streaming = PrefillPattern.streaming(hq, method.sink, method.window)
-    cut = reference_prefill(q.float(), keys.float(), values.float(), streaming, scaling)
-    change = (full - cut).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-6)  # [1, Hq, L]
-    return change.mean(-1)[0].view(hkv, hq // hkv).mean(-1)
+    cut = reference_prefill(q.float(), keys.float(), values.float(), streaming, scaling)[0]
+    if method.score == "relative":
+        change = (full - cut).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-6)  # [Hq, L]
+        return change.mean(-1).view(hkv, hq // hkv).mean(-1)
+    if projection is None or projection.shape[-1] != hq * d:
+        got = None if projection is None else tuple(projection.shape)
+        raise ValueError(f"duo: score=output needs the layer's output projection [hidden, {hq * d}], got {got}")
+    per_head = projection.float().view(-1, hq, d).permute(1, 2, 0)  # [Hq, D, hidden]
+    moved = torch.einsum("hld,hdo->hlo", full - cut, per_head.to(full.device)).norm(dim=-1)  # [Hq, L]
+    return moved.mean(-1).view(hkv, hq // hkv).sum(-1)
