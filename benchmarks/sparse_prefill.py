@@ -143,14 +143,21 @@ def copy_scores(model, tok, cases) -> torch.Tensor:
     return hits / total
 
 
-def heads_cell(model, tok, cases) -> dict:
-    """Per KV head: its copy score (the most of its query heads'), duo's score and whether duo streams it."""
-    method = cl.method("duo")
+def heads_cell(model, tok, cases, spec: str = "duo") -> dict:
+    """Per KV head: its copy score (the most of its query heads'), duo's score (``spec``) and whether duo
+    streams it."""
+    method = cl.method(spec)
     duo = bound_profile(method, model, tok, score_heads, "scores")
     streaming = method.with_scores(duo).streaming
     copy = copy_scores(model, tok, cases)
     kv = copy.view(len(duo), len(duo[0]), -1).amax(-1)
-    return {"copy": kv.tolist(), "duo": duo, "streaming": [list(x) for x in streaming], "prompts": len(cases)}
+    return {
+        "copy": kv.tolist(),
+        "duo": duo,
+        "streaming": [list(x) for x in streaming],
+        "prompts": len(cases),
+        "spec": spec,
+    }
 
 
 def heads_table(store: dict) -> str:
@@ -170,7 +177,7 @@ def heads_table(store: dict) -> str:
         rows = [[f"{ly}.{h}", f"{c:.2f}", f"{d:.3f}", "streaming" if st else "whole"] for ly, h, c, d, st in flagged]
         parts.append(
             f"{task}, {length} tokens, {weights}, {r['prompts']} prompts: {len(flagged)} of "
-            f"{len(r['copy']) * len(r['copy'][0])} KV heads copy at least once; duo (retrieval=0.5) keeps "
+            f"{len(r['copy']) * len(r['copy'][0])} KV heads copy at least once; `{r.get('spec', 'duo')}` keeps "
             f"{len(flagged) - len(streamed)} of them whole and streams {len(streamed)} "
             f"(copy scores {', '.join(f'{f[2]:.2f}' for f in streamed) or '-'}).\n\n"
             + markdown(["layer.KV head", "copy score", "duo score", "duo keeps"], rows)
@@ -281,10 +288,12 @@ def main() -> None:
                 for spec in args.methods:
                     key = cell_key("speed", args.weights, "niah_single_2", length, spec)
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
-        elif section == "heads":
+        elif section == "heads":  # for each duo spec among --methods (the default: duo at its defaults)
             cases = items(tok, "niah_multikey_1", 4096, args.head_samples)
-            key = cell_key("heads", args.weights, "niah_multikey_1", 4096, f"copy:{args.head_samples}")
-            cells.run(key, heads_cell, model, tok, cases)
+            for spec in (x for x in args.methods if x.split(":")[0] == "duo"):
+                name = f"copy:{args.head_samples}" + ("" if spec == "duo" else f":{spec}")
+                key = cell_key("heads", args.weights, "niah_multikey_1", 4096, name)
+                cells.run(key, heads_cell, model, tok, cases, spec)
         else:
             raise SystemExit(f"unknown section {section!r}")
     out = RESULTS / "sparse_prefill.md"
