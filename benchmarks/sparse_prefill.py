@@ -288,9 +288,9 @@ def main() -> None:
                 for spec in args.methods:
                     key = cell_key("speed", args.weights, "niah_single_2", length, spec)
                     cells.run(key, speed_cell, model, tok, spec, case, args.repeats, not args.no_warmup)
-        elif section == "heads":  # for each duo spec among --methods (the default: duo at its defaults)
+        elif section == "heads":  # for each duo spec among --methods (none there: duo at its defaults)
             cases = items(tok, "niah_multikey_1", 4096, args.head_samples)
-            for spec in (x for x in args.methods if x.split(":")[0] == "duo"):
+            for spec in [x for x in args.methods if x.split(":")[0] == "duo"] or ["duo"]:
                 name = f"copy:{args.head_samples}" + ("" if spec == "duo" else f":{spec}")
                 key = cell_key("heads", args.weights, "niah_multikey_1", 4096, name)
                 cells.run(key, heads_cell, model, tok, cases, spec)

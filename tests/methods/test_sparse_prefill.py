@@ -15,7 +15,7 @@ from contextlab.hf.compat import cache_kwarg, layer_types
 from contextlab.hf.support import output_projections
 from contextlab.kernels.sparse_prefill import PrefillPattern, reference_prefill
 from contextlab.methods import sparse_prefill
-from contextlab.methods.profiles import ProfileError, model_digest, profile_path, save_profile
+from contextlab.methods.profiles import ProfileError, capture_prompt, model_digest, profile_path, save_profile
 from contextlab.methods.sparse_prefill import MInference, head_shapes, online_pattern
 from tests.conftest import tiny_model
 
@@ -228,6 +228,42 @@ def test_the_output_score_is_each_heads_change_through_its_slice_of_the_output_p
     assert float(sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5, lone)[0]) == 0.0
     with pytest.raises(ValueError, match="needs the layer's output projection"):
         sparse_prefill.head_deviation(method, queries, keys, values, d**-0.5)
+
+
+def test_the_output_projection_reads_each_heads_attention_output_head_major(arch_model, tokenizer):
+    """What the score assumes of every architecture: the input of a layer's ``o_proj`` is its attention
+    output flattened head-major (columns ``h * D : (h + 1) * D`` are query head ``h``), equal to attention
+    over the captured queries, keys and values with the captured scaling."""
+    _, model = arch_model
+    full = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
+    layers = model.get_decoder().layers
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in full}
+    hooks = [
+        layers[i].self_attn.o_proj.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach()))
+        for i in full
+    ]
+    try:
+        captured = capture_prompt(model, tokenizer, 1024, 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for rank, index in enumerate(full):
+        q, k, v, scaling = captured[rank]
+        hq, t, d = q.shape[1], q.shape[2], q.shape[3]
+        dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
+        expected = reference_prefill(q.float(), k.float(), v.float(), dense, scaling)[0]  # [Hq, T, D]
+        fed = torch.cat(seen[index], dim=1)[0, -t:].float().view(t, hq, d).transpose(0, 1)
+        torch.testing.assert_close(fed, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_output_projection_is_refused_for_the_output_score():
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8)
+    method = cl.method("duo:sink=2,window=8,last=4")
+    with pytest.raises(ValueError, match=r"not plain floats here .*use duo:score=relative"):
+        sparse_prefill.head_deviation(method, q, k, v, 8**-0.5, torch.zeros(16, 16, dtype=torch.int8))
+    assert sparse_prefill.head_deviation(
+        cl.method("duo:sink=2,window=8,last=4,score=relative"), q, k, v, 0.3
+    ).shape == (1,)
 
 
 def test_output_projections_cover_the_full_attention_layers(arch_model):

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -87,19 +88,27 @@ def load_profile(path: Path, method: str, digest: str, settings: dict) -> dict:
     return body["data"]
 
 
-def capture_prompt(
-    model, tokenizer, tokens: int, seed: int = 0
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per contextlab layer (by its rank among the full-attention layers): post-RoPE queries ``[1, Hq, T, D]``
-    and keys and values ``[1, Hkv, T, D]`` on a synthetic retrieval prompt of about ``tokens`` tokens (RULER's multi-key
-    needle task)."""
+class Captured(NamedTuple):
+    """One layer's prompt attention inputs: post-RoPE ``queries [1, Hq, T, D]``, ``keys`` and ``values``
+    ``[1, Hkv, T, D]``, and the layer's score ``scaling`` (not always ``D ** -0.5``: Gemma 3 scales by its
+    ``query_pre_attn_scalar``)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+
+
+def capture_prompt(model, tokenizer, tokens: int, seed: int = 0) -> dict[int, Captured]:
+    """Per contextlab layer (by its rank among the full-attention layers), its :class:`Captured` attention
+    inputs on a synthetic retrieval prompt of about ``tokens`` tokens (RULER's multi-key needle task)."""
     from contextlab.bench.tasks import TASKS
     from contextlab.engine.generate import prefill
 
     sample = TASKS.get("niah_multikey_1")(tokenizer, tokens, seed, num_samples=1)[0]
     done = prefill(model, tokenizer, [sample.context_ids + sample.question_ids], method=_Capture())
     return {
-        layer.layer_idx: (layer.policy.queries, layer.policy.keys, layer.policy.values)
+        layer.layer_idx: Captured(layer.policy.queries, layer.policy.keys, layer.policy.values, layer.policy.scaling)
         for layer in done.cache.compressible
     }
 
@@ -119,8 +128,10 @@ class _CapturePolicy(LayerPolicy):
         self.queries: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.scaling = 0.0
 
     def after_forward(self, store: DenseStore, step: Step) -> None:
         if step.phase == "prompt_end":
             keys, values = store.groups[0].used()
             self.queries, self.keys, self.values = (t.detach().clone() for t in (step.queries, keys, values))
+            self.scaling = float(step.scaling)

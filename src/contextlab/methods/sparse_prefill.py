@@ -179,8 +179,8 @@ def search_patterns(model, tokenizer, method: MInference, seed: int = 0) -> dict
     captured = capture_prompt(model, tokenizer, min(method.calibration, native - 64), seed)
     shapes, recalls = [], []
     for rank in tqdm(range(len(captured)), desc="minference: searching head shapes", leave=False):
-        q, k, _ = captured[rank]
-        layer_shapes, layer_recalls = head_shapes(method, q, k, q.shape[-1] ** -0.5)
+        q, k, _, scaling = captured[rank]
+        layer_shapes, layer_recalls = head_shapes(method, q, k, scaling)
         shapes.append(layer_shapes)
         recalls.append(layer_recalls)
     return {"tokens": int(captured[0][0].shape[2]), "shapes": shapes, "recall": recalls}
@@ -238,7 +238,10 @@ class DuoAttention(Method):
     output moves when the head reads only its sinks and window. ``score=output`` (default) measures what
     the head adds to the residual stream, its attention output through its slice of the layer's output
     projection (L2 distance, summed over the query heads that share the KV head): the head's direct share
-    of the paper's hidden-state distance, comparable across layers. ``score=relative`` measures the head's
+    of the paper's hidden-state distance, comparable across layers of a pre-norm model (Llama, Mistral,
+    Qwen, Phi-3; Gemma 3 normalizes the projected output before adding it, so there it is the change before
+    that norm). It needs plain float weights (refused for a quantized or offloaded ``o_proj``: use
+    ``score=relative``). ``score=relative`` measures the head's
     attention output alone (relative L2 distance, averaged over the query heads): it ranks a head by how much
     its own output moves, however little that output weighs in the residual stream. The ``retrieval`` share
     of KV heads with the highest scores, over the whole model, keep everything; the rest are streaming
@@ -435,8 +438,8 @@ def score_heads(model, tokenizer, method: DuoAttention, seed: int = 0) -> dict:
         raise ValueError(f"duo: {len(projections)} output projections for {len(captured)} full-attention layers")
     scores = []
     for rank in tqdm(range(len(captured)), desc="duo: scoring heads", leave=False):
-        q, k, v = captured[rank]
-        deviation = head_deviation(method, q, k, v, q.shape[-1] ** -0.5, projections[rank])
+        q, k, v, scaling = captured[rank]
+        deviation = head_deviation(method, q, k, v, scaling, projections[rank])
         scores.append([round(x, 6) for x in deviation.tolist()])
     return {"tokens": int(captured[0][0].shape[2]), "scores": scores}
 
@@ -461,9 +464,14 @@ def head_deviation(
     if method.score == "relative":
         change = (full - cut).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-6)  # [Hq, L]
         return change.mean(-1).view(hkv, hq // hkv).mean(-1)
-    if projection is None or projection.shape[-1] != hq * d:
+    if projection is None or projection.dim() != 2 or projection.shape[-1] != hq * d:
         got = None if projection is None else tuple(projection.shape)
         raise ValueError(f"duo: score=output needs the layer's output projection [hidden, {hq * d}], got {got}")
-    per_head = projection.float().view(-1, hq, d).permute(1, 2, 0)  # [Hq, D, hidden]
-    moved = torch.einsum("hld,hdo->hlo", full - cut, per_head.to(full.device)).norm(dim=-1)  # [Hq, L]
+    if not projection.is_floating_point() or projection.is_meta:
+        raise ValueError(
+            f"duo: score=output reads the output projection's weights, which are not plain floats here "
+            f"({projection.dtype} on {projection.device}: quantized or offloaded); use duo:score=relative"
+        )
+    per_head = projection.to(full.device, torch.float32).view(-1, hq, d).permute(1, 2, 0)  # [Hq, D, hidden]
+    moved = torch.einsum("hld,hdo->hlo", full - cut, per_head).norm(dim=-1)  # [Hq, L]
     return moved.mean(-1).view(hkv, hq // hkv).sum(-1)
