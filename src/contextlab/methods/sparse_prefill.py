@@ -241,9 +241,9 @@ class DuoAttention(Method):
     of the paper's hidden-state distance, comparable across layers of a pre-norm model (Llama, Mistral,
     Qwen, Phi-3; Gemma 3 normalizes the projected output before adding it, so there it is the change before
     that norm). It needs plain float weights (refused for a quantized or offloaded ``o_proj``: use
-    ``score=relative``). ``score=relative`` measures the head's
-    attention output alone (relative L2 distance, averaged over the query heads): it ranks a head by how much
-    its own output moves, however little that output weighs in the residual stream. The ``retrieval`` share
+    ``score=relative``). ``score=relative`` measures the head's attention output alone (relative L2
+    distance, averaged over the query heads): it ranks a head by how much its own output moves, however
+    little that output weighs in the residual stream. The ``retrieval`` share
     of KV heads with the highest scores, over the whole model, keep everything; the rest are streaming
     heads: their prompt attention reads sink + window (sparse prefill), and their cache is cut to sink +
     window when the prompt is in and again every ``every`` generated tokens, so their memory really drops
@@ -456,6 +456,15 @@ def head_deviation(
     (``method.score``, class docstring). ``projection``: the layer's output projection ``[hidden, Hq * D]``,
     needed by ``score=output``."""
     hq, hkv, d = queries.shape[1], keys.shape[1], queries.shape[-1]
+    if method.score == "output":  # refused before any attention is computed
+        if projection is None or projection.dim() != 2 or projection.shape[-1] != hq * d:
+            got = None if projection is None else tuple(projection.shape)
+            raise ValueError(f"duo: score=output needs the layer's output projection [hidden, {hq * d}], got {got}")
+        if not projection.is_floating_point() or projection.is_meta:
+            raise ValueError(
+                f"duo: score=output reads the output projection's weights, which are not plain floats here "
+                f"({projection.dtype} on {projection.device}: quantized or offloaded); use duo:score=relative"
+            )
     q = queries[:, :, -method.last :]
     dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
     full = reference_prefill(q.float(), keys.float(), values.float(), dense, scaling)[0]  # [Hq, L, D]
@@ -464,14 +473,6 @@ def head_deviation(
     if method.score == "relative":
         change = (full - cut).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-6)  # [Hq, L]
         return change.mean(-1).view(hkv, hq // hkv).mean(-1)
-    if projection is None or projection.dim() != 2 or projection.shape[-1] != hq * d:
-        got = None if projection is None else tuple(projection.shape)
-        raise ValueError(f"duo: score=output needs the layer's output projection [hidden, {hq * d}], got {got}")
-    if not projection.is_floating_point() or projection.is_meta:
-        raise ValueError(
-            f"duo: score=output reads the output projection's weights, which are not plain floats here "
-            f"({projection.dtype} on {projection.device}: quantized or offloaded); use duo:score=relative"
-        )
     per_head = projection.to(full.device, torch.float32).view(-1, hq, d).permute(1, 2, 0)  # [Hq, D, hidden]
     moved = torch.einsum("hld,hdo->hlo", full - cut, per_head).norm(dim=-1)  # [Hq, L]
     return moved.mean(-1).view(hkv, hq // hkv).sum(-1)
