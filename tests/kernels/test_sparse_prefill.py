@@ -189,6 +189,14 @@ def test_past_the_compile_limit_sparse_prefill_takes_the_reference(monkeypatch):
     torch.testing.assert_close(sparse_prefill(q, k, v, pattern, 0.5), reference_prefill(q, k, v, pattern, 0.5))
 
 
+def test_the_full_pattern_reads_every_earlier_key_and_equals_causal_attention():
+    pattern = PrefillPattern.full(3)
+    assert torch.equal(token_mask(pattern, 5, 7), torch.ones(5, 7, dtype=torch.bool).tril(2).expand(3, 5, 7))
+    q, k, v = _qkv(torch.Generator().manual_seed(3), 1, 3, 3, 20, 20, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
+    torch.testing.assert_close(reference_prefill(q, k, v, pattern, 0.5), expected, rtol=1e-5, atol=1e-5)
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("flex attention must not run past the compile limit")
 

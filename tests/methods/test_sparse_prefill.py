@@ -250,7 +250,7 @@ def test_the_output_projection_reads_each_heads_attention_output_head_major(arch
     for rank, index in enumerate(full):
         q, k, v, scaling = captured[rank]
         hq, t, d = q.shape[1], q.shape[2], q.shape[3]
-        dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
+        dense = PrefillPattern.full(hq)
         expected = reference_prefill(q.float(), k.float(), v.float(), dense, scaling)[0]  # [Hq, T, D]
         fed = torch.cat(seen[index], dim=1)[0, -t:].float().view(t, hq, d).transpose(0, 1)
         torch.testing.assert_close(fed, expected, rtol=1e-4, atol=1e-4)

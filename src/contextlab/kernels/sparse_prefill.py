@@ -78,6 +78,12 @@ class PrefillPattern:
         )
 
     @classmethod
+    def full(cls, heads: int, device=None) -> PrefillPattern:
+        """Every head reads every key (dense attention)."""
+        none = torch.zeros(heads, dtype=torch.long, device=device)
+        return cls(torch.ones(heads, dtype=torch.bool, device=device), none, none.clone())
+
+    @classmethod
     def streaming(cls, heads: int, sink: int, window: int, device=None) -> PrefillPattern:
         """Every head reads ``sink`` first tokens and a ``window`` of recent ones (A-shape)."""
         full = functools.partial(torch.full, (heads,), device=device, dtype=torch.long)

@@ -466,7 +466,7 @@ def head_deviation(
                 f"({projection.dtype} on {projection.device}: quantized or offloaded); use duo:score=relative"
             )
     q = queries[:, :, -method.last :]
-    dense = PrefillPattern(torch.ones(hq, dtype=torch.bool), torch.zeros(hq).long(), torch.zeros(hq).long())
+    dense = PrefillPattern.full(hq)
     full = reference_prefill(q.float(), keys.float(), values.float(), dense, scaling)[0]  # [Hq, L, D]
     streaming = PrefillPattern.streaming(hq, method.sink, method.window)
     cut = reference_prefill(q.float(), keys.float(), values.float(), streaming, scaling)[0]
