@@ -98,6 +98,14 @@ SPARSE = {
 QUANTIZATION = {
     "kivi": ("kivi:group=16,residual=512", "kivi:bits=4,group=32,residual=16"),  # values: one scale per token
     "kivi float8 scales": ("kivi:scales=e4m3,group=16,residual=512", "kivi:bits=4,group=16,residual=16,scales=e4m3"),
+    "kivi float8 fitted scales": (  # clipped scales, uniform codes: the layout decode reads directly
+        "kivi:scales=e4m3,fit=mse,group=16,residual=512",
+        "kivi:bits=2,group=16,residual=16,scales=e4m3,fit=mse",
+    ),
+    "kivi float8 normal levels": (
+        "kivi:scales=e4m3,fit=mse,levels=normal,group=16,residual=512",
+        "kivi:bits=2,group=16,residual=16,sink=1,scales=e4m3,levels=normal,rotate=hadamard,fit=mse",
+    ),
     "kvquant": ("kvquant:group=16,residual=512", "kvquant:bits=3,group=16,residual=16"),  # normal levels
     "kvquant uniform levels": (
         "kvquant:group=16,residual=512,levels=uniform",

@@ -41,6 +41,8 @@ def _value(field: dataclasses.Field):
         return st.sampled_from(["uniform", "normal"])
     if field.name == "rotate":
         return st.sampled_from(["none", "hadamard"])
+    if field.name == "fit":
+        return st.sampled_from(["absmax", "mse"])
     if field.name == "score":
         return st.sampled_from(["output", "relative"])
     if field.name == "profile":

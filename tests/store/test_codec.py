@@ -209,9 +209,66 @@ def test_normal_levels_cut_the_error_of_gaussian_groups_at_low_bits():
         assert normal < 0.95 * uniform, (bits, float(normal), float(uniform))
 
 
-def test_normal_levels_refuse_symmetric_scales():
-    with pytest.raises(ValueError, match="non-uniform levels are implemented for asymmetric codes"):
-        quantize_keys(torch.randn(1, 1, 32, 32), 4, 32, scales="e4m3", table=level_table("normal", 4, 32))
+# -- symmetric codes: normal levels and fitted float8 scales --------------------------------------------------
+def test_symmetric_normal_levels_are_the_lloyd_max_quantizer_of_the_normal_law():
+    # Max (1960), Table I: the 4- and 8-level quantizers of a unit normal (outputs +-0.4528, +-1.510 and
+    # +-0.2451, +-0.7560, +-1.344, +-2.152), written in code units (level + 2**(bits-1) - 0.5)
+    for bits, published in ((2, [0.4528, 1.510]), (3, [0.2451, 0.7560, 1.344, 2.152])):
+        half = 1 << (bits - 1)
+        table = level_table("normal", bits, 32, scales="e4m3") - (half - 0.5)
+        expect = torch.tensor([-v for v in reversed(published)] + published)
+        assert torch.allclose(table, expect, atol=6e-4), (bits, table)
+        same = level_table("normal", bits, 8, scales="e4m3"), level_table("normal", bits, 128, scales="e4m3")
+        assert torch.equal(*same)
+
+
+def test_fitted_scale_reads_a_group_on_its_levels_back_exactly():
+    s = 0.25  # an E4M3 number
+    levels = torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104])
+    table = level_table("normal", 2, 32, scales="e4m3")
+    exact = (table - 1.5) * s  # the table's own levels: representable with no error at scale s
+    x = exact[torch.arange(32) % 4].reshape(1, 1, 32, 1).expand(1, 1, 32, 4).contiguous()
+    codes = quantize_keys(x, 2, 32, scales="e4m3", table=table, fit="mse")
+    assert torch.equal(codes.scale.float(), torch.full((1, 1, 1, 4), s))
+    assert torch.allclose(dequantize_keys(codes, 2, 32, 4, table), x, atol=1e-7)
+    assert torch.allclose(exact, levels * s, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(**SHAPES, seed=st.integers(0, 2**16), normal=st.booleans())
+def test_fitted_scales_never_err_more_than_unclipped_ones(bits, groups, group, dim_groups, seed, normal):
+    gen = torch.Generator().manual_seed(seed)
+    n, d = groups * group, dim_groups * group
+    x = torch.randn(1, 2, n, d, generator=gen) * torch.rand(1, 2, 1, d, generator=gen) * 4
+    table = level_table("normal", bits, group, scales="e4m3") if normal else None
+    for quantize, dequantize, per in ((quantize_keys, dequantize_keys, 2), (quantize_values, dequantize_values, 3)):
+        fitted, unclipped = (quantize(x, bits, group, scales="e4m3", table=table, fit=f) for f in ("mse", "absmax"))
+        errors = [
+            (dequantize(c, bits, group, d, table) - x).pow(2).unflatten(per, (-1, group)).sum(per + 1)
+            for c in (fitted, unclipped)
+        ]
+        assert bool((errors[0] <= errors[1] * (1 + 1e-6) + 1e-12).all())
+        assert fitted.scale.dtype == E4M3 and fitted.zero is None
+
+
+def test_fitted_normal_levels_cut_the_error_of_gaussian_groups_at_two_bits():
+    x = torch.randn(1, 4, 256, 64, generator=torch.Generator().manual_seed(1))
+    table = level_table("normal", 2, 32, scales="e4m3")
+    err = {}
+    for name, t, fit in (("absmax", None, "absmax"), ("uniform", None, "mse"), ("normal", table, "mse")):
+        back = dequantize_keys(quantize_keys(x, 2, 32, scales="e4m3", table=t, fit=fit), 2, 32, 64, t)
+        err[name] = float((back - x).pow(2).mean())
+    # Lloyd-Max's 4 levels err by 0.1175 of the variance on the exact law; a group of 32 fitting its own
+    # scale does a little better on its own entries (measured: absmax 0.230, uniform mse 0.109, normal mse
+    # 0.107; normal levels with an unclipped scale 0.206)
+    assert err["normal"] < err["uniform"] < 0.112 and err["absmax"] > 0.2, err
+
+
+def test_fit_names_and_fp16_scales_are_checked():
+    with pytest.raises(ValueError, match="fit must be one of absmax, mse, got 'l1'"):
+        quantize_keys(torch.randn(1, 1, 32, 32), 4, 32, scales="e4m3", fit="l1")
+    with pytest.raises(ValueError, match=r"fit=mse chooses float8 scales of symmetric codes \(scales=e4m3\)"):
+        quantize_values(torch.randn(1, 1, 32, 32), 4, 32, fit="mse")
 
 
 # -- the Hadamard basis -----------------------------------------------------------------------------------------

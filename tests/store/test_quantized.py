@@ -79,6 +79,25 @@ def test_float8_scales_hold_a_quarter_of_the_metadata_and_read_back_their_codes(
     assert fp16.used_bytes() - store.used_bytes() == 3 * float8_scales
 
 
+@pytest.mark.parametrize("levels", ["uniform", "normal"])
+def test_fitted_float8_scales_code_and_read_at_the_bytes_of_unclipped_ones(levels):
+    spec = QuantSpec(bits=2, group=8, residual=12, scales="e4m3", levels=levels, fit="mse")
+    store, (keys, values) = _filled(spec, 50)
+    g = store.groups[0]
+    assert g.prefix.direct_read == (levels == "uniform")  # uniform codes keep the fused kernel's layout
+    table = level_table(levels, 2, 8, scales="e4m3")
+    k, v = g.used()
+    codes = quantize_keys(keys[:, :, :32], 2, 8, scales="e4m3", table=table, fit="mse")
+    expect_v = quantize_values(values[:, :, :32], 2, 8, scales="e4m3", table=table, fit="mse")
+    assert torch.equal(k[:, :, :32], dequantize_keys(codes, 2, 8, D, table))
+    assert torch.equal(v[:, :, :32], dequantize_values(expect_v, 2, 8, D, table))
+    assert torch.equal(k[:, :, 32:], keys[:, :, 32:])
+    assert store.used_bytes() == _expected_bytes(spec, 32, 18)  # the same bytes as unclipped float8 scales
+    unclipped = _filled(QuantSpec(bits=2, group=8, residual=12, scales="e4m3", levels=levels), 50)[0]
+    err = [(s.groups[0].used()[0][:, :, :32] - keys[:, :, :32]).pow(2).sum() for s in (store, unclipped)]
+    assert err[0] < err[1]
+
+
 @pytest.mark.parametrize("pre_rope", [False, True])
 def test_normal_levels_code_and_read_with_the_same_tables_at_the_same_bytes(pre_rope):
     spec = QuantSpec(bits=3, group=8, residual=12, levels="normal", pre_rope=pre_rope)
@@ -229,8 +248,9 @@ def test_crop_cannot_reach_quantized_slots():
         (dict(scales="fp8"), "scales must be one of fp16, e4m3, got 'fp8'"),
         (dict(scales="e4m3", outliers=0.01), "scales=e4m3 is implemented for plain per-group codes"),
         (dict(levels="nf"), "levels must be one of uniform, normal, got 'nf'"),
-        (dict(levels="normal", scales="e4m3"), "levels=normal is implemented for asymmetric codes"),
-        (dict(levels="normal", low_bits=2), "levels=normal is implemented for asymmetric codes"),
+        (dict(levels="normal", low_bits=2), "levels=normal is implemented for codes of one precision tier"),
+        (dict(fit="l2"), "fit must be one of absmax, mse, got 'l2'"),
+        (dict(fit="mse"), "fit=mse chooses float8 scales: it needs scales=e4m3"),
         (dict(rotate="random"), "rotate must be one of none, hadamard, got 'random'"),
         (dict(rotate="hadamard", low_bits=2), "rotate=hadamard is implemented for one precision tier"),
     ],

@@ -14,7 +14,14 @@ The layout every quantized path shares (store, PyTorch reference, Triton kernel,
   0.25 bits per element (the shared 8-bit block scale of the microscaling formats, Rouhani et al.,
   "Microscaling Data Formats for Deep Learning", arXiv 2310.10537). A group whose ``max |x|`` needs a scale
   beyond E4M3's 448 is refused (``ValueError``).
-- With ``levels="normal"`` (asymmetric codes only) the ``2**bits`` codes of a group stand for non-uniformly
+- With ``scales="e4m3"`` and ``fit="mse"`` each group's scale is instead the E4M3 number, among candidates
+  from ``max |x|`` down to 40% of it, whose codes give the group the smallest squared error; entries beyond
+  the outer level are clipped to it. At 2 bits an unclipped grid spends its four levels on the group's
+  extremes: on SmolLM2's rotated keys and values the fitted scale takes the KJV perplexity delta of 2-bit
+  float8-scaled codes from +6.5 to +0.99 (``benchmarks/quantization.py``). Clipping for the smallest
+  error is the rounding-range search of weight quantizers (e.g. OmniQuant's learnable clipping, Shao et al.,
+  arXiv 2308.13137, done here by a grid search per group at store time).
+- With ``levels="normal"`` and asymmetric codes the ``2**bits`` codes of a group stand for non-uniformly
   spaced levels between its min and max: ``code`` reads back as ``table[code] * scale + zero``, where
   ``table`` (in code units, ``table[0] = 0`` and ``table[-1] = 2**bits - 1``, denser near the middle) holds
   the Lloyd-Max levels of a min/max-normalized group of ``n`` Gaussian entries (``n`` = the group's entries:
@@ -24,6 +31,11 @@ The layout every quantized path shares (store, PyTorch reference, Triton kernel,
   calibrates one per layer; a fixed normal-derived grid is the NormalFloat idea of QLoRA, Dettmers et al.,
   arXiv 2305.14314): activations are bell-shaped, so levels spent near the group's middle cut the error
   where most entries lie, while the exact endpoints keep the extremes.
+- With ``levels="normal"`` and symmetric codes (``scales="e4m3"``) the levels are the Lloyd-Max quantizer of
+  the standard normal law in units of the scale (at 2 bits: +-0.453 and +-1.510), the table written in code
+  units (the level plus ``2**(bits-1) - 0.5``) so the mid-rise formula above reads it back. They suit
+  Gaussian-like entries (the Hadamard basis makes them so) with a fitted scale (``fit="mse"``); with
+  ``fit="absmax"`` the outer level lands on the group's largest magnitude, far from where most entries lie.
 - Codes are packed along the head dimension into int32 words, ``32 // bits`` codes per word (16 at 2 bits,
   10 at 3 bits, 8 at 4 bits, 4 at 8 bits); channel ``d`` lives in word ``d // per_word`` at bit
   ``(d % per_word) * bits``. No code straddles a word, so 3-bit codes waste 2 bits per word.
@@ -47,6 +59,8 @@ SCALE_FORMATS = ("fp16", "e4m3")  # asymmetric with float16 scale and zero | sym
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 LEVELS = ("uniform", "normal")  # where a group's 2**bits codes sit between its min and max
+FITS = ("absmax", "mse")  # how a symmetric group's float8 scale is chosen (module docstring)
+MSE_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(13))  # fit="mse": candidate scales, shares of the unclipped one
 
 
 def per_word(bits: int) -> int:
@@ -72,6 +86,31 @@ def check_scales(scales) -> None:
 def check_levels(levels) -> None:
     if levels not in LEVELS:
         raise ValueError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
+
+
+def check_fit(fit) -> None:
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+
+
+@functools.cache
+def _gaussian_levels(bits: int) -> tuple[float, ...]:
+    """The Lloyd-Max levels of the standard normal law for ``2**bits`` levels, ascending, in standard
+    deviations: Lloyd's iteration on the exact law (each level the mean of the normal law between the
+    midpoints around it, ``(pdf(a) - pdf(b)) / (cdf(b) - cdf(a))``) until no level moves by 1e-12."""
+    count = 1 << bits
+    levels = torch.linspace(-2.0, 2.0, count, dtype=torch.float64)
+    inf = torch.tensor([float("inf")], dtype=torch.float64)
+    for _ in range(10_000):
+        edges = torch.cat([-inf, (levels[1:] + levels[:-1]) / 2, inf])
+        pdf = torch.exp(-(edges**2) / 2) / (2 * torch.pi) ** 0.5
+        cdf = torch.special.ndtr(edges)
+        new = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])
+        moved = float((new - levels).abs().max())
+        levels = new
+        if moved < 1e-12:
+            break
+    return tuple(levels.tolist())
 
 
 @functools.cache
@@ -105,13 +144,18 @@ def _normal_levels(bits: int, n: int) -> tuple[float, ...]:
     return tuple(levels.tolist())
 
 
-def level_table(levels: str, bits: int, n: int, device=None) -> torch.Tensor | None:
-    """The float32 table ``code -> level`` (code units) of ``levels`` for groups of ``n`` entries; None for
-    uniform levels (a code reads as itself)."""
+def level_table(levels: str, bits: int, n: int, device=None, scales: str = "fp16") -> torch.Tensor | None:
+    """The float32 table ``code -> level`` (code units) of ``levels`` for groups of ``n`` entries coded with
+    ``scales`` (asymmetric fp16: min/max-normalized levels; symmetric e4m3: the normal law's levels, for any
+    ``n``); None for uniform levels (a code reads as itself)."""
     check_levels(levels)
     check_bits(bits)
+    check_scales(scales)
     if levels == "uniform":
         return None
+    if scales == "e4m3":
+        shift = (1 << (bits - 1)) - 0.5
+        return torch.tensor([v + shift for v in _gaussian_levels(bits)], dtype=torch.float32, device=device)
     return torch.tensor(_normal_levels(bits, n), dtype=torch.float32, device=device)
 
 
@@ -222,31 +266,67 @@ def round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
     return up
 
 
-def _absmax_codes(
-    x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None
+def _symmetric_codes(
+    x: torch.Tensor,
+    bits: int,
+    dim: int,
+    valid: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    fit: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """Symmetric mid-rise codes of ``x`` with ``max |x|`` over ``dim`` (kept as size 1) among ``valid``
-    entries; the scale in float8 E4M3, rounded up so nothing clips (module docstring)."""
+    """Symmetric codes of ``x`` over ``dim`` (kept as size 1) among ``valid`` entries with a float8 E4M3
+    scale (module docstring): mid-rise uniform levels, or ``table`` (code units); the scale unclipped
+    (``fit="absmax"``, rounded up) or the candidate with the smallest squared error (``fit="mse"``)."""
     half = 1 << (bits - 1)
+    top = half - 0.5 if table is None else float(table[-1]) - (half - 0.5)  # the outer level, in scale units
     x = x.float()
     mag = x.abs() if valid is None else x.abs().masked_fill(~valid, 0.0)
-    wanted = mag.amax(dim, keepdim=True) / (half - 0.5)
+    wanted = mag.amax(dim, keepdim=True) / top
     if bool((wanted > E4M3_MAX).any()):
         raise ValueError(
-            f"a group's largest magnitude ({float(wanted.max()) * (half - 0.5):.4g}) needs a scale above "
+            f"a group's largest magnitude ({float(wanted.max()) * top:.4g}) needs a scale above "
             f"float8 E4M3's {E4M3_MAX:g}; use scales=fp16 for this model"
         )
     scale = round_up_e4m3(wanted)
-    s = scale.float()
-    codes = torch.where(s > 0, (x / torch.where(s > 0, s, 1.0) - 0.5).round() + half, half)
-    return codes.clamp(0, 2 * half - 1).to(torch.int32), scale, None
+    codes = _symmetric_nearest(x, scale.float(), half, table)
+    if fit == "absmax":
+        return codes, scale, None
+    best = _squared_error(x, codes, scale.float(), bits, dim, valid, table)
+    for share in MSE_FRACTIONS[1:]:
+        candidate = (wanted * share).to(E4M3)  # nearest E4M3 number; clipping is the point here
+        c = _symmetric_nearest(x, candidate.float(), half, table)
+        err = _squared_error(x, c, candidate.float(), bits, dim, valid, table)
+        better = err < best
+        scale = torch.where(better, candidate, scale)
+        codes = torch.where(better, c, codes)
+        best = torch.minimum(err, best)
+    return codes, scale, None
 
 
-def _codes(x, bits: int, dim: int, valid, scales: str, table: torch.Tensor | None = None):
+def _symmetric_nearest(x: torch.Tensor, s: torch.Tensor, half: int, table: torch.Tensor | None) -> torch.Tensor:
+    """Each entry's nearest symmetric level with scale ``s`` (a zero scale: the code nearest 0)."""
+    units = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0) + (half - 0.5)
+    if table is None:
+        codes = torch.where(s > 0, (units - (half - 0.5) - 0.5).round() + half, half)
+        return codes.clamp(0, 2 * half - 1).to(torch.int32)
+    return torch.bucketize(units, ((table[1:] + table[:-1]) / 2).to(units.device)).to(torch.int32)
+
+
+def _squared_error(x, codes, s, bits: int, dim: int, valid, table) -> torch.Tensor:
+    """Per-group sum over ``dim`` of the squared error of ``codes`` read back with scale ``s``."""
+    q = codes.float() if table is None else table.to(codes.device)[codes.long()]
+    err = (_dequantize(q, s, None, bits) - x) ** 2
+    if valid is not None:
+        err = err.masked_fill(~valid, 0.0)
+    return err.sum(dim, keepdim=True)
+
+
+def _codes(x, bits: int, dim: int, valid, scales: str, table: torch.Tensor | None = None, fit: str = "absmax"):
+    check_fit(fit)
     if scales == "e4m3":
-        if table is not None:
-            raise ValueError("non-uniform levels are implemented for asymmetric codes (scales=fp16)")
-        return _absmax_codes(x, bits, dim, valid)
+        return _symmetric_codes(x, bits, dim, valid, table, fit)
+    if fit != "absmax":
+        raise ValueError(f"fit={fit} chooses float8 scales of symmetric codes (scales=e4m3)")
     return _minmax_codes(x, bits, dim, valid, table)
 
 
@@ -288,12 +368,14 @@ def quantize_keys(
     outliers: float = 0.0,
     scales: str = "fp16",
     table: torch.Tensor | None = None,
+    fit: str = "absmax",
 ) -> Codes:
     """Per-channel codes of ``keys [B, H, N, D]`` over groups of ``group`` tokens (``N % group == 0``).
     ``valid [B, 1 | H, N]``: tokens that set each group's range (padding must not widen it). ``outliers``:
     fraction of each group's entries kept apart in float16 (the largest deviations from their channel's mean
     over the group, in channel standard deviations); they do not widen the range either. ``scales`` and
-    ``table`` (non-uniform levels, :func:`level_table`): see the module docstring."""
+    ``table`` (non-uniform levels, :func:`level_table`) and ``fit`` (how float8 scales are chosen): see the
+    module docstring."""
     b, h, n, d = keys.shape
     if n % group:
         raise ValueError(f"keys are quantized in groups of {group} tokens; got {n} tokens")
@@ -309,7 +391,7 @@ def quantize_keys(
         inliers = _not_outliers(score.shape, index, keys.device).view(grouped.shape)
         mask = inliers if mask is None else inliers & mask
     # codes [B, H, N/g, g, D]; scale and zero [B, H, N/g, 1, D]
-    codes, scale, zero = _codes(grouped, bits, 3, mask, scales, table)
+    codes, scale, zero = _codes(grouped, bits, 3, mask, scales, table, fit)
     zero = None if zero is None else zero.squeeze(3)
     return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero, index, value)
 
@@ -321,10 +403,12 @@ def quantize_values(
     outliers: float = 0.0,
     scales: str = "fp16",
     table: torch.Tensor | None = None,
+    fit: str = "absmax",
 ) -> Codes:
     """Per-token codes of ``values [B, H, N, D]`` over groups of ``group`` channels (``D % group == 0``);
     ``outliers``: fraction of each token's entries kept apart in float16 (largest deviations from the token's
-    mean, in standard deviations); ``table``: non-uniform levels (:func:`level_table`)."""
+    mean, in standard deviations); ``table``: non-uniform levels (:func:`level_table`); ``fit``: how float8
+    scales are chosen (module docstring)."""
     b, h, n, d = values.shape
     if d % group:
         raise ValueError(f"group size {group} does not divide the head dimension {d}")
@@ -335,7 +419,7 @@ def quantize_values(
         index, value = _outliers(flat, score, count)  # [B, H, N, count]
         mask = _not_outliers(flat.shape, index, values.device).view(b, h, n, d // group, group)
     grouped = flat.reshape(b, h, n, d // group, group)
-    codes, scale, zero = _codes(grouped, bits, 4, mask, scales, table)  # codes [B, H, N, D/g, g]
+    codes, scale, zero = _codes(grouped, bits, 4, mask, scales, table, fit)  # codes [B, H, N, D/g, g]
     zero = None if zero is None else zero.squeeze(4)
     return Codes(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero, index, value)
 

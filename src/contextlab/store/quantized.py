@@ -31,6 +31,7 @@ from contextlab.store.codec import (
     E4M3,
     Codes,
     check_bits,
+    check_fit,
     check_hadamard_dim,
     check_levels,
     check_rotate,
@@ -57,9 +58,11 @@ class QuantSpec:
     float16 scale and zero point) or ``"e4m3"`` (symmetric, one float8 scale per group; see
     :mod:`contextlab.store.codec`), ``sink``: the first ``sink`` valid slots of each row and head keep exact
     keys and values and do not widen their key group's range (see :class:`QuantizedPrefix`), ``levels``:
-    ``"uniform"`` or ``"normal"`` (non-uniform levels between a group's min and max; see the codec),
+    ``"uniform"`` or ``"normal"`` (non-uniform levels: between a group's min and max for fp16 scales, the
+    normal law's Lloyd-Max levels for e4m3 scales; see the codec),
     ``rotate``: ``"none"`` or ``"hadamard"`` (keys and values are quantized in a Hadamard-rotated basis of
-    the head dimension and rotated back when read; see :class:`QuantizedPrefix`)."""
+    the head dimension and rotated back when read; see :class:`QuantizedPrefix`), ``fit``: ``"absmax"`` or
+    ``"mse"`` (how float8 scales are chosen; see the codec)."""
 
     bits: int = 4
     group: int = 32
@@ -74,20 +77,24 @@ class QuantSpec:
     sink: int = 0  # the first ``sink`` valid slots stay exact (attention sinks)
     levels: str = "uniform"
     rotate: str = "none"
+    fit: str = "absmax"  # e4m3 scales: unclipped, or fitted for the smallest squared error (see the codec)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_scales(self.scales)
         check_levels(self.levels)
         check_rotate(self.rotate)
+        check_fit(self.fit)
+        if self.fit != "absmax" and self.scales != "e4m3":
+            raise ValueError(f"fit={self.fit} chooses float8 scales: it needs scales=e4m3 (fp16 scales keep min/max)")
         if self.rotate != "none" and self.low_bits is not None:
             raise ValueError(
                 f"rotate={self.rotate} is implemented for one precision tier (kivi, kvquant), not zipcache"
             )
-        if self.levels != "uniform" and (self.scales != "fp16" or self.low_bits is not None):
+        if self.levels != "uniform" and self.low_bits is not None:
             raise ValueError(
-                f"levels={self.levels} is implemented for asymmetric codes of one precision tier (kivi, kvquant "
-                "with scales=fp16), not for e4m3 scales or zipcache's two tiers"
+                f"levels={self.levels} is implemented for codes of one precision tier (kivi, kvquant), not for "
+                "zipcache's two tiers"
             )
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"sink must be an integer >= 0, got {self.sink!r}")
@@ -132,8 +139,8 @@ class QuantSpec:
         """The key and value level tables (None for uniform levels): a key code stands for one of ``group``
         tokens of its channel, a value code for one of ``channels(head_dim)`` channels of its token."""
         return (
-            level_table(self.levels, self.bits, self.group, device),
-            level_table(self.levels, self.bits, self.channels(head_dim), device),
+            level_table(self.levels, self.bits, self.group, device, self.scales),
+            level_table(self.levels, self.bits, self.channels(head_dim), device, self.scales),
         )
 
     def basis(self, head_dim: int, device=None) -> torch.Tensor | None:
@@ -335,8 +342,8 @@ class QuantizedPrefix(BufferPrefix):
             keys = rotate(keys, -self._new_positions(m, valid, positions), self.rope)
         if self.basis is not None:
             keys, values = keys.float() @ self.basis, values.float() @ self.basis
-        kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales, self.key_table)
-        vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales, self.value_table)
+        kc = quantize_keys(keys, spec.bits, spec.group, in_range, spec.outliers, spec.scales, self.key_table, spec.fit)
+        vc = quantize_values(values, spec.bits, self.channels, spec.outliers, spec.scales, self.value_table, spec.fit)
         fresh = {f"key.{k}": v for k, v in kc.fields().items()} | {f"value.{k}": v for k, v in vc.fields().items()}
         for name, t in fresh.items():
             unit = self.units[name]
