@@ -699,8 +699,9 @@ def report_perplexity(store: Store, count: int) -> list[str]:
         "groups of 16 channels instead of 32 moved the rotated row by -0.012, 4 exact sink tokens instead of 1 "
         "by +0.006), and the finer groups' metadata makes them 4.0 and 3.5 bits per element (bytes table), so "
         "they meet the 2-bit perplexity target at the bytes of 3- to 4-bit codes. `fit=mse` (float8 scales "
-        "only) gives each group the float8 scale, among 13 candidates from its largest magnitude down to 40% of "
-        "it, with the smallest squared error, clipping the extremes; with `scales=e4m3`, `levels=normal` are "
+        "only) gives each group the float8 scale with the smallest squared error among the unclipped one and "
+        "100% down to 40% of it in 5% steps (each rounded to the nearest float8 number), clipping the "
+        "extremes; with `scales=e4m3`, `levels=normal` are "
         "the normal law's Lloyd-Max levels in units of that scale (at 2 bits +-0.453 and +-1.510). Same bytes "
         "as the unclipped float8 rows.",
         "",

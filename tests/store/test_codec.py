@@ -251,6 +251,21 @@ def test_fitted_scales_never_err_more_than_unclipped_ones(bits, groups, group, d
         assert fitted.scale.dtype == E4M3 and fitted.zero is None
 
 
+@pytest.mark.parametrize("normal", [False, True])
+def test_fitted_scales_ignore_invalid_entries(normal):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 64, 16, generator=gen)
+    valid = torch.rand(1, 1, 64, generator=gen) > 0.3
+    table = level_table("normal", 2, 32, scales="e4m3") if normal else None
+    runs = [
+        quantize_keys(x.masked_fill(~valid.unsqueeze(-1), fill), 2, 32, valid, scales="e4m3", table=table, fit="mse")
+        for fill in (0.0, 3.0)  # the unclipped scale masks them already: only an unmasked error would see them
+    ]
+    assert torch.equal(runs[0].scale.float(), runs[1].scale.float())
+    codes = [unpack(r.packed, 2, 16) for r in runs]
+    assert torch.equal(codes[0][valid.expand(1, 2, 64)], codes[1][valid.expand(1, 2, 64)])
+
+
 def test_fitted_normal_levels_cut_the_error_of_gaussian_groups_at_two_bits():
     x = torch.randn(1, 4, 256, 64, generator=torch.Generator().manual_seed(1))
     table = level_table("normal", 2, 32, scales="e4m3")

@@ -59,7 +59,8 @@ class KIVI(Method):
     first token is the attention sink of most LLMs and its keys are outliers in many channels. Not part of
     KIVI, so off by default here; ``S * (2 * D * itemsize + 4)`` bytes per head.
 
-    ``levels="normal"`` places the codes non-uniformly between each group's min and max (see ``kvquant``);
+    ``levels="normal"`` places the codes non-uniformly: between each group's min and max (see ``kvquant``),
+    or with ``scales="e4m3"`` on the normal law's Lloyd-Max levels in units of the scale;
     ``rotate="hadamard"`` quantizes keys and values after multiplying them by the orthonormal Hadamard
     matrix of the head dimension (and multiplies the read-back by it again), which spreads outlier channels
     over all channels (QuaRot, Ashkboos et al., arXiv 2404.00456). Neither is part of KIVI; codes with
@@ -72,7 +73,8 @@ class KIVI(Method):
     (0.141 of bf16 before the full-precision window) at a KJV perplexity delta of +0.99 on SmolLM2-135M,
     against +6.5 with unclipped uniform levels (``benchmarks/quantization.py``); but clipping spends the
     extremes that retrieval reads: on the 4K single needle it finds 1 of the 13 needles full attention finds
-    (4 bits fitted: 11 of 13, unfitted: 13), hence ``absmax`` stays the default. Uniform levels with
+    (4 bits with normal levels and ``fit="mse"``: 11 of 13; uniform levels with ``absmax``: 13), hence
+    ``absmax`` stays the default. Uniform levels with
     ``fit="mse"`` keep the fused kernel's layout."""
 
     name = "kivi"
