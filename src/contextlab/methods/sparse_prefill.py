@@ -248,8 +248,8 @@ class DuoAttention(Method):
     heads: their prompt attention reads sink + window (sparse prefill), and their cache is cut to sink +
     window when the prompt is in and again every ``every`` generated tokens, so their memory really drops
     (per-head storage). Profile at the length you serve: on SmolLM2-135M, 8K single needles with
-    ``calibration=7936`` scored 0.68 against 0.50 with the default 4096 (full attention 0.60;
-    ``benchmarks/sparse_prefill.py``, fp32, n = 40)."""
+    ``calibration=7936`` scored 0.68 against 0.50 with the default 4096 (full attention 0.60; 8K multi-key:
+    0.25 either way, full 0.35; ``benchmarks/sparse_prefill.py``, fp32, n = 40)."""
 
     name = "duo"
     paper = "Xiao et al., 2024, DuoAttention, https://arxiv.org/abs/2410.10819"
