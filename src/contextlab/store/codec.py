@@ -292,14 +292,16 @@ def _symmetric_codes(
             f"float8 E4M3's {E4M3_MAX:g}; use scales=fp16 for this model"
         )
     scale = round_up_e4m3(wanted)
-    codes = _symmetric_nearest(x, scale.float(), half, table)
+    s = scale.float()
+    codes = _symmetric_nearest(x, s, half, table)
     if fit == "absmax":
         return codes, scale, None
-    best = _squared_error(x, codes, scale.float(), bits, dim, valid, table)
+    best = _squared_error(x, codes, s, bits, dim, valid, table)
     for share in MSE_FRACTIONS[1:]:
         candidate = (wanted * share).to(E4M3)  # nearest E4M3 number; clipping is the point here
-        c = _symmetric_nearest(x, candidate.float(), half, table)
-        err = _squared_error(x, c, candidate.float(), bits, dim, valid, table)
+        s = candidate.float()
+        c = _symmetric_nearest(x, s, half, table)
+        err = _squared_error(x, c, s, bits, dim, valid, table)
         better = err < best
         scale = torch.where(better, candidate, scale)
         codes = torch.where(better, c, codes)
@@ -309,11 +311,10 @@ def _symmetric_codes(
 
 def _symmetric_nearest(x: torch.Tensor, s: torch.Tensor, half: int, table: torch.Tensor | None) -> torch.Tensor:
     """Each entry's nearest symmetric level with scale ``s`` (a zero scale: the code nearest 0)."""
-    units = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0) + (half - 0.5)
+    ratio = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0)  # in scale units
     if table is None:
-        codes = torch.where(s > 0, (units - (half - 0.5) - 0.5).round() + half, half)
-        return codes.clamp(0, 2 * half - 1).to(torch.int32)
-    return _nearest_level(units, table).to(torch.int32)
+        return ((ratio - 0.5).round() + half).clamp(0, 2 * half - 1).to(torch.int32)
+    return _nearest_level(ratio + (half - 0.5), table).to(torch.int32)  # the table is in code units
 
 
 def _nearest_level(units: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
